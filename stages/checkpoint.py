@@ -1,0 +1,41 @@
+"""Checkpoint stage: materialise the built-in tiny model as a diffusers-layout checkpoint.
+
+Saving it (instead of regenerating weights in every stage) means export and validation load the exact same
+weights through the same `from_pretrained` path a real Qwen-Image checkpoint takes.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stages.recipe import LoadedRecipe
+
+TINY_BANNER = "TINY MODEL: random weights (seed {seed}), not Qwen-Image; numbers say nothing about the real model"
+
+
+@dataclass(frozen=True)
+class SaveTinyCheckpoint:
+    seed: int
+
+    def __call__(self, out_dir: Path) -> dict[str, Any]:
+        from stages.models.qwen_image import TINY_TRANSFORMER_CONFIG, make_tiny_transformer
+
+        print(TINY_BANNER.format(seed=self.seed), file=sys.stderr)
+        make_tiny_transformer(self.seed).save_pretrained(out_dir / "transformer", safe_serialization=True)
+        return {"model": "tiny", "seed": self.seed, "transformer_config": dict(TINY_TRANSFORMER_CONFIG)}
+
+
+def from_recipe(loaded: LoadedRecipe, component: str | None) -> SaveTinyCheckpoint:
+    return SaveTinyCheckpoint(seed=loaded.recipe.model.seed)
+
+
+def checkpoint_dir(loaded: LoadedRecipe) -> Path:
+    """Where stages load weights from: the saved tiny checkpoint or the user's directory."""
+    from stages import artifacts
+
+    if loaded.recipe.model.is_tiny:
+        return artifacts.stage_dir(loaded.name, None, "checkpoint")
+    return Path(loaded.recipe.model.path)

@@ -1,0 +1,141 @@
+"""Engine stage: strongly typed TensorRT build through Polygraphy's loaders, ahead of time for the recipe's GPU.
+
+Backend `tensorrt-rtx` needs no GPU (compute capability chosen explicitly); backend `tensorrt` (TensorRT 11)
+runs the same loader chain where that package is installed. Precision comes only from the ONNX.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stages import artifacts, capabilities
+from stages.errors import fail
+from stages.recipe import LoadedRecipe
+
+ENGINE_FILE = "engine.plan"
+
+
+@dataclass(frozen=True)
+class BuildEngine:
+    component: str
+    onnx_path: Path
+    backend: str
+    compute_capability: tuple[int, int]
+    shapes: dict[str, list[tuple[int, ...]]]
+    optimization_level: int
+    timing_cache: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, out_dir: Path) -> dict[str, Any]:
+        trt, polygraphy_trt, config = self._loaders()
+        profile = polygraphy_trt.Profile()
+        for name, (low, opt, high) in self.shapes.items():
+            profile.add(name, low, opt, high)
+        cache = str(self.timing_cache) if self.timing_cache else None
+        if self.timing_cache:
+            self.timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        create_config = config(
+            profiles=[profile],
+            builder_optimization_level=self.optimization_level,
+            load_timing_cache=cache if cache and Path(cache).exists() else None,
+            progress_monitor=make_progress_monitor(trt),
+        )
+        network = polygraphy_trt.NetworkFromOnnxPath(str(self.onnx_path), strongly_typed=True)
+        started = time.perf_counter()
+        print(f"[engine] building {self.component} for sm_{''.join(map(str, self.compute_capability))} "
+              f"with {self.backend}", file=sys.stderr)
+        engine = polygraphy_trt.engine_bytes_from_network(network, config=create_config, save_timing_cache=cache)
+        if engine is None:
+            raise fail(self.onnx_path, "engine", f"{self.backend} returned no engine for this graph and target")
+        (out_dir / ENGINE_FILE).write_bytes(memoryview(engine))
+        seconds = time.perf_counter() - started
+        print(f"[engine] {ENGINE_FILE}: {engine.nbytes / 1e6:.1f} MB in {seconds:.1f}s", file=sys.stderr)
+        return {
+            "component": self.component,
+            "engine_file": ENGINE_FILE,
+            "backend": self.backend,
+            "compute_capability": f"{self.compute_capability[0]}.{self.compute_capability[1]}",
+            "strongly_typed": True,
+            "builder_optimization_level": self.optimization_level,
+            "timing_cache": str(self.timing_cache.relative_to(artifacts.ARTIFACTS_DIR)) if self.timing_cache else None,
+            "profile": {name: {"min": s[0], "opt": s[1], "max": s[2]} for name, s in self.shapes.items()},
+            "build_seconds": round(seconds, 3),
+            **self.extra,
+        }
+
+    def _loaders(self) -> tuple[Any, Any, Any]:
+        """Import the backend's TensorRT flavour and Polygraphy's matching config loader."""
+        from polygraphy import config as polygraphy_config
+
+        rtx = self.backend == "tensorrt-rtx"
+        capabilities.activate_backend(self.backend)
+        polygraphy_config.USE_TENSORRT_RTX = rtx
+        from polygraphy.backend import trt as polygraphy_trt
+        from polygraphy.mod.trt_importer import lazy_import_trt
+
+        trt = lazy_import_trt()
+        if trt.__name__ != ("tensorrt_rtx" if rtx else "tensorrt"):
+            raise fail(self.onnx_path, "target.backend", f"Polygraphy already loaded {trt.__name__} in this process; "
+                       f"run {self.backend} builds in a separate doit invocation")
+        if not rtx:
+            return trt, polygraphy_trt, polygraphy_trt.CreateConfig
+        from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
+
+        return trt, polygraphy_trt, lambda **kw: CreateConfigRTX(compute_capabilities=[self.compute_capability], **kw)
+
+
+def make_progress_monitor(trt: Any) -> Any:
+    """Print builder phases as they start and finish; long builds otherwise look hung."""
+
+    class PhasePrinter(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.started: dict[str, float] = {}
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            self.started[phase_name] = time.perf_counter()
+            depth = 0 if parent_phase is None else 1
+            print(f"[engine] {'  ' * depth}{phase_name} ({num_steps} steps)", file=sys.stderr)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            return True
+
+        def phase_finish(self, phase_name: str) -> None:
+            took = time.perf_counter() - self.started.pop(phase_name, time.perf_counter())
+            if took > 1.0:
+                print(f"[engine] {phase_name} done in {took:.1f}s", file=sys.stderr)
+
+    return PhasePrinter()
+
+
+def from_recipe(loaded: LoadedRecipe, component: str | None) -> BuildEngine:
+    from stages.models import component_module
+
+    assert component is not None
+    settings = loaded.recipe.components[component]
+    target = loaded.recipe.target
+    config = model_config(loaded, component)
+    shapes = component_module(component).profile_shapes(settings.profile, loaded.recipe.text_length, config)
+    cc = target.compute_capability
+    cache = artifacts.ARTIFACTS_DIR / "timing-cache" / f"{target.backend}-sm{cc[0]}{cc[1]}.cache"
+    return BuildEngine(
+        component=component,
+        onnx_path=artifacts.stage_dir(loaded.name, component, "precision") / "model.onnx",
+        backend=target.backend,
+        compute_capability=cc,
+        shapes=shapes,
+        optimization_level=settings.build.optimization_level,
+        timing_cache=cache if settings.build.timing_cache else None,
+        extra={"text_length": loaded.recipe.text_length, "gpu": target.gpu},
+    )
+
+
+def model_config(loaded: LoadedRecipe, component: str) -> dict[str, Any]:
+    from stages.checkpoint import checkpoint_dir
+
+    return json.loads((checkpoint_dir(loaded) / component / "config.json").read_text())

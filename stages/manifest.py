@@ -1,0 +1,85 @@
+"""The manifest: the build's receipt, assembled from stage records (which carry every output's sha256)."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from stages import artifacts
+from stages.models import COMPONENTS
+from stages.recipe import LoadedRecipe
+from stages.taskgraph import BACKEND_PACKAGES, MANIFEST_PACKAGES, STAGES, model_identity, tool_versions
+
+SCHEMA_VERSION = 1
+
+
+def write_manifest(loaded: LoadedRecipe) -> Path:
+    path = artifacts.recipe_dir(loaded.name) / "manifest.json"
+    artifacts.write_json_atomic(path, build_manifest(loaded))
+    return path
+
+
+def build_manifest(loaded: LoadedRecipe) -> dict[str, Any]:
+    recipe = loaded.recipe
+    target = recipe.target
+    cc = target.compute_capability
+    source = recipe.model
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "recipe": {"name": loaded.name, "source": loaded.source, "resolved": loaded.resolved,
+                   "overrides": loaded.overrides},
+        "model": {
+            "source": "tiny" if source.is_tiny else "checkpoint",
+            **model_identity(loaded),
+            **({"warning": "TINY RANDOM-WEIGHT MODEL: not Qwen-Image; accuracy numbers do not transfer"}
+               if source.is_tiny else {}),
+            "checkpoint": _stage_outputs(loaded, None, "checkpoint") if source.is_tiny else None,
+        },
+        "target": {"gpu": target.gpu, "backend": target.backend, "compute_capability": f"{cc[0]}.{cc[1]}"},
+        "versions": tool_versions((*MANIFEST_PACKAGES, BACKEND_PACKAGES[target.backend], "onnxscript")),
+        "platform": {"python": sys.version.split()[0], "machine": platform.machine()},
+        "components": {name: _component_entry(loaded, name) for name in recipe.components},
+    }
+
+
+def _component_entry(loaded: LoadedRecipe, component: str) -> dict[str, Any]:
+    stages = [spec.name for spec in STAGES.values() if spec.per_component]
+    reports = {stage: _report(loaded, component, stage) for stage in stages}
+    engine = reports.get("engine") or {}
+    validation = reports.get("validate")
+    return {
+        "artifacts": {stage: _stage_outputs(loaded, component, stage) for stage in stages},
+        "feed_function": COMPONENTS[component].feed_function,
+        "text_length": loaded.recipe.text_length,
+        "profile": engine.get("profile"),
+        "precision": {k: (reports.get("precision") or {}).get(k) for k in ("dtype", "high_precision", "node_precisions", "excluded")},
+        "surgery": [{k: v for k, v in p.items() if k != "frozen_nodes"} for p in (reports.get("surgery") or {}).get("passes", [])],
+        "validation": None if validation is None else {
+            "passed": validation["passed"],
+            "metrics": validation["comparisons"],
+            "engine_run": validation["engine"],
+            "onnxruntime_run": validation["onnxruntime"],
+            "cases": validation["cases"],
+            "results": _relative(artifacts.stage_dir(loaded.name, component, "validate") / validation["results_file"]),
+        },
+    }
+
+
+def _report(loaded: LoadedRecipe, component: str | None, stage: str) -> dict[str, Any] | None:
+    path = artifacts.record_path(loaded.name, component, stage)
+    return artifacts.read_json(path)["report"] if path.exists() else None
+
+
+def _stage_outputs(loaded: LoadedRecipe, component: str | None, stage: str) -> list[dict[str, Any]] | None:
+    path = artifacts.record_path(loaded.name, component, stage)
+    if not path.exists():
+        return None
+    outputs = artifacts.read_json(path)["outputs"]
+    folder = path.parent
+    return [{"path": _relative(folder / name), **meta} for name, meta in outputs.items()]
+
+
+def _relative(path: Path) -> str:
+    return str(path.relative_to(artifacts.recipe_dir(path.relative_to(artifacts.ARTIFACTS_DIR).parts[0])))

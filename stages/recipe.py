@@ -1,0 +1,320 @@
+"""Recipe schema and loading: YAML (with `extends:`) + command-line overrides -> one validated Recipe.
+
+Everything a build depends on is checked here, before any task runs, so a bad recipe never leaves
+half-written artifacts behind. This module stays light (pydantic + yaml): the task graph imports it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stages import capabilities
+from stages.errors import ForgeError, fail
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+TINY_MODEL = "tiny"
+
+SurgeryPass = Literal["fold_constants", "infer_shapes", "cleanup", "fix_text_padding", "freeze_text_branch"]
+Dtype = Literal["fp32", "fp16", "bf16"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Target(Strict):
+    gpu: Literal[tuple(capabilities.GPUS)]  # type: ignore[valid-type]
+    backend: Literal["tensorrt-rtx", "tensorrt"] = "tensorrt-rtx"
+
+    @property
+    def compute_capability(self) -> tuple[int, int]:
+        return capabilities.GPUS[self.gpu]
+
+
+class ModelSource(Strict):
+    """`path: tiny` builds the built-in random-weight model; anything else is a diffusers checkpoint dir."""
+
+    path: str = TINY_MODEL
+    seed: int = 0
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.path == TINY_MODEL
+
+
+class Range(Strict):
+    min: int = Field(gt=0)
+    opt: int = Field(gt=0)
+    max: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"needs min <= opt <= max, got min={self.min}, opt={self.opt}, max={self.max}")
+        return self
+
+
+class PixelRange(Range):
+    @model_validator(mode="after")
+    def _multiple_of_16(self) -> PixelRange:
+        bad = [v for v in (self.min, self.opt, self.max) if v % 16]
+        if bad:
+            raise ValueError(f"pixel sizes must be multiples of 16 (8x VAE x 2x2 patches), got {bad}")
+        return self
+
+
+class Profile(Strict):
+    batch: Range
+    height: PixelRange
+    width: PixelRange
+
+
+class ExportSettings(Strict):
+    opset: int = Field(default=20, ge=18, le=23)
+
+
+class SurgerySettings(Strict):
+    passes: list[SurgeryPass] = ["fold_constants", "infer_shapes", "fix_text_padding", "freeze_text_branch", "cleanup"]
+
+
+def _check_regexes(patterns: list[str]) -> list[str]:
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"{pattern!r} is not a valid regular expression ({error})") from None
+    return patterns
+
+
+class PrecisionSettings(Strict):
+    dtype: Dtype = "fp16"
+    high_precision: Dtype = "fp32"
+    exclude: list[str] = []
+
+    _regexes = field_validator("exclude")(_check_regexes)
+
+
+class BuildSettings(Strict):
+    optimization_level: int = Field(default=3, ge=0, le=5)
+    timing_cache: bool = True
+
+
+class Tolerance(Strict):
+    atol: float = Field(gt=0)
+    rtol: float = Field(gt=0)
+    cosine: float = Field(gt=0, le=1)
+
+
+Size = Annotated[list[int], Field(min_length=2, max_length=2)]
+
+
+class ValidateSettings(Strict):
+    sizes: list[Size] = Field(min_length=2)
+    batch: int = Field(default=2, gt=0)
+    timesteps: list[Annotated[float, Field(gt=0, le=1)]] = Field(min_length=2)
+    text_tokens: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    seed: int = 0
+    tolerances: dict[str, Tolerance]
+
+
+class Component(Strict):
+    profile: Profile
+    export: ExportSettings = ExportSettings()
+    surgery: SurgerySettings = SurgerySettings()
+    precision: PrecisionSettings = PrecisionSettings()
+    build: BuildSettings = BuildSettings()
+    validate_: ValidateSettings = Field(alias="validate")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _validation_inside_profile(self) -> Component:
+        p, v = self.profile, self.validate_
+        for height, width in v.sizes:
+            if not (p.height.min <= height <= p.height.max and p.width.min <= width <= p.width.max):
+                raise ValueError(
+                    f"validate.sizes: {height}x{width} lies outside the profile "
+                    f"(height {p.height.min}-{p.height.max}, width {p.width.min}-{p.width.max})"
+                )
+            if height % 16 or width % 16:
+                raise ValueError(f"validate.sizes: {height}x{width} must be multiples of 16")
+        if len({tuple(size) for size in v.sizes}) < 2:
+            raise ValueError("validate.sizes: needs at least two different image sizes")
+        if not p.batch.min <= v.batch <= p.batch.max:
+            raise ValueError(f"validate.batch: {v.batch} lies outside the profile ({p.batch.min}-{p.batch.max})")
+        return self
+
+
+class Recipe(Strict):
+    description: str = ""
+    target: Target
+    model: ModelSource = ModelSource()
+    text_length: int = Field(gt=0, le=1024)
+    components: dict[Literal["transformer"], Component] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        for name, component in self.components.items():
+            too_long = [n for n in component.validate_.text_tokens if n > self.text_length]
+            if too_long:
+                raise ValueError(
+                    f"components.{name}.validate.text_tokens: {too_long} exceed text_length {self.text_length}"
+                )
+        return self
+
+
+class LoadedRecipe(BaseModel):
+    """A validated recipe plus where it came from; `name` keys artifacts/ and the task names."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    source: str
+    recipe: Recipe
+    resolved: dict[str, Any]
+    overrides: dict[str, Any]
+
+
+def resolve_recipe_path(recipe: str) -> Path:
+    """`recipe=` takes a name from recipes/ or a path to a YAML file."""
+    as_path = Path(recipe)
+    if as_path.suffix in (".yaml", ".yml"):
+        if not as_path.is_file():
+            raise fail(recipe, None, "recipe file not found")
+        return as_path
+    named = RECIPES_DIR / f"{recipe}.yaml"
+    if not named.is_file():
+        available = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise fail("recipe=", None, f"no recipe named {recipe!r}; available: {available} (or a path to a .yaml file)")
+    return named
+
+
+def load_recipe(recipe: str, overrides: dict[str, str] | None = None, model: str | None = None) -> LoadedRecipe:
+    """Load, merge, override and validate a recipe; raises ForgeError with a one-line message."""
+    path = resolve_recipe_path(recipe)
+    merged = _load_with_extends(path, seen=())
+    parsed_overrides = {key: _parse_value(value) for key, value in (overrides or {}).items()}
+    for key, value in parsed_overrides.items():
+        _set_dotted(merged, key, value)
+    if model is not None:
+        merged.setdefault("model", {})["path"] = model
+        parsed_overrides["model.path"] = model
+    try:
+        validated = Recipe.model_validate(merged)
+    except ValidationError as error:
+        raise _one_line_error(path, error, parsed_overrides) from None
+    _check_model_dir(path, validated.model)
+    capabilities.check_recipe(path, validated)
+    return LoadedRecipe(
+        name=path.stem,
+        source=str(path),
+        recipe=validated,
+        resolved=validated.model_dump(mode="json", by_alias=True),
+        overrides=parsed_overrides,
+    )
+
+
+def _load_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if path.resolve() in seen:
+        chain = " -> ".join(p.name for p in (*seen, path.resolve()))
+        raise fail(path, "extends", f"circular inheritance ({chain})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "?"
+        raise fail(path, where, f"not valid YAML ({getattr(error, 'problem', error)})") from None
+    if not isinstance(data, dict):
+        raise fail(path, None, "a recipe must be a YAML mapping of keys to values")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise fail(path, "extends", "must be a recipe name or a path to a YAML file")
+    parent_path = (path.parent / parent) if parent.endswith((".yaml", ".yml")) else RECIPES_DIR / f"{parent}.yaml"
+    if not parent_path.is_file():
+        raise fail(path, "extends", f"parent recipe {parent!r} not found (looked at {parent_path})")
+    return _deep_merge(_load_with_extends(parent_path, (*seen, path.resolve())), data)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise fail("command line", dotted, f"{key!r} holds a value, not a section; cannot set {dotted}")
+        node = child
+    node[keys[-1]] = value
+
+
+def _one_line_error(path: Path, error: ValidationError, overrides: dict[str, Any]) -> ForgeError:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"])
+    source: str | Path = path
+    if any(key == o or key.startswith(o + ".") or o.startswith(key + ".") for o in overrides):
+        source = f"{path} (after command-line overrides)"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = f"unknown key; allowed here: {', '.join(_allowed_keys(first['loc']))}"
+    elif first["type"] == "missing":
+        message = "required key is missing"
+    return fail(source, key or None, message)
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Walk the schema along the error's location to list the keys allowed where the unknown one stood."""
+    annotation: Any = Recipe
+    parts = list(loc[:-1])
+    while parts:
+        if get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            part = parts[0]
+            field = next((f for n, f in annotation.model_fields.items() if part in (n, f.alias)), None)
+            if field is None:
+                break
+            annotation = field.annotation
+        else:
+            break
+        parts.pop(0)
+    if get_origin(annotation) is dict:
+        annotation = get_args(annotation)[1]
+    if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return []
+    return sorted(field.alias or name for name, field in annotation.model_fields.items())
+
+
+def _check_model_dir(path: Path, source: ModelSource) -> None:
+    if source.is_tiny:
+        return
+    checkpoint = Path(source.path)
+    if not checkpoint.is_dir():
+        raise fail(path, "model.path", f"model directory {source.path!r} does not exist (use `tiny` or a diffusers checkpoint dir)")
+    config = checkpoint / "transformer" / "config.json"
+    if not config.is_file():
+        raise fail(path, "model.path", f"{source.path!r} is not a diffusers checkpoint: missing transformer/config.json")
+    if not list((checkpoint / "transformer").glob("*.safetensors")):
+        raise fail(path, "model.path", f"{source.path!r} has no transformer/*.safetensors weights")

@@ -1,0 +1,146 @@
+"""Surgery stage: the recipe's graph passes, in recipe order, each reporting what it changed.
+
+`freeze_text_branch` does not change arithmetic here; it decides which nodes later stages must leave in
+high precision and never quantize, and records them (the precision stage reads this stage's report).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stages.errors import fail
+from stages.recipe import LoadedRecipe
+
+MODEL_FILE = "model.onnx"
+TEXT_DIM_INPUTS = {"encoder_hidden_states": 1, "encoder_hidden_states_mask": 1, "txt_rope_cos": 0, "txt_rope_sin": 0}
+
+
+@dataclass(frozen=True)
+class GraphSurgery:
+    component: str
+    source: Path
+    passes: tuple[str, ...]
+    text_length: int
+
+    def __call__(self, out_dir: Path) -> dict[str, Any]:
+        import onnx
+
+        model = onnx.load(str(self.source))
+        reports = []
+        frozen: list[str] = []
+        for name in self.passes:
+            before = len(model.graph.node)
+            print(f"[surgery] {name} ({before} nodes)", file=sys.stderr)
+            model, details = PASSES[name](self, model)
+            reports.append({"pass": name, "nodes_before": before, "nodes_after": len(model.graph.node), **details})
+            frozen = details.get("frozen_nodes", frozen)
+        save_model(model, out_dir / MODEL_FILE)
+        return {"component": self.component, "model_file": MODEL_FILE, "passes": reports, "frozen_nodes": frozen,
+                "nodes": len(model.graph.node)}
+
+
+def save_model(model: Any, path: Path) -> None:
+    """Save with external data past protobuf's 2 GB limit."""
+    import onnx
+
+    try:
+        external = model.ByteSize() > 2 * 1024**3 - 1024**2
+    except ValueError:
+        external = True
+    onnx.save_model(model, str(path), save_as_external_data=external, location=f"{path.name}.data")
+
+
+def fold_constants(stage: GraphSurgery, model: Any) -> tuple[Any, dict[str, Any]]:
+    from polygraphy.backend.onnx import fold_constants as polygraphy_fold
+
+    return polygraphy_fold(model, error_ok=False), {}
+
+
+def infer_shapes(stage: GraphSurgery, model: Any) -> tuple[Any, dict[str, Any]]:
+    from polygraphy.backend.onnx import infer_shapes as polygraphy_infer
+
+    model = polygraphy_infer(model, error_ok=False)
+    return model, {"tensors_with_shapes": len(model.graph.value_info)}
+
+
+def cleanup(stage: GraphSurgery, model: Any) -> tuple[Any, dict[str, Any]]:
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    return gs.export_onnx(graph), {}
+
+
+def fix_text_padding(stage: GraphSurgery, model: Any) -> tuple[Any, dict[str, Any]]:
+    """Pin the text axis of every text input to the recipe's length, then prove no text tensor stays symbolic."""
+    from polygraphy.backend.onnx import infer_shapes as polygraphy_infer
+
+    inputs = {value.name: value for value in model.graph.input}
+    pinned = {}
+    for name, axis in TEXT_DIM_INPUTS.items():
+        if name not in inputs:
+            continue
+        dim = inputs[name].type.tensor_type.shape.dim[axis]
+        if dim.HasField("dim_value") and dim.dim_value != stage.text_length:
+            raise fail(stage.source, f"input {name}", f"text axis is {dim.dim_value}, recipe text_length is {stage.text_length}")
+        if not dim.HasField("dim_value"):
+            pinned[name] = dim.dim_param
+            dim.dim_value = stage.text_length
+    model = polygraphy_infer(model, error_ok=False)
+    symbolic = _symbolic_text_tensors(model, text_patterns(stage.component))
+    if symbolic:
+        raise fail(stage.source, "fix_text_padding", f"text tensors still have symbolic length: {symbolic[:5]}")
+    return model, {"text_length": stage.text_length, "pinned_inputs": pinned, "symbolic_text_tensors": 0}
+
+
+def _symbolic_text_tensors(model: Any, patterns: list[re.Pattern[str]]) -> list[str]:
+    """Tensors produced by text-branch nodes whose shape has a symbolic axis other than the batch axis."""
+    producers = {out: node.name for node in model.graph.node for out in node.output}
+    bad = []
+    for value in model.graph.value_info:
+        if not any(p.search(producers.get(value.name, "")) for p in patterns):
+            continue
+        if any(d.HasField("dim_param") for d in list(value.type.tensor_type.shape.dim)[1:]):
+            bad.append(value.name)
+    return bad
+
+
+def text_patterns(component: str) -> list[re.Pattern[str]]:
+    from stages.models import component_module
+
+    return [re.compile(p) for p in component_module(component).TEXT_BRANCH_PATTERNS]
+
+
+def freeze_text_branch(stage: GraphSurgery, model: Any) -> tuple[Any, dict[str, Any]]:
+    patterns = text_patterns(stage.component)
+    frozen = [node.name for node in model.graph.node if any(p.search(node.name) for p in patterns)]
+    if not frozen:
+        raise fail(stage.source, "freeze_text_branch", "found no text-branch nodes (are node names module paths?)")
+    by_module: dict[str, int] = {}
+    for name in frozen:
+        module = name.rsplit("/", 1)[0]
+        by_module[module] = by_module.get(module, 0) + 1
+    return model, {"frozen_nodes": frozen, "frozen_count": len(frozen), "frozen_modules": by_module}
+
+
+PASSES: dict[str, Callable[[GraphSurgery, Any], tuple[Any, dict[str, Any]]]] = {
+    "fold_constants": fold_constants,
+    "infer_shapes": infer_shapes,
+    "cleanup": cleanup,
+    "fix_text_padding": fix_text_padding,
+    "freeze_text_branch": freeze_text_branch,
+}
+
+
+def from_recipe(loaded: LoadedRecipe, component: str | None) -> GraphSurgery:
+    from stages import artifacts
+
+    assert component is not None
+    source = artifacts.stage_dir(loaded.name, component, "export") / MODEL_FILE
+    passes = tuple(loaded.recipe.components[component].surgery.passes)
+    return GraphSurgery(component, source, passes, loaded.recipe.text_length)
