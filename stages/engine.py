@@ -7,6 +7,7 @@ runs the same loader chain where that package is installed. Precision comes only
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,7 +50,10 @@ class BuildEngine:
         started = time.perf_counter()
         print(f"[engine] building {self.component} for sm_{''.join(map(str, self.compute_capability))} "
               f"with {self.backend}", file=sys.stderr)
-        engine = polygraphy_trt.engine_bytes_from_network(network, config=create_config, save_timing_cache=cache)
+        scratch_cache = str(out_dir / ".timing.cache") if cache else None
+        engine = polygraphy_trt.engine_bytes_from_network(network, config=create_config, save_timing_cache=scratch_cache)
+        if scratch_cache and Path(scratch_cache).exists():
+            os.replace(scratch_cache, cache)
         if engine is None:
             raise fail(self.onnx_path, "engine", f"{self.backend} returned no engine for this graph and target")
         (out_dir / ENGINE_FILE).write_bytes(memoryview(engine))

@@ -83,3 +83,21 @@ def _stage_outputs(loaded: LoadedRecipe, component: str | None, stage: str) -> l
 
 def _relative(path: Path) -> str:
     return str(path.relative_to(artifacts.recipe_dir(path.relative_to(artifacts.ARTIFACTS_DIR).parts[0])))
+
+
+def summary_lines(manifest: dict[str, Any]) -> list[str]:
+    """What a person needs at the end of a build: where the receipt is, what passed, what was not run."""
+    name = manifest["recipe"]["name"]
+    lines = [f"manifest: artifacts/{name}/manifest.json"]
+    if manifest["model"].get("warning"):
+        lines.append(f"*** {manifest['model']['warning']} (seed {manifest['model'].get('seed')}) ***")
+    for component, entry in manifest["components"].items():
+        validation = entry.get("validation")
+        if validation is None:
+            lines.append(f"{component}: not validated")
+            continue
+        verdict = "PASSED" if validation["passed"] else "FAILED"
+        engine = validation["engine_run"]
+        ran = "engine ran (TrtRunner)" if engine.get("ran") else f"engine NOT run: {engine.get('skipped_because')}"
+        lines.append(f"{component}: validation {verdict} on ONNX Runtime; {ran}")
+    return lines

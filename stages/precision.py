@@ -7,6 +7,7 @@ exclusions (explicit Q/DQ through ModelOpt's ONNX quantizer).
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from collections import Counter
@@ -67,8 +68,9 @@ class ConvertPrecision:
         return [*self.frozen_nodes, *by_pattern]
 
     def _autocast(self, excluded: list[str]) -> Any:
-        from modelopt.onnx.autocast import convert_to_mixed_precision
+        from modelopt.onnx.autocast import configure_logging, convert_to_mixed_precision
 
+        configure_logging(logging.WARNING)
         print(f"[precision] AutoCast to {self.dtype}, {len(excluded)} nodes kept {self.high_precision}", file=sys.stderr)
         from polygraphy.backend.onnx import infer_shapes
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.metadata
+import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -199,25 +200,34 @@ def manifest_task(loaded: LoadedRecipe) -> dict[str, Any]:
 
 
 def run_stage(loaded: LoadedRecipe, component: str | None, stage: str) -> TaskFailed | None:
-    """doit action: configure the stage from its recipe section and upstream artifacts, run it atomically."""
-    module = importlib.import_module(STAGES[stage].module)
+    """doit action: configure the stage from its recipe section and upstream artifacts, run it atomically.
+
+    Failures become one line (no traceback) unless FORGE_DEBUG=1; nothing is left in the stage dir.
+    """
+    label = f"{stage}:{task_name(loaded, component)}"
     try:
+        module = importlib.import_module(STAGES[stage].module)
         configured = module.from_recipe(loaded, component)
         with artifacts.staged_output(artifacts.stage_dir(loaded.name, component, stage)) as scratch:
             report = configured(scratch)
             artifacts.write_record(scratch, stage, report)
     except ForgeError as error:
-        return TaskFailed(str(error))
+        return TaskFailed(f"{label}: {error}")
+    except Exception as error:  # noqa: BLE001 - third-party failures become one readable line
+        if os.environ.get("FORGE_DEBUG") == "1":
+            raise
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return TaskFailed(f"{label}: {type(error).__name__}: {first_line} (FORGE_DEBUG=1 shows the traceback)")
     if report.get("passed") is False:
         from stages.manifest import write_manifest
 
         write_manifest(loaded)
-        return TaskFailed(report.get("failure", f"{stage} failed"))
+        return TaskFailed(f"{label}: {report.get('failure', 'failed')}")
     return None
 
 
 def write_manifest_action(loaded: LoadedRecipe) -> None:
-    from stages.manifest import write_manifest
+    from stages.manifest import summary_lines, write_manifest
 
-    path = write_manifest(loaded)
-    print(f"manifest: {path}", file=sys.stderr)
+    for line in summary_lines(artifacts.read_json(write_manifest(loaded))):
+        print(line, file=sys.stderr)

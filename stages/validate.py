@@ -34,7 +34,9 @@ class ValidateAgainstPytorch:
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         from polygraphy.comparator import RunResults
+        from polygraphy.logger import G_LOGGER
 
+        G_LOGGER.module_severity = G_LOGGER.WARNING
         from stages.models import component_module
 
         spec = component_module(self.component)
