@@ -37,25 +37,18 @@ class BuildEngine:
         profile = polygraphy_trt.Profile()
         for name, (low, opt, high) in self.shapes.items():
             profile.add(name, low, opt, high)
-        cache = str(self.timing_cache) if self.timing_cache else None
-        if self.timing_cache:
-            self.timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        cache = self._usable_timing_cache()
         create_config = config(
             profiles=[profile],
             builder_optimization_level=self.optimization_level,
-            load_timing_cache=cache if cache and Path(cache).exists() else None,
+            load_timing_cache=str(cache) if cache and cache.exists() else None,
             progress_monitor=make_progress_monitor(trt),
         )
         network = polygraphy_trt.NetworkFromOnnxPath(str(self.onnx_path), strongly_typed=True)
         started = time.perf_counter()
-        print(f"[engine] building {self.component} for sm_{''.join(map(str, self.compute_capability))} "
+        print(f"[engine] building {self.component} for sm_{self.sm} "
               f"with {self.backend}", file=sys.stderr)
-        scratch_cache = str(out_dir / ".timing.cache") if cache else None
-        engine = polygraphy_trt.engine_bytes_from_network(network, config=create_config, save_timing_cache=scratch_cache)
-        if scratch_cache and Path(scratch_cache).exists():
-            os.replace(scratch_cache, cache)
-        if engine is None:
-            raise fail(self.onnx_path, "engine", f"{self.backend} returned no engine for this graph and target")
+        engine = self._build(polygraphy_trt, network, create_config, cache, out_dir / ".timing.cache")
         (out_dir / ENGINE_FILE).write_bytes(memoryview(engine))
         seconds = time.perf_counter() - started
         print(f"[engine] {ENGINE_FILE}: {engine.nbytes / 1e6:.1f} MB in {seconds:.1f}s", file=sys.stderr)
@@ -66,11 +59,41 @@ class BuildEngine:
             "compute_capability": f"{self.compute_capability[0]}.{self.compute_capability[1]}",
             "strongly_typed": True,
             "builder_optimization_level": self.optimization_level,
-            "timing_cache": str(self.timing_cache.relative_to(artifacts.ARTIFACTS_DIR)) if self.timing_cache else None,
+            "timing_cache": str(cache) if cache else self._timing_cache_note(),
             "profile": {name: {"min": s[0], "opt": s[1], "max": s[2]} for name, s in self.shapes.items()},
             "build_seconds": round(seconds, 3),
             **self.extra,
         }
+
+    def _build(self, polygraphy_trt: Any, network: Any, config: Any, cache: Path | None, scratch_cache: Path) -> Any:
+        """Build; a refused build (no engine, or Polygraphy's exception) becomes one line naming the target."""
+        from polygraphy.exception import PolygraphyException
+
+        try:
+            engine = polygraphy_trt.engine_bytes_from_network(
+                network, config=config, save_timing_cache=str(scratch_cache) if cache else None
+            )
+        except PolygraphyException as error:
+            raise fail(self.onnx_path, "engine", f"{self.backend} returned no engine for sm_{self.sm}: "
+                       f"{str(error).splitlines()[0]} (builder errors above)") from None
+        if engine is None:
+            raise fail(self.onnx_path, "engine", f"{self.backend} returned no engine for sm_{self.sm}")
+        if cache and scratch_cache.exists():
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(scratch_cache, cache)
+        return engine
+
+    @property
+    def sm(self) -> str:
+        return "".join(map(str, self.compute_capability))
+
+    def _usable_timing_cache(self) -> Path | None:
+        return self.timing_cache if self.timing_cache and self.backend == "tensorrt" else None
+
+    def _timing_cache_note(self) -> str:
+        if self.timing_cache and self.backend == "tensorrt-rtx":
+            return "not used: timing-cache operations are no-ops in TensorRT-RTX (deprecated since 1.2)"
+        return "disabled by the recipe"
 
     def _loaders(self) -> tuple[Any, Any, Any]:
         """Import the backend's TensorRT flavour and Polygraphy's matching config loader."""

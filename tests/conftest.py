@@ -1,0 +1,68 @@
+"""Shared fixtures: one real tiny build of a10-fp16 per test session, reused by the stage tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DOIT = [sys.executable, "-m", "doit"]
+
+
+def run_doit(args: list[str], artifacts: Path, db: Path, env: dict[str, str] | None = None,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run doit as a user would, with outputs redirected into a test's own artifacts dir."""
+    full_env = {**os.environ, "FORGE_ARTIFACTS": str(artifacts), **(env or {})}
+    result = subprocess.run([*DOIT, "--db-file", str(db), *args], cwd=REPO, env=full_env,
+                            capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"doit {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def executed_tasks(output: str) -> list[str]:
+    """doit prints `.  task` for tasks it runs and `-- task` for up-to-date ones."""
+    return [line[3:].strip() for line in output.splitlines() if line.startswith(".  ")]
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("build")
+    artifacts, db = root / "artifacts", root / "doit.db"
+    result = run_doit(["build", "recipe=a10-fp16"], artifacts, db)
+    return {"artifacts": artifacts, "db": db, "recipe": artifacts / "a10-fp16", "log": Path(result.stderr)}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(built: dict[str, Path]) -> Path:
+    return built["recipe"] / "checkpoint"
+
+
+@pytest.fixture(scope="session")
+def exported_onnx(built: dict[str, Path]) -> Path:
+    return built["recipe"] / "transformer" / "export" / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def surgery_output(exported_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The recipe's surgery passes applied by the stage class itself, into a private dir."""
+    from stages.surgery import GraphSurgery
+
+    out = tmp_path_factory.mktemp("surgery")
+    passes = ("fold_constants", "infer_shapes", "fix_text_padding", "freeze_text_branch", "cleanup")
+    report = GraphSurgery("transformer", exported_onnx, passes, 256)(out)
+    return out / "model.onnx", report
+
+
+@pytest.fixture(scope="session")
+def fp16_output(surgery_output: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    from stages.precision import ConvertPrecision
+
+    out = tmp_path_factory.mktemp("precision")
+    source, surgery = surgery_output
+    report = ConvertPrecision("transformer", source, "fp16", "fp32", tuple(surgery["frozen_nodes"]), ())(out)
+    return out / "model.onnx", report

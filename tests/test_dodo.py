@@ -1,0 +1,76 @@
+"""The user's view: `doit build recipe=...` from the command line, incremental behaviour and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import executed_tasks, run_doit
+
+
+def test_second_build_runs_nothing(built: dict[str, Path]) -> None:
+    result = run_doit(["build", "recipe=a10-fp16"], built["artifacts"], built["db"])
+    assert executed_tasks(result.stdout) == []
+    assert "-- validate:a10-fp16/transformer" in result.stdout
+
+
+def test_tolerance_change_reruns_only_validation_and_gates(built: dict[str, Path]) -> None:
+    tight = "components.transformer.validate.tolerances.sample.atol=1e-9"
+    result = run_doit(["build", "recipe=a10-fp16", tight, "components.transformer.validate.tolerances.sample.rtol=1e-9"],
+                      built["artifacts"], built["db"], check=False)
+    assert result.returncode != 0
+    assert executed_tasks(result.stdout) == ["validate:a10-fp16/transformer"]
+    assert "onnxruntime sample" in result.stderr + result.stdout and "would pass with atol >=" in result.stderr + result.stdout
+    manifest = json.loads((built["recipe"] / "manifest.json").read_text())
+    assert manifest["components"]["transformer"]["validation"]["passed"] is False
+    assert manifest["recipe"]["overrides"]["components.transformer.validate.tolerances.sample.atol"] == 1e-9
+    again = run_doit(["build", "recipe=a10-fp16"], built["artifacts"], built["db"])
+    assert executed_tasks(again.stdout) == ["validate:a10-fp16/transformer", "manifest:a10-fp16"]
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    artifacts, db = tmp_path / "artifacts", tmp_path / "db"
+    cases = [
+        (["build", "recipe=a10-fp16", "components.transformer.profile.height.min=100"], "multiples of 16"),
+        (["build", "recipe=a10-fp16", "components.transformer.precision.dtype=fp8"], "precision.dtype"),
+        (["build", "recipe=a10-fp16", "model=/no/such/dir"], "model.path"),
+        (["build", "recipe=nope"], "no recipe named 'nope'"),
+    ]
+    for args, expected in cases:
+        result = run_doit(args, artifacts, db, check=False)
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr, result.stderr
+    assert not artifacts.exists()
+
+
+def test_build_from_checkpoint_directory(built: dict[str, Path], tmp_path: Path) -> None:
+    """model=<dir> exercises the real offline loading path; same weights give the same graph."""
+    checkpoint = built["recipe"] / "checkpoint"
+    artifacts, db = tmp_path / "artifacts", tmp_path / "db"
+    run_doit(["build", "recipe=a10-fp16", f"model={checkpoint}", "components.transformer.validate.timesteps=[1.0, 0.4]"],
+             artifacts, db)
+    manifest = json.loads((artifacts / "a10-fp16" / "manifest.json").read_text())
+    assert manifest["model"]["source"] == "checkpoint" and "warning" not in manifest["model"]
+    assert manifest["model"]["path"] == str(checkpoint.resolve())
+    assert not (artifacts / "a10-fp16" / "checkpoint").exists()
+    tiny = json.loads((built["recipe"] / "manifest.json").read_text())
+    digest = {e["path"]: e["sha256"] for e in tiny["components"]["transformer"]["artifacts"]["surgery"]}
+    mine = {e["path"]: e["sha256"] for e in manifest["components"]["transformer"]["artifacts"]["surgery"]}
+    assert mine["transformer/surgery/model.onnx"] == digest["transformer/surgery/model.onnx"]
+    assert manifest["components"]["transformer"]["validation"]["passed"]
+
+
+def test_surgery_change_does_not_reexport(built: dict[str, Path]) -> None:
+    result = run_doit(["build", "recipe=a10-fp16",
+                       "components.transformer.surgery.passes=[fold_constants, infer_shapes, freeze_text_branch]"],
+                      built["artifacts"], built["db"])
+    ran = executed_tasks(result.stdout)
+    assert "export:a10-fp16/transformer" not in ran
+    assert ran[:3] == ["surgery:a10-fp16/transformer", "precision:a10-fp16/transformer", "engine:a10-fp16/transformer"]
+
+
+def test_clean_removes_outputs(built: dict[str, Path]) -> None:
+    run_doit(["clean", "recipe=a10-fp16"], built["artifacts"], built["db"])
+    assert not (built["recipe"] / "manifest.json").exists()
+    assert not (built["recipe"] / "transformer" / "export").exists()

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from pathlib import Path
+
+from stages.manifest import summary_lines
+
+
+def manifest_of(built: dict[str, Path]) -> dict:
+    return json.loads((built["recipe"] / "manifest.json").read_text())
+
+
+def test_every_artifact_digest_matches_the_file(built: dict[str, Path]) -> None:
+    manifest = manifest_of(built)
+    entries = [e for stage in manifest["components"]["transformer"]["artifacts"].values() for e in stage]
+    entries += manifest["model"]["checkpoint"]
+    assert {"export/model.onnx", "engine/engine.plan", "validate/results.json"} <= {
+        e["path"].removeprefix("transformer/") for e in entries}
+    for entry in entries:
+        data = (built["recipe"] / entry["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"], entry["path"]
+        assert len(data) == entry["bytes"]
+
+
+def test_manifest_names_sources_versions_and_validation(built: dict[str, Path]) -> None:
+    manifest = manifest_of(built)
+    assert manifest["model"]["source"] == "tiny" and manifest["model"]["seed"] == 0
+    assert "TINY" in manifest["model"]["warning"]
+    assert manifest["target"] == {"gpu": "a10", "backend": "tensorrt-rtx", "compute_capability": "8.6"}
+    versions = manifest["versions"]
+    for package in ("torch", "diffusers", "onnx", "onnxruntime", "polygraphy", "nvidia-modelopt", "tensorrt-rtx-cu13"):
+        assert versions[package] == importlib.metadata.version(package)
+    component = manifest["components"]["transformer"]
+    assert component["text_length"] == 256
+    assert component["profile"]["hidden_states"]["max"] == [2, 4096, 16]
+    module, function = component["feed_function"].split(":")
+    assert callable(getattr(importlib.import_module(module), function))
+    validation = component["validation"]
+    assert validation["passed"] is True and validation["engine_run"]["ran"] is False
+    assert validation["metrics"][0]["min_cosine_similarity"] > 0.999
+
+
+def test_summary_is_loud_about_tiny_and_skipped_engine(built: dict[str, Path]) -> None:
+    lines = summary_lines(manifest_of(built))
+    assert any(line.startswith("*** TINY") for line in lines)
+    assert any("validation PASSED on ONNX Runtime; engine NOT run" in line for line in lines)

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from stages.models import qwen_image
+from stages.precision import ConvertPrecision, node_output_dtypes
+
+
+def feed() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return qwen_image.transformer_engine_inputs(
+        rng.standard_normal((2, 96, 16)), rng.standard_normal((2, 256, 16)),
+        np.array([[1] * 40 + [0] * 216, [1] * 256]), [0.9, 0.1], [(1, 8, 12)] * 2, axes_dims_rope=(8, 4, 4))
+
+
+def test_fp16_keeps_frozen_text_branch_in_fp32(fp16_output: tuple[Path, dict], surgery_output: tuple[Path, dict]) -> None:
+    import onnx
+
+    path, report = fp16_output
+    dtypes = node_output_dtypes(onnx.load(str(path)))
+    frozen = surgery_output[1]["frozen_nodes"]
+    frozen_float = [name for name in frozen if name in dtypes]
+    assert frozen_float and all(dtypes[name] == "fp32" for name in frozen_float)
+    image_matmuls = [n for n in dtypes if "/img_mlp/" in n and "MatMul" in n]
+    assert image_matmuls and all(dtypes[n] == "fp16" for n in image_matmuls)
+    assert report["node_precisions"]["fp16"] > report["excluded"]["frozen_text_branch"] / 2
+    assert report["excluded"]["frozen_text_branch"] == len(frozen)
+
+
+def test_fp16_graph_runs_and_stays_close(fp16_output: tuple[Path, dict], surgery_output: tuple[Path, dict]) -> None:
+    inputs = feed()
+    reference, converted = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+                            for p in (surgery_output[0], fp16_output[0]))
+    assert converted.dtype == np.float32  # keep_io_types: engines take and return fp32
+    cosine = float(np.dot(reference.ravel(), converted.ravel()) /
+                   (np.linalg.norm(reference) * np.linalg.norm(converted)))
+    assert cosine > 0.999
+    assert 0 < np.abs(reference - converted).max() < 0.05
+
+
+def test_recipe_patterns_are_excluded_too(surgery_output: tuple[Path, dict], tmp_path: Path) -> None:
+    import onnx
+
+    source, surgery = surgery_output
+    report = ConvertPrecision("transformer", source, "fp16", "fp32", tuple(surgery["frozen_nodes"]),
+                              (r"/img_mlp/",))(tmp_path)
+    dtypes = node_output_dtypes(onnx.load(str(tmp_path / "model.onnx")))
+    mlp = [n for n in dtypes if "/img_mlp/" in n]
+    assert mlp and all(dtypes[n] == "fp32" for n in mlp)
+    assert report["excluded"]["matched_by_patterns"] == len([n for n in report["excluded_nodes"] if "/img_mlp/" in n])

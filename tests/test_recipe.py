@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.errors import ForgeError
+from stages.recipe import RECIPES_DIR, load_recipe
+
+
+def write(tmp_path: Path, name: str, data: dict) -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def base() -> dict:
+    return yaml.safe_load((RECIPES_DIR / "a10-fp16.yaml").read_text())
+
+
+def error_of(recipe: str, overrides: dict[str, str] | None = None, model: str | None = None) -> str:
+    with pytest.raises(ForgeError) as info:
+        load_recipe(recipe, overrides, model)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_shipped_recipe_resolves_with_defaults() -> None:
+    loaded = load_recipe("a10-fp16")
+    assert loaded.name == "a10-fp16"
+    assert loaded.recipe.target.compute_capability == (8, 6)
+    component = loaded.recipe.components["transformer"]
+    assert component.profile.height.min == 512 and component.profile.batch.max == 2
+    assert loaded.resolved["components"]["transformer"]["validate"]["tolerances"]["sample"]["cosine"] == 0.999
+
+
+def test_extends_merges_parent_and_child(tmp_path: Path) -> None:
+    child = write(tmp_path, "child.yaml", {"extends": "a10-fp16", "text_length": 200,
+                                          "components": {"transformer": {"build": {"optimization_level": 1}}}})
+    loaded = load_recipe(str(child))
+    assert loaded.name == "child"
+    assert loaded.recipe.text_length == 200
+    assert loaded.recipe.components["transformer"].build.optimization_level == 1
+    assert loaded.recipe.components["transformer"].profile.width.max == 1024
+
+
+def test_dotted_overrides_are_typed_and_recorded() -> None:
+    loaded = load_recipe("a10-fp16", {"components.transformer.validate.tolerances.sample.atol": "0.5"})
+    assert loaded.recipe.components["transformer"].validate_.tolerances["sample"].atol == 0.5
+    assert loaded.overrides == {"components.transformer.validate.tolerances.sample.atol": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "allowed"),
+    [
+        ({"components.transformer.precison.dtype": "fp16"}, "components.transformer.precison", "precision"),
+        ({"components.transformer.precision.dtype": "int4"}, "components.transformer.precision.dtype", "'fp16'"),
+        ({"components.transformer.profile.height.min": "2048"}, "components.transformer.profile.height", "min <= opt <= max"),
+        ({"components.transformer.profile.width.min": "520"}, "components.transformer.profile.width", "multiples of 16"),
+        ({"text_length": "many"}, "text_length", "integer"),
+        ({"components.transformer.validate.sizes": "[[512, 512], [512, 2048]]"}, "components.transformer", "outside the profile"),
+        ({"components.transformer.validate.timesteps": "[0.0, 0.5]"}, "components.transformer.validate.timesteps.0", "greater than 0"),
+    ],
+)
+def test_bad_values_name_file_key_and_allowed(overrides: dict[str, str], key: str, allowed: str) -> None:
+    message = error_of("a10-fp16", overrides)
+    assert "a10-fp16.yaml" in message and key in message and allowed in message
+
+
+def test_precision_the_gpu_lacks_is_refused(tmp_path: Path) -> None:
+    data = base()
+    data["target"]["gpu"] = "t4"
+    data["components"]["transformer"]["precision"]["dtype"] = "bf16"
+    message = error_of(str(write(tmp_path, "t4.yaml", data)))
+    assert "components.transformer.precision.dtype" in message and "7.5" in message and "fp16" in message
+
+
+def test_backend_without_the_gpu_is_refused_with_alternative() -> None:
+    message = error_of("a10-fp16", {"target.gpu": "h100"})
+    assert "target.backend" in message and "9.0" in message and "use backend tensorrt" in message
+
+
+def test_missing_model_directory(tmp_path: Path) -> None:
+    message = error_of("a10-fp16", model=str(tmp_path / "nowhere"))
+    assert "model.path" in message and "does not exist" in message
+    (tmp_path / "ckpt" / "transformer").mkdir(parents=True)
+    assert "config.json" in error_of("a10-fp16", model=str(tmp_path / "ckpt"))
+
+
+def test_malformed_yaml_and_unknown_recipe(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("target: {gpu: a10\n")
+    assert "not valid YAML" in error_of(str(bad))
+    assert "available: " in error_of("no-such-recipe")
+
+
+def test_circular_extends(tmp_path: Path) -> None:
+    write(tmp_path, "a.yaml", {"extends": "b.yaml"})
+    write(tmp_path, "b.yaml", {"extends": "a.yaml"})
+    assert "circular" in error_of(str(tmp_path / "a.yaml"))
+
+
+def test_override_values_parse_like_yaml_and_exponents() -> None:
+    loaded = load_recipe("a10-fp16", {"components.transformer.validate.tolerances.sample.rtol": "1e-9",
+                                      "components.transformer.validate.sizes": "[[512, 512], [1024, 512]]"})
+    component = loaded.recipe.components["transformer"]
+    assert component.validate_.tolerances["sample"].rtol == 1e-9
+    assert component.validate_.sizes == [[512, 512], [1024, 512]]

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stages.recipe import load_recipe
+from stages.validate import ValidateAgainstPytorch, engine_unrunnable_reason, format_line
+
+
+def validator(checkpoint: Path, onnx_path: Path, overrides: dict[str, str]) -> ValidateAgainstPytorch:
+    loaded = load_recipe("a10-fp16", overrides)
+    return ValidateAgainstPytorch(
+        component="transformer", checkpoint_dir=checkpoint, onnx_path=onnx_path, engine_path=Path("unused.plan"),
+        compute_capability=(8, 6), backend="tensorrt-rtx",
+        settings=loaded.recipe.components["transformer"].validate_, text_length=256,
+    )
+
+
+SMALL = {"components.transformer.validate.sizes": "[[512, 512], [512, 768]]",
+         "components.transformer.validate.timesteps": "[1.0, 0.3]"}
+
+
+def test_fp16_graph_passes_and_report_is_honest(tiny_checkpoint: Path, fp16_output: tuple[Path, dict],
+                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stages.artifacts
+
+    monkeypatch.setattr(stages.artifacts, "ARTIFACTS_DIR", fp16_output[0].parent.parent)
+    report = validator(tiny_checkpoint, fp16_output[0], SMALL)(tmp_path)
+    assert report["passed"]
+    assert report["engine"]["ran"] is False and "no CUDA GPU" in report["engine"]["skipped_because"]
+    (row,) = report["comparisons"]
+    assert row["runner"] == "onnxruntime" and row["output"] == "sample"
+    assert 0 < row["max_abs_diff"] < 0.05 and row["min_cosine_similarity"] > 0.999
+    assert len(report["cases"]) == 4 and (tmp_path / "results.json").stat().st_size > 0
+
+
+def test_too_tight_tolerance_fails_with_what_would_pass(tiny_checkpoint: Path, fp16_output: tuple[Path, dict],
+                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import stages.artifacts
+
+    monkeypatch.setattr(stages.artifacts, "ARTIFACTS_DIR", fp16_output[0].parent.parent)
+    tight = {**SMALL, "components.transformer.validate.tolerances.sample.atol": "1e-7",
+             "components.transformer.validate.tolerances.sample.rtol": "1e-7"}
+    report = validator(tiny_checkpoint, fp16_output[0], tight)(tmp_path)
+    assert report["passed"] is False
+    (row,) = report["comparisons"]
+    assert not row["elementwise_passed"] and row["cosine_passed"]
+    assert "sample" in report["failure"] and "FAIL" in report["failure"]
+    assert f"atol >= {row['max_abs_diff']:.3g}" in report["failure"]
+
+
+def test_format_line_names_output_diff_and_tolerance() -> None:
+    row = {"runner": "onnxruntime", "output": "sample", "max_abs_diff": 0.25, "min_cosine_similarity": 0.98,
+           "tolerance": {"atol": 0.1, "rtol": 0.1, "cosine": 0.99}, "passed": False,
+           "would_pass_with": {"atol": 0.25, "cosine": 0.98}}
+    line = format_line(row)
+    assert line.startswith("onnxruntime sample: max|diff| 0.25 (atol 0.1") and "FAIL" in line and "0.980000" in line
+
+
+def test_engine_not_run_without_matching_gpu() -> None:
+    import torch
+
+    reason = engine_unrunnable_reason((8, 6))
+    if not torch.cuda.is_available():
+        assert reason is not None and "no CUDA GPU" in reason
+    else:
+        assert (reason is None) == (torch.cuda.get_device_capability() == (8, 6))
