@@ -11,13 +11,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DOIT = [sys.executable, "-m", "doit"]
+DOIT_COMMANDS = ("run", "clean", "list", "forget", "info")
 
 
 def run_doit(args: list[str], artifacts: Path, db: Path, env: dict[str, str] | None = None,
              check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run doit as a user would, with outputs redirected into a test's own artifacts dir."""
     full_env = {**os.environ, "FORGE_ARTIFACTS": str(artifacts), **(env or {})}
-    result = subprocess.run([*DOIT, "--db-file", str(db), *args], cwd=REPO, env=full_env,
+    command, rest = (args[0], args[1:]) if args[0] in DOIT_COMMANDS else ("run", args)
+    result = subprocess.run([*DOIT, command, "--db-file", str(db), *rest], cwd=REPO, env=full_env,
                             capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"doit {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

@@ -215,9 +215,18 @@ def encode_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """PyTorch reference for a runtime: prompts -> (prompt_embeds, prompt_embeds_mask, truncated_counts)."""
     input_ids, attention_mask, truncated = qwen_tokenizer.tokenize_prompts(tokenizer, prompts, text_length)
-    hidden = reference_outputs(model, {"call": {"input_ids": input_ids, "attention_mask": attention_mask}})
-    embeds, embeds_mask = prompt_embeds_from_hidden_states(torch.from_numpy(hidden["hidden_states"]), attention_mask, text_length)
+    hidden = pipeline_hidden_states(model, input_ids, attention_mask)
+    embeds, embeds_mask = prompt_embeds_from_hidden_states(hidden, attention_mask, text_length)
     return embeds, embeds_mask, truncated
+
+
+def pipeline_hidden_states(
+    model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The stock full model called as QwenImagePipeline calls it; its ``hidden_states[-1]``."""
+    with torch.no_grad():
+        output = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    return output.hidden_states[-1]
 
 
 def validation_cases(model: Qwen2_5_VLForConditionalGeneration, settings: Any, text_length: int) -> list[dict[str, Any]]:
@@ -280,7 +289,5 @@ def _case(description: str, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 def reference_outputs(model: Qwen2_5_VLForConditionalGeneration, case: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The stock full model in fp32, called as QwenImagePipeline calls it; its ``hidden_states[-1]``."""
-    with torch.no_grad():
-        output = model(**case["call"], output_hidden_states=True)
-    return {"hidden_states": output.hidden_states[-1].float().numpy()}
+    """Reference for the validate stage: :func:`pipeline_hidden_states` of the case's call, in fp32."""
+    return {"hidden_states": pipeline_hidden_states(model, **case["call"]).float().numpy()}
