@@ -1,4 +1,4 @@
-"""Checkpoint stage: materialise the built-in tiny model as a diffusers-layout checkpoint.
+"""Checkpoint stage: materialise the built-in tiny pipeline as a diffusers-layout checkpoint.
 
 Saving it (instead of regenerating weights in every stage) means export and validation load the exact same
 weights through the same `from_pretrained` path a real Qwen-Image checkpoint takes.
@@ -21,11 +21,10 @@ class SaveTinyCheckpoint:
     seed: int
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
-        from stages.models.qwen_image import TINY_TRANSFORMER_CONFIG, make_tiny_transformer
+        from stages.models.qwen_pipeline import save_tiny_checkpoint
 
         print(TINY_BANNER.format(seed=self.seed), file=sys.stderr)
-        make_tiny_transformer(self.seed).save_pretrained(out_dir / "transformer", safe_serialization=True)
-        return {"model": "tiny", "seed": self.seed, "transformer_config": dict(TINY_TRANSFORMER_CONFIG)}
+        return {"model": "tiny", "seed": self.seed, **save_tiny_checkpoint(self.seed, out_dir)}
 
 
 def from_recipe(loaded: LoadedRecipe, component: str | None) -> SaveTinyCheckpoint:

@@ -164,5 +164,6 @@ def from_recipe(loaded: LoadedRecipe, component: str | None) -> BuildEngine:
 
 def model_config(loaded: LoadedRecipe, component: str) -> dict[str, Any]:
     from stages.checkpoint import checkpoint_dir
+    from stages.models import COMPONENTS
 
-    return json.loads((checkpoint_dir(loaded) / component / "config.json").read_text())
+    return json.loads((checkpoint_dir(loaded) / COMPONENTS[component].config_folder / "config.json").read_text())

@@ -56,7 +56,9 @@ class ExportOnnx:
         external = parameter_bytes > EXTERNAL_DATA_THRESHOLD
         program.save(str(out_dir / MODEL_FILE), external_data=external)
         print(f"[export] wrote {MODEL_FILE} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+        extras = spec.export_extras(self.checkpoint_dir, out_dir, self.text_length) if hasattr(spec, "export_extras") else {}
         return {
+            **extras,
             "component": self.component,
             "model_file": MODEL_FILE,
             "external_data": external,

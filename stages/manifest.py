@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from pathlib import Path
@@ -53,6 +54,7 @@ def _component_entry(loaded: LoadedRecipe, component: str) -> dict[str, Any]:
         "artifacts": {stage: _stage_outputs(loaded, component, stage) for stage in stages},
         "feed_function": COMPONENTS[component].feed_function,
         "text_length": loaded.recipe.text_length,
+        "tokenizer": _tokenizer_entry(component, reports.get("export") or {}),
         "profile": engine.get("profile"),
         "precision": {k: (reports.get("precision") or {}).get(k) for k in ("dtype", "high_precision", "node_precisions", "excluded")},
         "surgery": [{k: v for k, v in p.items() if k != "frozen_nodes"} for p in (reports.get("surgery") or {}).get("passes", [])],
@@ -65,6 +67,12 @@ def _component_entry(loaded: LoadedRecipe, component: str) -> dict[str, Any]:
             "results": _relative(artifacts.stage_dir(loaded.name, component, "validate") / validation["results_file"]),
         },
     }
+
+
+def _tokenizer_entry(component: str, export: dict[str, Any]) -> dict[str, Any] | None:
+    if "tokenizer" not in export:
+        return None
+    return {"path": f"{component}/export/{export['tokenizer']}", "padding": export["padding"]}
 
 
 def _report(loaded: LoadedRecipe, component: str | None, stage: str) -> dict[str, Any] | None:
@@ -87,8 +95,8 @@ def _relative(path: Path) -> str:
 
 def summary_lines(manifest: dict[str, Any]) -> list[str]:
     """What a person needs at the end of a build: where the receipt is, what passed, what was not run."""
-    name = manifest["recipe"]["name"]
-    lines = [f"manifest: artifacts/{name}/manifest.json"]
+    path = artifacts.recipe_dir(manifest["recipe"]["name"]) / "manifest.json"
+    lines = [f"manifest: {os.path.relpath(path)}"]
     if manifest["model"].get("warning"):
         lines.append(f"*** {manifest['model']['warning']} (seed {manifest['model'].get('seed')}) ***")
     for component, entry in manifest["components"].items():

@@ -451,14 +451,20 @@ def _tensor_types(model: Any) -> dict[str, int]:
 
 
 def _drop_dead_qdq(model: Any) -> None:
+    """Remove Q/DQ nodes nobody reads any more, and the scale/zero-point initializers only they used."""
     outputs = {o.name for o in model.graph.output}
+    orphans: set[str] = set()
     while True:
         used = {tensor for node in model.graph.node for tensor in node.input} | outputs
         dead = [n for n in model.graph.node if n.op_type in QDQ_OPS and not used.intersection(n.output)]
         if not dead:
-            return
+            break
         for node in dead:
+            orphans.update(node.input)
             model.graph.node.remove(node)
+    used = {tensor for node in model.graph.node for tensor in node.input}
+    for init in [i for i in model.graph.initializer if i.name in orphans and i.name not in used]:
+        model.graph.initializer.remove(init)
 
 
 def quantized_nodes(model: Any) -> dict[str, str]:

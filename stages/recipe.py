@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from stages import capabilities
 from stages.errors import ForgeError, fail
+from stages.models import COMPONENTS
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 TINY_MODEL = "tiny"
@@ -69,9 +70,11 @@ class PixelRange(Range):
 
 
 class Profile(Strict):
+    """Pixel ranges apply to image components (transformer, VAE); the text encoder has a batch range only."""
+
     batch: Range
-    height: PixelRange
-    width: PixelRange
+    height: PixelRange | None = None
+    width: PixelRange | None = None
 
 
 class ExportSettings(Strict):
@@ -114,10 +117,10 @@ Size = Annotated[list[int], Field(min_length=2, max_length=2)]
 
 
 class ValidateSettings(Strict):
-    sizes: list[Size] = Field(min_length=2)
+    sizes: list[Size] = []
     batch: int = Field(default=2, gt=0)
-    timesteps: list[Annotated[float, Field(gt=0, le=1)]] = Field(min_length=2)
-    text_tokens: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    timesteps: list[Annotated[float, Field(gt=0, le=1)]] = []
+    text_tokens: list[Annotated[int, Field(ge=0)]] = []
     seed: int = 0
     tolerances: dict[str, Tolerance]
 
@@ -135,6 +138,10 @@ class Component(Strict):
     @model_validator(mode="after")
     def _validation_inside_profile(self) -> Component:
         p, v = self.profile, self.validate_
+        if not p.batch.min <= v.batch <= p.batch.max:
+            raise ValueError(f"validate.batch: {v.batch} lies outside the profile ({p.batch.min}-{p.batch.max})")
+        if p.height is None or p.width is None:
+            return self
         for height, width in v.sizes:
             if not (p.height.min <= height <= p.height.max and p.width.min <= width <= p.width.max):
                 raise ValueError(
@@ -143,11 +150,30 @@ class Component(Strict):
                 )
             if height % 16 or width % 16:
                 raise ValueError(f"validate.sizes: {height}x{width} must be multiples of 16")
-        if len({tuple(size) for size in v.sizes}) < 2:
-            raise ValueError("validate.sizes: needs at least two different image sizes")
-        if not p.batch.min <= v.batch <= p.batch.max:
-            raise ValueError(f"validate.batch: {v.batch} lies outside the profile ({p.batch.min}-{p.batch.max})")
         return self
+
+
+def check_component(name: str, component: Component, text_length: int) -> None:
+    """What each component kind needs (see stages.models.COMPONENTS); raises ValueError naming the key."""
+    info = COMPONENTS[name]
+    prefix = f"components.{name}"
+    v = component.validate_
+    if "sizes" in info.validate_requires:
+        if component.profile.height is None or component.profile.width is None:
+            raise ValueError(f"{prefix}.profile: {name} needs height and width ranges (pixels)")
+        if len({tuple(size) for size in v.sizes}) < 2:
+            raise ValueError(f"{prefix}.validate.sizes: needs at least two different image sizes")
+    if "timesteps" in info.validate_requires and len(set(v.timesteps)) < 2:
+        raise ValueError(f"{prefix}.validate.timesteps: needs at least two timesteps in (0, 1]")
+    if "text_tokens" in info.validate_requires and not v.text_tokens:
+        raise ValueError(f"{prefix}.validate.text_tokens: needs the real-token count of each batch entry")
+    too_long = [n for n in v.text_tokens if n > text_length]
+    if too_long:
+        raise ValueError(f"{prefix}.validate.text_tokens: {too_long} exceed text_length {text_length}")
+    unsupported = [p for p in component.surgery.passes if p not in info.surgery_passes]
+    if unsupported:
+        raise ValueError(f"{prefix}.surgery.passes: {unsupported} do not apply to {name}; "
+                         f"allowed: {', '.join(info.surgery_passes)}")
 
 
 class Recipe(Strict):
@@ -155,16 +181,12 @@ class Recipe(Strict):
     target: Target
     model: ModelSource = ModelSource()
     text_length: int = Field(gt=0, le=1024)
-    components: dict[Literal["transformer"], Component] = Field(min_length=1)
+    components: dict[Literal[tuple(COMPONENTS)], Component] = Field(min_length=1)  # type: ignore[valid-type]
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         for name, component in self.components.items():
-            too_long = [n for n in component.validate_.text_tokens if n > self.text_length]
-            if too_long:
-                raise ValueError(
-                    f"components.{name}.validate.text_tokens: {too_long} exceed text_length {self.text_length}"
-                )
+            check_component(name, component, self.text_length)
         return self
 
 
@@ -208,7 +230,7 @@ def load_recipe(recipe: str, overrides: dict[str, str] | None = None, model: str
         validated = Recipe.model_validate(merged)
     except ValidationError as error:
         raise _one_line_error(path, error, parsed_overrides) from None
-    _check_model_dir(path, validated.model)
+    _check_model_dir(path, validated)
     capabilities.check_recipe(path, validated)
     return LoadedRecipe(
         name=path.stem,
@@ -314,14 +336,21 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     return sorted(field.alias or name for name, field in annotation.model_fields.items())
 
 
-def _check_model_dir(path: Path, source: ModelSource) -> None:
+def _check_model_dir(path: Path, recipe: Recipe) -> None:
+    source = recipe.model
     if source.is_tiny:
         return
     checkpoint = Path(source.path)
     if not checkpoint.is_dir():
         raise fail(path, "model.path", f"model directory {source.path!r} does not exist (use `tiny` or a diffusers checkpoint dir)")
-    config = checkpoint / "transformer" / "config.json"
-    if not config.is_file():
-        raise fail(path, "model.path", f"{source.path!r} is not a diffusers checkpoint: missing transformer/config.json")
-    if not list((checkpoint / "transformer").glob("*.safetensors")):
-        raise fail(path, "model.path", f"{source.path!r} has no transformer/*.safetensors weights")
+    for name in recipe.components:
+        for folder in COMPONENTS[name].checkpoint_folders:
+            if not (checkpoint / folder).is_dir():
+                raise fail(path, "model.path", f"{source.path!r} is not a diffusers Qwen-Image checkpoint: "
+                           f"missing {folder}/ (needed by component {name})")
+        config = checkpoint / COMPONENTS[name].config_folder / "config.json"
+        if not config.is_file():
+            raise fail(path, "model.path", f"{source.path!r}: missing {config.relative_to(checkpoint)}")
+        weights = checkpoint / COMPONENTS[name].config_folder
+        if not list(weights.glob("*.safetensors")):
+            raise fail(path, "model.path", f"{source.path!r} has no {weights.name}/*.safetensors weights")

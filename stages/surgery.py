@@ -17,7 +17,7 @@ from stages.errors import fail
 from stages.recipe import LoadedRecipe
 
 MODEL_FILE = "model.onnx"
-TEXT_DIM_INPUTS = {"encoder_hidden_states": 1, "encoder_hidden_states_mask": 1, "txt_rope_cos": 0, "txt_rope_sin": 0}
+SYMBOL = re.compile(r"[A-Za-z_]\w*")  # names inside a dim expression such as `2*batch`
 
 
 @dataclass(frozen=True)
@@ -80,32 +80,40 @@ def fix_text_padding(stage: GraphSurgery, model: Any) -> tuple[Any, dict[str, An
     """Pin the text axis of every text input to the recipe's length, then prove no text tensor stays symbolic."""
     from polygraphy.backend.onnx import infer_shapes as polygraphy_infer
 
+    from stages.models import component_module
+
+    spec = component_module(stage.component)
+    length = spec.text_axis_length(stage.text_length)
     inputs = {value.name: value for value in model.graph.input}
     pinned = {}
-    for name, axis in TEXT_DIM_INPUTS.items():
+    for name, axis in spec.TEXT_AXES.items():
         if name not in inputs:
             continue
         dim = inputs[name].type.tensor_type.shape.dim[axis]
-        if dim.HasField("dim_value") and dim.dim_value != stage.text_length:
-            raise fail(stage.source, f"input {name}", f"text axis is {dim.dim_value}, recipe text_length is {stage.text_length}")
+        if dim.HasField("dim_value") and dim.dim_value != length:
+            raise fail(stage.source, f"input {name}", f"text axis is {dim.dim_value}, recipe text_length needs {length}")
         if not dim.HasField("dim_value"):
             pinned[name] = dim.dim_param
-            dim.dim_value = stage.text_length
+            dim.dim_value = length
     model = polygraphy_infer(model, error_ok=False)
     symbolic = _symbolic_text_tensors(model, text_patterns(stage.component))
     if symbolic:
         raise fail(stage.source, "fix_text_padding", f"text tensors still have symbolic length: {symbolic[:5]}")
-    return model, {"text_length": stage.text_length, "pinned_inputs": pinned, "symbolic_text_tensors": 0}
+    return model, {"text_axis_length": length, "pinned_inputs": pinned, "symbolic_text_tensors": 0}
 
 
 def _symbolic_text_tensors(model: Any, patterns: list[re.Pattern[str]]) -> list[str]:
-    """Tensors produced by text-branch nodes whose shape has a symbolic axis other than the batch axis."""
+    """Text tensors with a symbolic axis that is not one of the graph's declared dynamic axes (batch, ...).
+
+    With no patterns the whole component is text (the text encoder), so every tensor is checked.
+    """
+    declared = {d.dim_param for value in model.graph.input for d in value.type.tensor_type.shape.dim if d.dim_param}
     producers = {out: node.name for node in model.graph.node for out in node.output}
     bad = []
     for value in model.graph.value_info:
-        if not any(p.search(producers.get(value.name, "")) for p in patterns):
+        if patterns and not any(p.search(producers.get(value.name, "")) for p in patterns):
             continue
-        if any(d.HasField("dim_param") for d in list(value.type.tensor_type.shape.dim)[1:]):
+        if any(not set(SYMBOL.findall(d.dim_param)) <= declared for d in value.type.tensor_type.shape.dim):
             bad.append(value.name)
     return bad
 

@@ -21,6 +21,7 @@ from doit.tools import config_changed
 
 from stages import artifacts, capabilities
 from stages.errors import ForgeError
+from stages.models import COMPONENTS
 from stages.recipe import LoadedRecipe, load_recipe
 
 DEFAULT_RECIPE = "a10-fp16"
@@ -115,15 +116,17 @@ def model_identity(loaded: LoadedRecipe) -> dict[str, Any]:
     """Tiny: name + seed. Checkpoint dir: path plus each weight/config file's size and mtime.
 
     Hashing tens of GB of weights on every no-op run is not affordable; size+mtime of every file in the
-    checkpoint's transformer/ folder is the cheap stand-in, and the export records the digests it produced.
+    checkpoint folder the recipe's components read is the cheap stand-in, and the export records the digests it produced.
     """
     source = loaded.recipe.model
     if source.is_tiny:
         return {"path": "tiny", "seed": source.seed}
     root = Path(source.path).resolve()
+    folders = sorted({folder for name in loaded.recipe.components for folder in COMPONENTS[name].checkpoint_folders})
     files = {
         str(p.relative_to(root)): [p.stat().st_size, p.stat().st_mtime_ns]
-        for p in sorted((root / "transformer").glob("*"))
+        for folder in folders
+        for p in sorted((root / folder).glob("*"))
         if p.is_file()
     }
     return {"path": str(root), "files": files}

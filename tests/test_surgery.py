@@ -68,7 +68,7 @@ def test_fix_text_padding_pins_a_symbolic_text_axis(tmp_path: Path) -> None:
 
 def test_fix_text_padding_refuses_a_different_static_length(tmp_path: Path) -> None:
     stage = GraphSurgery("transformer", tmp_path / "m.onnx", ("fix_text_padding",), 77)
-    with pytest.raises(ForgeError, match="text axis is 64, recipe text_length is 77"):
+    with pytest.raises(ForgeError, match="text axis is 64, recipe text_length needs 77"):
         fix_text_padding(stage, text_model(64))
 
 

@@ -42,6 +42,7 @@ INPUT_NAMES = [
     "txt_rope_sin",
 ]
 OUTPUT_NAMES = ["sample"]
+TEXT_AXES = {"encoder_hidden_states": 1, "encoder_hidden_states_mask": 1, "txt_rope_cos": 0, "txt_rope_sin": 0}
 
 # Nodes whose module path matches one of these belong to the text stream (see NOTES: the last block's
 # text branch is dead compute but still part of the stream).
@@ -59,6 +60,11 @@ TEXT_BRANCH_PATTERNS = [
     r"(^|[/.])to_add_out([/.]|$)",
     r"(^|[/.])txt_mlp([/.]|$)",
 ]
+
+
+def text_axis_length(text_length: int) -> int:
+    """The transformer sees the prompt embeddings after the template prefix is dropped."""
+    return text_length
 
 
 def make_tiny_transformer(seed: int) -> QwenImageTransformer2DModel:
@@ -238,7 +244,7 @@ def dynamic_shapes() -> dict[str, dict[int, Any] | None]:
 @contextlib.contextmanager
 def export_wrapper(model: QwenImageTransformer2DModel) -> Iterator[nn.Module]:
     with real_rope(model) as holder:
-        yield ExportableTransformer(model, holder)
+        yield ExportableTransformer(model, holder).eval()
 
 
 def image_tokens(height: int, width: int, config: dict[str, Any]) -> int:

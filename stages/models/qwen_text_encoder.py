@@ -54,6 +54,8 @@ TINY_TEXT_ENCODER_CONFIG: dict[str, Any] = {
 INPUT_NAMES = ["input_ids", "attention_mask"]
 OUTPUT_NAMES = ["hidden_states"]
 TEXT_BRANCH_PATTERNS: list[str] = []
+TEXT_AXES = {"input_ids": 1, "attention_mask": 1}
+text_axis_length = qwen_tokenizer.sequence_length
 
 _CHECKPOINT_ATTRIBUTE = "forge_checkpoint_dir"
 
@@ -291,3 +293,25 @@ def _case(description: str, input_ids: torch.Tensor, attention_mask: torch.Tenso
 def reference_outputs(model: Qwen2_5_VLForConditionalGeneration, case: dict[str, Any]) -> dict[str, np.ndarray]:
     """Reference for the validate stage: :func:`pipeline_hidden_states` of the case's call, in fp32."""
     return {"hidden_states": pipeline_hidden_states(model, **case["call"]).float().numpy()}
+
+
+def export_extras(checkpoint_dir: str | Path, out_dir: Path, text_length: int) -> dict[str, Any]:
+    """Ship the tokenizer and its fixed-padding settings beside the ONNX, so a runtime reproduces the inputs."""
+    import json
+
+    tokenizer = qwen_tokenizer.load_tokenizer(checkpoint_dir)
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    padding = {
+        "max_length": qwen_tokenizer.sequence_length(text_length),
+        "text_length": text_length,
+        "padding": "max_length",
+        "truncation": True,
+        "padding_side": tokenizer.padding_side,
+        "pad_token": tokenizer.pad_token,
+        "prompt_template": qwen_tokenizer.PROMPT_TEMPLATE,
+        "prompt_template_drop": qwen_tokenizer.PROMPT_TEMPLATE_DROP,
+        "tokenize_function": "stages.models.qwen_tokenizer:tokenize_prompts",
+        "embeds_function": "stages.models.qwen_text_encoder:prompt_embeds_from_hidden_states",
+    }
+    (out_dir / "tokenizer" / "forge_padding.json").write_text(json.dumps(padding, indent=2) + "\n")
+    return {"tokenizer": "tokenizer", "padding": padding}
