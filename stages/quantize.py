@@ -51,6 +51,7 @@ SENTINEL = 1e30  # |x| at or above this is a mask sentinel (float32 min is -3.4e
 MASK_CARRIERS = {"Where", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Expand", "Transpose", "Concat", "Slice",
                  "Gather", "Identity", "Tile", "Flatten"}
 FP8_TYPES = {17, 18, 19, 20}  # onnx FLOAT8E4M3FN, FLOAT8E4M3FNUZ, FLOAT8E5M2, FLOAT8E5M2FNUZ
+ONNX_INT8, ONNX_BFLOAT16, ONNX_FLOAT8E4M3FN = 3, 16, 17
 QMAX = {"int8": 127.0, "fp8": 448.0}
 # ModelOpt 0.47 FP8: int8 scale (amax/127) times 448/127, so the calibrated amax lands on 127*127/448 = 36.0 in FP8.
 AMAX_PER_SCALE = {"int8": 127.0, "fp8": 127.0 * 127.0 / 448.0}
@@ -92,25 +93,33 @@ def quantization_refusal(backend: str, gpu: str, cc: tuple[int, int], dtype: str
         return None
     if dtype == "fp4":
         if cc < FP4_MIN_CC:
-            return (f"fp4 needs compute capability 12.0+ and {gpu} is {_cc(cc)}; use fp8 on 8.9+ "
-                    f"({_gpus_with(FP8_MIN_CC, backend)}) or int8")
+            here = "fp8" if cc >= FP8_MIN_CC else _int8_here(backend, cc)
+            return (f"fp4 needs compute capability 12.0+ and {gpu} is {_cc(cc)}; use {here} on {gpu}, "
+                    f"or fp4-class GPUs ({_gpus_with(FP4_MIN_CC, backend)}) once fp4 is supported")
         return "fp4 (NVFP4) is not produced by ModelOpt 0.47's ONNX quantizer (int8, int4, fp8); use fp8"
     if dtype == "fp8":
         if weight_only:
             return "fp8 weight-only is not produced by ModelOpt 0.47's ONNX quantizer; use fp8 (weights and activations)"
         if cc < FP8_MIN_CC:
-            alternative = "int8 weight-only" if backend == "tensorrt-rtx" else "int8"
-            return (f"fp8 needs compute capability 8.9+ and {gpu} is {_cc(cc)}; use {alternative} or fp16 on {gpu}, "
-                    f"or fp8 on {_gpus_with(FP8_MIN_CC, backend)}")
+            return (f"fp8 needs compute capability 8.9+ and {gpu} is {_cc(cc)}; use {_int8_here(backend, cc)} on "
+                    f"{gpu}, or fp8 on {_gpus_with(FP8_MIN_CC, backend)}")
         return None
     return _int8_refusal(backend, gpu, cc, weight_only)
+
+
+def _int8_here(backend: str, cc: tuple[int, int]) -> str:
+    """The INT8 form this backend honours on this compute capability, else fp16."""
+    for weight_only, name in ((False, "int8"), (True, "int8 weight-only")):
+        if _int8_refusal(backend, "", cc, weight_only) is None:
+            return f"{name} or fp16"
+    return "fp16"
 
 
 def _int8_refusal(backend: str, gpu: str, cc: tuple[int, int], weight_only: bool) -> str | None:
     if backend == "tensorrt-rtx" and not weight_only:
         fp8 = f"fp8 on {gpu}" if cc >= FP8_MIN_CC else f"fp8 on 8.9+ ({_gpus_with(FP8_MIN_CC, backend)})"
-        return ("tensorrt-rtx supports INT8 only as weight-only GEMM quantization (support matrix: INT8 WoQ GEMM), "
-                f"so W8A8 Q/DQ would run in a precision nobody documents; use int8 weight-only, {fp8}, "
+        return ("tensorrt-rtx supports INT8 only as weight-only GEMM quantization (support matrix: INT8 WoQ GEMM); "
+                f"a W8A8 Q/DQ graph builds but what it runs as is undocumented; use int8 weight-only, {fp8}, "
                 "or backend tensorrt for INT8 weights and activations")
     if backend == "tensorrt-rtx" and cc not in RTX_INT8_WOQ_CCS:
         return (f"tensorrt-rtx lists INT8 weight-only GEMM for compute capability "
@@ -207,13 +216,15 @@ class QuantizePrecision:
         print(f"[quantize] {self.mode} ({self.calibration_method}, {len(feeds)} feeds), high precision "
               f"{self.high_precision}, {len(exclusions)} nodes excluded", file=sys.stderr)
         model = run_modelopt(self, sorted(exclusions), feeds)
+        # ModelOpt re-imports a cache only if it holds every activation scale it places, detached ones included.
+        cache = write_calibration_cache(calibration_ranges(model, self.mode), out_dir / CACHE_FILE) \
+            if self.mode == "int8" else None
         detached = detach_excluded(model, set(exclusions))
         self.verify(model, exclusions)
         save_model(model, out_dir / MODEL_FILE)
         ranges = calibration_ranges(model, self.mode)
         ranges.update({"method": self.calibration_method, "samples": len(feeds)})
         (out_dir / RANGES_FILE).write_text(json.dumps(ranges, indent=2) + "\n")
-        cache = write_calibration_cache(ranges, out_dir / CACHE_FILE) if self.mode == "int8" else None
         return self.report(model, exclusions, detached, ranges, cache, len(feeds))
 
     def check_settings(self) -> None:
@@ -235,7 +246,7 @@ class QuantizePrecision:
         names = [node.name for node in graph.graph.node]
         missing = sorted(set(self.frozen_nodes) - set(names))
         if missing:
-            raise fail(self.source, "frozen_nodes", f"{len(missing)} frozen nodes are not in the graph: {missing[:3]}")
+            raise fail(self.source, "surgery.frozen_nodes", f"{len(missing)} frozen nodes are not in the graph: {missing[:3]}")
         reasons = {name: "frozen_text_branch" for name in self.frozen_nodes}
         patterns = [re.compile(p) for p in self.exclude_patterns]
         for name in names:
@@ -253,7 +264,7 @@ class QuantizePrecision:
             raise fail(self.source, EXCLUSION_KEYS[exclusions[node]],
                        f"{len(violations)} inputs of excluded nodes come from DequantizeLinear, e.g. {node} reads "
                        f"{tensor}; allowed: unquantized inputs only")
-        wanted = 17 if self.mode == "fp8" else 3
+        wanted = ONNX_FLOAT8E4M3FN if self.mode == "fp8" else ONNX_INT8
         wrong = [n for n, t in dequantized_types(model).items() if t != wanted]
         if wrong:
             raise fail(self.source, "precision.dtype", f"{len(wrong)} DequantizeLinear nodes are not {self.mode}: {wrong[:3]}")
@@ -533,7 +544,7 @@ def calibration_ranges(model: Any, mode: str) -> dict[str, Any]:
             if weight in inits:
                 weights[weight] = _weight_entry(node, scale, kind)
         elif node.op_type == "DequantizeLinear" and source in inits:
-            weights[source] = _weight_entry(node, scale, "int8" if inits[source].data_type == 3 else kind)
+            weights[source] = _weight_entry(node, scale, "int8" if inits[source].data_type == ONNX_INT8 else kind)
     return {"mode": mode, "qtype": kind, "qmax": QMAX[kind], "amax_per_scale": AMAX_PER_SCALE[kind],
             "convention": _CONVENTION[kind], "activations": activations, "weights": weights}
 
@@ -584,7 +595,7 @@ def read_calibration_cache(path: Path) -> dict[str, float]:
 
 def onnxruntime_cpu_note(model: Any) -> dict[str, Any]:
     """What ONNX Runtime on CPU can do with this graph, so validation says how it ran (or why it cannot)."""
-    if any(i.data_type == 16 for i in model.graph.initializer):
+    if any(i.data_type == ONNX_BFLOAT16 for i in model.graph.initializer):
         return {"runs": False, "why": "ORT CPU has no bfloat16 QuantizeLinear/DequantizeLinear kernels; "
                                       "validate a fp16 or fp32 high-precision build instead"}
     if has_fp8(model):

@@ -132,21 +132,25 @@ def model_identity(loaded: LoadedRecipe) -> dict[str, Any]:
     return {"path": str(root), "files": files}
 
 
-def code_digest(spec: StageSpec) -> str:
-    """The stage's own code counts as a tool version: its module plus the per-model quirk modules."""
+def code_digest(spec: StageSpec, component: str | None) -> str:
+    """The stage's own code counts as a tool version: its module plus the model module it drives."""
     package = Path(__file__).resolve().parent
-    files = [package / f"{spec.module.rsplit('.', 1)[1]}.py", *sorted((package / "models").glob("*.py"))]
+    files = [package / f"{spec.module.rsplit('.', 1)[1]}.py"]
+    if component:
+        files.append(package.parent / (COMPONENTS[component].module.replace(".", "/") + ".py"))
+    else:
+        files += sorted((package / "models").glob("*.py"))
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def stage_versions(loaded: LoadedRecipe, spec: StageSpec) -> dict[str, str | None]:
+def stage_versions(loaded: LoadedRecipe, spec: StageSpec, component: str | None) -> dict[str, str | None]:
     packages = spec.versions
     if spec.name == "engine":
         packages = (*packages, BACKEND_PACKAGES[loaded.recipe.target.backend])
-    return {**tool_versions(packages), "forge-stage-code": code_digest(spec)}
+    return {**tool_versions(packages), "forge-stage-code": code_digest(spec, component)}
 
 
 def upstream_stages(loaded: LoadedRecipe, spec: StageSpec) -> list[StageSpec]:
@@ -168,7 +172,8 @@ def stage_tasks(loaded: LoadedRecipe, stage: str) -> Iterator[dict[str, Any]]:
             artifacts.record_path(loaded.name, component if up.per_component else None, up.name)
             for up in upstream_stages(loaded, spec)
         ]
-        fingerprint = {"settings": spec.settings(loaded, component), "versions": stage_versions(loaded, spec)}
+        fingerprint = {"settings": spec.settings(loaded, component),
+                       "versions": stage_versions(loaded, spec, component)}
         out_dir = artifacts.stage_dir(loaded.name, component, stage)
         yield {
             "name": task_name(loaded, component),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import executed_tasks, run_doit
 
 
@@ -44,21 +46,36 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     assert not artifacts.exists()
 
 
-def test_build_from_checkpoint_directory(built: dict[str, Path], tmp_path: Path) -> None:
-    """model=<dir> exercises the real offline loading path; same weights give the same graph."""
+@pytest.fixture(scope="module")
+def checkpoint_build(built: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """model=<dir> exercises the real offline loading path, into a build of its own."""
     checkpoint = built["recipe"] / "checkpoint"
-    artifacts, db = tmp_path / "artifacts", tmp_path / "db"
+    root = tmp_path_factory.mktemp("from-checkpoint")
+    artifacts, db = root / "artifacts", root / "db"
     run_doit(["build", "recipe=a10-fp16", f"model={checkpoint}", "components.transformer.validate.timesteps=[1.0, 0.4]"],
              artifacts, db)
-    manifest = json.loads((artifacts / "a10-fp16" / "manifest.json").read_text())
+    return {"artifacts": artifacts, "db": db, "recipe": artifacts / "a10-fp16", "checkpoint": checkpoint}
+
+
+def test_build_from_checkpoint_directory(built: dict[str, Path], checkpoint_build: dict[str, Path]) -> None:
+    """Same weights loaded from the directory give byte-identical graphs."""
+    manifest = json.loads((checkpoint_build["recipe"] / "manifest.json").read_text())
     assert manifest["model"]["source"] == "checkpoint" and "warning" not in manifest["model"]
-    assert manifest["model"]["path"] == str(checkpoint.resolve())
-    assert not (artifacts / "a10-fp16" / "checkpoint").exists()
+    assert manifest["model"]["path"] == str(checkpoint_build["checkpoint"].resolve())
+    assert not (checkpoint_build["recipe"] / "checkpoint").exists()
     tiny = json.loads((built["recipe"] / "manifest.json").read_text())
     digest = {e["path"]: e["sha256"] for e in tiny["components"]["transformer"]["artifacts"]["surgery"]}
     mine = {e["path"]: e["sha256"] for e in manifest["components"]["transformer"]["artifacts"]["surgery"]}
     assert mine["transformer/surgery/model.onnx"] == digest["transformer/surgery/model.onnx"]
     assert manifest["components"]["transformer"]["validation"]["passed"]
+
+
+def test_clean_removes_outputs(checkpoint_build: dict[str, Path]) -> None:
+    model = f"model={checkpoint_build['checkpoint']}"
+    run_doit(["clean", "recipe=a10-fp16", model], checkpoint_build["artifacts"], checkpoint_build["db"])
+    assert not (checkpoint_build["recipe"] / "manifest.json").exists()
+    assert not (checkpoint_build["recipe"] / "transformer" / "export").exists()
+    assert checkpoint_build["checkpoint"].exists(), "clean must never touch the user's checkpoint"
 
 
 def test_surgery_change_does_not_reexport(built: dict[str, Path]) -> None:
@@ -68,9 +85,3 @@ def test_surgery_change_does_not_reexport(built: dict[str, Path]) -> None:
     ran = executed_tasks(result.stdout)
     assert "export:a10-fp16/transformer" not in ran
     assert ran[:3] == ["surgery:a10-fp16/transformer", "precision:a10-fp16/transformer", "engine:a10-fp16/transformer"]
-
-
-def test_clean_removes_outputs(built: dict[str, Path]) -> None:
-    run_doit(["clean", "recipe=a10-fp16"], built["artifacts"], built["db"])
-    assert not (built["recipe"] / "manifest.json").exists()
-    assert not (built["recipe"] / "transformer" / "export").exists()

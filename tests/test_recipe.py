@@ -108,3 +108,31 @@ def test_override_values_parse_like_yaml_and_exponents() -> None:
     component = loaded.recipe.components["transformer"]
     assert component.validate_.tolerances["sample"].rtol == 1e-9
     assert component.validate_.sizes == [[512, 512], [1024, 512]]
+
+
+def test_component_kinds_have_their_own_requirements(tmp_path: Path) -> None:
+    data = base()
+    data["components"]["text_encoder"] = {
+        "profile": {"batch": {"min": 1, "opt": 1, "max": 2}},
+        "surgery": {"passes": ["fold_constants", "freeze_text_branch"]},
+        "validate": {"batch": 1, "text_tokens": [10], "tolerances": {"hidden_states": {"atol": 1, "rtol": 1, "cosine": 0.9}}},
+    }
+    message = error_of(str(write(tmp_path, "te.yaml", data)))
+    assert "components.text_encoder.surgery.passes" in message and "freeze_text_branch" in message
+    assert "allowed: fold_constants, infer_shapes, cleanup, fix_text_padding" in message
+    data["components"]["text_encoder"]["surgery"]["passes"] = ["fold_constants"]
+    assert load_recipe(str(write(tmp_path, "te.yaml", data))).recipe.components["text_encoder"].profile.height is None
+    del data["components"]["transformer"]["profile"]["height"]
+    assert "components.transformer.profile: transformer needs height and width" in error_of(
+        str(write(tmp_path, "te.yaml", data)))
+
+
+def test_transformer_needs_two_sizes_and_timesteps() -> None:
+    assert "two different image sizes" in error_of(
+        "a10-fp16", {"components.transformer.validate.sizes": "[[512, 512], [512, 512]]"})
+    assert "two timesteps" in error_of("a10-fp16", {"components.transformer.validate.timesteps": "[0.5]"})
+
+
+def test_unknown_component_lists_the_known_ones() -> None:
+    message = error_of("a10-fp16", {"components.unet.profile.batch.min": "1"})
+    assert "components.unet" in message and "'text_encoder'" in message and "'vae_decoder'" in message

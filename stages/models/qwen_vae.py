@@ -57,9 +57,14 @@ TINY_VAE_CONFIG: dict[str, Any] = {
 INPUT_NAMES = ["latents"]
 OUTPUT_NAMES = ["image"]
 TEXT_BRANCH_PATTERNS: list[str] = []
+TEXT_AXES: dict[str, int] = {}  # no text input: `fix_text_padding` has nothing to pin
 
 MAX_BATCH = 64
 MAX_LATENT_SIDE = 512  # 4096 px at 8x
+
+
+def text_axis_length(text_length: int) -> int:
+    return text_length
 
 
 def make_tiny_vae(seed: int, config: Mapping[str, Any] | None = None) -> AutoencoderKLQwenImage:

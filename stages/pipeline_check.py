@@ -1,0 +1,461 @@
+"""End-to-end check: the stock QwenImagePipeline denoising loop, once in PyTorch and once on the built graphs.
+
+Per-component validation compares single calls; errors that are harmless in one call can compound over the
+denoising loop (CFG amplifies the difference of two transformer calls, the Euler steps integrate it). This
+check runs the real loop — FlowMatchEulerDiscreteScheduler from the checkpoint (the released settings), true
+CFG with a negative prompt — twice from the same seed and the same initial latents:
+
+* reference: ``QwenImagePipeline.from_pretrained(checkpoint)`` in fp32, called with the prompt strings;
+* graphs: the same pipeline class with its transformer replaced by an adapter onto the transformer graph,
+  prompt embeddings from the text-encoder graph (fixed padding, ``tokenize_prompts``), and the VAE-decoder
+  graph decoding the final latents through the pipeline's own unpack and postprocess.
+
+Both runs record the latents after every step (``callback_on_step_end``); the report gives per-step cosine
+similarity, the final images' PSNR and SSIM (scikit-image, uint8), and a side-by-side PNG per prompt. ONNX
+Runtime runs the exact ONNX the engines are built from; the engines run only where a GPU of their compute
+capability exists, and the report says which happened.
+
+The reference passes ``max_sequence_length=text_length``: a prompt longer than the engines' fixed text length
+is then cut identically in both runs, and the cut is reported (``truncated_tokens``) instead of showing up
+as an unexplained metric drop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stages.errors import fail
+
+REFERENCE = "pytorch-fp32"
+ORT = "onnxruntime"
+TRT = "tensorrt-engine"
+GRAPH_COMPONENTS = ("text_encoder", "transformer", "vae_decoder")
+METRICS_FILE = "metrics.json"
+
+# Two English and two Chinese prompts, three of them asking for rendered text (English, mixed, Chinese).
+DEFAULT_PROMPTS = (
+    'A cozy corner coffee shop at dusk, a wooden shop sign above the door reading "Qwen Coffee 通义咖啡", '
+    "warm light spilling onto the wet street.",
+    'A vintage travel poster of snowy mountains under a clear sky, with the bold title "VISIT THE ALPS" at the top.',
+    "一只橘猫坐在窗台上，窗外是下雪的城市夜景，暖黄色的灯光，电影感构图。",
+    "书法作品：宣纸上用毛笔写着“春风得意”四个大字，左下角盖着红色印章，旁边小字写着“二〇二五年春”。",
+)
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_LATIN = re.compile(r"[A-Za-z]")
+_QUOTED = re.compile(r'"[^"]+"|“[^”]+”|「[^」]+」|『[^』]+』')
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The check fails when any prompt's worst step cosine, PSNR (dB) or SSIM falls below these."""
+
+    min_step_cosine: float
+    min_psnr: float
+    min_ssim: float
+
+
+@dataclass(frozen=True)
+class PipelineCheckSettings:
+    """The recipe's `pipeline_check` section; any object with these attributes (the pydantic model) works too."""
+
+    thresholds: Thresholds
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    negative_prompt: str = " "
+    height: int = 1024
+    width: int = 1024
+    num_inference_steps: int = 50
+    true_cfg_scale: float = 4.0
+    seed: int = 0
+
+
+@dataclass
+class RunResult:
+    """One generation: the final image (uint8 HxWx3), the latents after every step, tokens cut per prompt."""
+
+    image: np.ndarray
+    step_latents: list[np.ndarray]
+    truncated: int = 0
+    transformer_calls: int = 0
+
+
+@dataclass(frozen=True)
+class PipelineCheck:
+    checkpoint_dir: Path
+    onnx_paths: Mapping[str, Path]
+    text_length: int
+    settings: Any  # PipelineCheckSettings or the recipe's pydantic section with the same fields
+    engine_paths: Mapping[str, Path] = field(default_factory=dict)
+    compute_capability: tuple[int, int] | None = None
+    backend: str = "tensorrt-rtx"
+
+    def __call__(self, out_dir: Path) -> dict[str, Any]:
+        check_configuration(self)
+        settings = self.settings
+        print(f"[pipeline_check] {len(settings.prompts)} prompts, {settings.height}x{settings.width}, "
+              f"{settings.num_inference_steps} steps, CFG {settings.true_cfg_scale}: PyTorch fp32 reference", file=sys.stderr)
+        latents, references, scheduler_report, tokenizer = self._reference_runs()
+        runs = {ORT: self._graph_runs(ORT, latents, tokenizer)}
+        engine = self._engine_status()
+        if engine["ran"]:
+            runs[TRT] = self._graph_runs(TRT, latents, tokenizer)
+        prompts = [self._prompt_entry(index, references[index], runs, out_dir) for index in range(len(settings.prompts))]
+        report = self._report(prompts, runs, engine, scheduler_report)
+        (out_dir / METRICS_FILE).write_text(json.dumps({"thresholds": report["thresholds"], "prompts": prompts},
+                                                       indent=2, ensure_ascii=False) + "\n")
+        for line in report["summary"]:
+            print(f"[pipeline_check] {line}", file=sys.stderr)
+        return report
+
+    # -- runs -----------------------------------------------------------------------------------------------
+
+    def _reference_runs(self) -> tuple[Any, list[RunResult], dict[str, Any], Any]:
+        """All prompts through the stock pipeline; the model is freed before any graph session is opened."""
+        from stages.models import qwen_pipeline
+
+        pipeline = qwen_pipeline.load_pipeline(self.checkpoint_dir)
+        pipeline.set_progress_bar_config(disable=True)
+        s = self.settings
+        latents = qwen_pipeline.initial_latents(pipeline, s.height, s.width, s.seed)
+        results = []
+        for prompt in s.prompts:
+            with capture_steps() as (callback, steps):
+                images = pipeline(prompt=prompt, negative_prompt=s.negative_prompt, **self._common_call(latents, callback),
+                                  output_type="pil").images
+            results.append(RunResult(np.asarray(images[0].convert("RGB")), list(steps)))
+        differences = qwen_pipeline.scheduler_differences(pipeline.scheduler)
+        scheduler_report = {"class": type(pipeline.scheduler).__name__, "matches_released": not differences,
+                            "differences_from_released": differences}
+        tokenizer = pipeline.tokenizer
+        del pipeline
+        return latents, results, scheduler_report, tokenizer
+
+    def _graph_runs(self, runner: str, latents: Any, tokenizer: Any) -> dict[str, Any]:
+        """All prompts with every component that has a graph replaced by it (ONNX Runtime or the engine)."""
+        from stages.models import qwen_pipeline
+
+        with contextlib.ExitStack() as stack:
+            components, kinds = self._component_runs(runner, stack)
+            print(f"[pipeline_check] {runner}: " + ", ".join(f"{c} on {k}" for c, k in kinds.items()), file=sys.stderr)
+            config = qwen_pipeline.component_config(self.checkpoint_dir, "transformer")
+            adapter = qwen_pipeline.TransformerRunAdapter(components["transformer"], config)
+            pipeline = qwen_pipeline.graph_pipeline(self.checkpoint_dir, adapter, tokenizer)
+            s = self.settings
+            negative, negative_mask, negative_cut = qwen_pipeline.prompt_embeds_with(
+                components["text_encoder"], pipeline.tokenizer, s.negative_prompt, self.text_length)
+            results = []
+            for prompt in s.prompts:
+                embeds, mask, cut = qwen_pipeline.prompt_embeds_with(
+                    components["text_encoder"], pipeline.tokenizer, prompt, self.text_length)
+                calls_before = adapter.calls
+                with capture_steps() as (callback, steps):
+                    final = pipeline(prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=negative,
+                                     negative_prompt_embeds_mask=negative_mask, **self._common_call(latents, callback),
+                                     output_type="latent").images
+                image = qwen_pipeline.decode_with(components["vae_decoder"], pipeline, final, s.height, s.width)[0]
+                results.append(RunResult(np.asarray(image.convert("RGB")), list(steps), cut, adapter.calls - calls_before))
+        return {"components": kinds, "results": results, "negative_prompt_truncated": negative_cut}
+
+    def _common_call(self, latents: Any, callback: Any) -> dict[str, Any]:
+        """Arguments both runs share: same seed, a copy of the same initial latents, same text length."""
+        import torch
+
+        s = self.settings
+        return {
+            "true_cfg_scale": s.true_cfg_scale,
+            "height": s.height,
+            "width": s.width,
+            "num_inference_steps": s.num_inference_steps,
+            "generator": torch.Generator().manual_seed(s.seed),
+            "latents": latents.clone(),
+            "max_sequence_length": self.text_length,
+            "callback_on_step_end": callback,
+        }
+
+    def _component_runs(self, runner: str, stack: contextlib.ExitStack) -> tuple[dict[str, Any], dict[str, str]]:
+        from stages.models import qwen_pipeline
+
+        runs, kinds = {}, {}
+        for component in GRAPH_COMPONENTS:
+            config = _feed_config(self.checkpoint_dir, component)
+            if runner == TRT and component in self.engine_paths:
+                session = stack.enter_context(engine_session(self.engine_paths[component], self.backend))
+                runs[component], kinds[component] = qwen_pipeline.graph_component_run(component, session, config), TRT
+            elif component in self.onnx_paths:
+                session = onnxruntime_session(self.onnx_paths[component])
+                runs[component], kinds[component] = qwen_pipeline.graph_component_run(component, session, config), ORT
+            else:
+                runs[component] = qwen_pipeline.torch_component_run(component, self.checkpoint_dir)
+                kinds[component] = f"{REFERENCE} (no graph built for it)"
+        return runs, kinds
+
+    def _engine_status(self) -> dict[str, Any]:
+        if not self.engine_paths or self.compute_capability is None:
+            return {"ran": False, "skipped_because": "no engines configured for this check"}
+        from stages.validate import engine_unrunnable_reason
+
+        reason = engine_unrunnable_reason(self.compute_capability)
+        if reason:
+            print(f"[pipeline_check] engine run SKIPPED: {reason}", file=sys.stderr)
+            return {"ran": False, "skipped_because": reason}
+        missing = {c: str(p) for c, p in self.engine_paths.items() if not Path(p).is_file()}
+        if missing:
+            raise fail(next(iter(missing.values())), "engine_paths", f"engines not found for {sorted(missing)} "
+                       "(run the engine stage first)")
+        return {"ran": True, "engines": {c: str(p) for c, p in self.engine_paths.items()}}
+
+    # -- metrics and report ---------------------------------------------------------------------------------
+
+    def _prompt_entry(self, index: int, reference: RunResult, runs: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+        prompt = self.settings.prompts[index]
+        entry: dict[str, Any] = {"index": index, "prompt": prompt, "language": prompt_language(prompt), "runs": {}}
+        for runner, run in runs.items():
+            result: RunResult = run["results"][index]
+            metrics = compare_runs(reference, result)
+            failures = threshold_failures(metrics, self.settings.thresholds)
+            entry["runs"][runner] = {**metrics, "truncated_tokens": result.truncated,
+                                     "transformer_calls": result.transformer_calls,
+                                     "passed": not failures, "failures": failures}
+        images = [reference.image, *(run["results"][index].image for run in runs.values())]
+        entry["image"] = save_side_by_side(images, out_dir / f"{index}.png")
+        entry["panels"] = [REFERENCE, *runs]
+        return entry
+
+    def _report(self, prompts: list[dict[str, Any]], runs: dict[str, Any], engine: dict[str, Any],
+                scheduler: dict[str, Any]) -> dict[str, Any]:
+        s = self.settings
+        thresholds = {name: getattr(s.thresholds, name) for name in ("min_step_cosine", "min_psnr", "min_ssim")}
+        failed = [f"prompt {p['index']} ({_short(p['prompt'])}) on {runner}: {failure}"
+                  for p in prompts for runner, run in p["runs"].items() for failure in run["failures"]]
+        truncated = {p["index"]: p["runs"][ORT]["truncated_tokens"] for p in prompts if p["runs"][ORT]["truncated_tokens"]}
+        report: dict[str, Any] = {
+            "passed": not failed,
+            "runner": ORT,
+            "runners": list(runs),
+            "reference": REFERENCE,
+            "engine": engine,
+            "components": {runner: run["components"] for runner, run in runs.items()},
+            "onnx": {c: str(p) for c, p in self.onnx_paths.items()},
+            "scheduler": scheduler,
+            "settings": {"height": s.height, "width": s.width, "num_inference_steps": s.num_inference_steps,
+                         "true_cfg_scale": s.true_cfg_scale, "seed": s.seed, "negative_prompt": s.negative_prompt,
+                         "text_length": self.text_length},
+            "thresholds": thresholds,
+            "truncated_prompts": len(truncated),
+            "truncated_tokens": truncated,
+            "negative_prompt_truncated_tokens": runs[ORT]["negative_prompt_truncated"],
+            "prompts": prompts,
+            "images": [p["image"] for p in prompts],
+            "metrics_file": METRICS_FILE,
+        }
+        report["summary"] = summary_lines(report)
+        if failed:
+            report["failure"] = "end-to-end pipeline check failed: " + "; ".join(failed)
+        return report
+
+
+# -- building blocks ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def capture_steps() -> Iterator[tuple[Any, list[np.ndarray]]]:
+    """A `callback_on_step_end` that keeps a float64 copy of the latents after every denoising step."""
+    steps: list[np.ndarray] = []
+
+    def callback(pipeline: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        steps.append(tensors["latents"].detach().double().cpu().numpy().copy())
+        return {}
+
+    yield callback, steps
+
+
+def onnxruntime_session(onnx_path: Path) -> Any:
+    """A CPU ONNX Runtime session as `feed -> outputs`; inputs cast to the graph's declared dtypes (fp16 graphs)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+    inputs = {i.name: types.get(i.type) for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+
+    def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = sorted(set(inputs) - set(feed))
+        if missing:
+            raise fail(onnx_path, "inputs", f"the graph needs {missing}, which the feed function does not provide "
+                       f"(it provides {sorted(feed)})")
+        arrays = {name: np.ascontiguousarray(feed[name], dtype=dtype) for name, dtype in inputs.items()}
+        values = session.run(outputs, arrays)
+        return {name: _as_float32(value) for name, value in zip(outputs, values)}
+
+    return run
+
+
+@contextlib.contextmanager
+def engine_session(engine_path: Path, backend: str) -> Iterator[Any]:
+    """A TensorRT(-RTX) engine through Polygraphy's TrtRunner as `feed -> outputs`, active inside the block."""
+    from stages import capabilities
+
+    capabilities.activate_backend(backend)
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    with TrtRunner(EngineFromBytes(Path(engine_path).read_bytes()), name=TRT) as runner:
+        yield lambda feed: {name: _as_float32(value) for name, value in runner.infer(feed).items()}
+
+
+def _as_float32(value: Any) -> np.ndarray:
+    array = np.asarray(value)
+    return array.astype(np.float32) if np.issubdtype(array.dtype, np.floating) else array
+
+
+def _feed_config(checkpoint_dir: Path, component: str) -> dict[str, Any]:
+    from stages.models import qwen_pipeline
+
+    return qwen_pipeline.component_config(checkpoint_dir, component) if component == "transformer" else {}
+
+
+def step_cosines(reference: Sequence[np.ndarray], graphs: Sequence[np.ndarray]) -> list[float]:
+    """Cosine similarity of the flattened latents after each step (float64)."""
+    if len(reference) != len(graphs):
+        raise ValueError(f"step latents: the reference has {len(reference)} steps, the graph run {len(graphs)}")
+    values = []
+    for ref, got in zip(reference, graphs):
+        a, b = np.ravel(ref).astype(np.float64), np.ravel(got).astype(np.float64)
+        denominator = np.linalg.norm(a) * np.linalg.norm(b)
+        values.append(float(a @ b / denominator) if denominator > 0 else float("nan"))
+    return values
+
+
+def image_metrics(reference: np.ndarray, image: np.ndarray) -> dict[str, Any]:
+    """PSNR (dB) and SSIM of two uint8 HxWx3 images; identical images have no finite PSNR (reported as null)."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    if reference.shape != image.shape or reference.dtype != np.uint8 or image.dtype != np.uint8:
+        raise ValueError(f"images: need two uint8 arrays of one shape, got {reference.shape} {reference.dtype} "
+                         f"and {image.shape} {image.dtype}")
+    identical = bool(np.array_equal(reference, image))
+    psnr = None if identical else float(peak_signal_noise_ratio(reference, image, data_range=255))
+    ssim = float(structural_similarity(reference, image, channel_axis=-1, data_range=255))
+    difference = np.abs(reference.astype(np.int16) - image.astype(np.int16))
+    return {"psnr_db": psnr, "ssim": ssim, "identical": identical, "max_pixel_diff": int(difference.max())}
+
+
+def compare_runs(reference: RunResult, graphs: RunResult) -> dict[str, Any]:
+    cosines = step_cosines(reference.step_latents, graphs.step_latents)
+    return {"step_cosine": cosines, "min_step_cosine": min(cosines), **image_metrics(reference.image, graphs.image)}
+
+
+def threshold_failures(metrics: dict[str, Any], thresholds: Any) -> list[str]:
+    """One line per metric below its threshold; NaN fails (comparisons are written so NaN never passes)."""
+    psnr = float("inf") if metrics["identical"] else metrics["psnr_db"]
+    checks = [("min step latent cosine", metrics["min_step_cosine"], "min_step_cosine", thresholds.min_step_cosine),
+              ("PSNR", psnr, "min_psnr", thresholds.min_psnr),
+              ("SSIM", metrics["ssim"], "min_ssim", thresholds.min_ssim)]
+    return [f"{label} {value:.6g} < {key} {limit:g}" for label, value, key, limit in checks if not value >= limit]
+
+
+def save_side_by_side(images: Sequence[np.ndarray], path: Path) -> str:
+    """[PyTorch | graph run(s)] as one PNG, panels left to right in the report's `panels` order."""
+    from PIL import Image
+
+    height, width = images[0].shape[:2]
+    canvas = Image.new("RGB", (width * len(images), height))
+    for position, image in enumerate(images):
+        canvas.paste(Image.fromarray(image), (position * width, 0))
+    canvas.save(path, format="PNG")
+    return path.name
+
+
+def prompt_language(prompt: str) -> str:
+    """'zh' when CJK characters outnumber Latin letters (an English prompt may quote a Chinese sign), else 'en'."""
+    return "zh" if len(_CJK.findall(prompt)) > len(_LATIN.findall(prompt)) else "en"
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for prompt in report["prompts"]:
+        for runner, run in prompt["runs"].items():
+            psnr = "identical" if run["identical"] else f"{run['psnr_db']:.2f} dB"
+            verdict = "PASS" if run["passed"] else "FAIL"
+            lines.append(f"prompt {prompt['index']} [{prompt['language']}] {runner}: min step cosine "
+                         f"{run['min_step_cosine']:.6f}, PSNR {psnr}, SSIM {run['ssim']:.4f} -> {verdict}")
+    engine = report["engine"]
+    lines.append("engine ran (TrtRunner)" if engine["ran"] else f"engine NOT run: {engine['skipped_because']}")
+    return lines
+
+
+def _short(prompt: str, limit: int = 40) -> str:
+    return repr(prompt if len(prompt) <= limit else prompt[: limit - 1] + "…")
+
+
+# -- configuration checks and recipe wiring -----------------------------------------------------------------
+
+
+def check_configuration(check: PipelineCheck) -> None:
+    """Everything the run needs, checked before loading any model; raises ForgeError naming the key."""
+    check_settings(check.settings, check.text_length)
+    unknown = sorted(set(check.onnx_paths) - set(GRAPH_COMPONENTS))
+    if unknown:
+        raise fail("pipeline_check", "onnx_paths", f"unknown components {unknown}; allowed: {', '.join(GRAPH_COMPONENTS)}")
+    if not check.onnx_paths:
+        raise fail("pipeline_check", "onnx_paths", f"needs at least one built graph of {', '.join(GRAPH_COMPONENTS)}")
+    for component, path in check.onnx_paths.items():
+        if not Path(path).is_file():
+            raise fail(path, component, "built graph not found (run the precision stage first)")
+    if not (Path(check.checkpoint_dir) / "model_index.json").is_file():
+        raise fail(check.checkpoint_dir, "checkpoint_dir", "not a diffusers-layout checkpoint (no model_index.json)")
+
+
+def check_settings(settings: Any, text_length: int, source: str = "pipeline_check") -> None:
+    """The issue's requirements on a check: >= 2 English and >= 2 Chinese prompts, rendered text, CFG, sizes."""
+    prompts = list(settings.prompts)
+    languages = [prompt_language(p) for p in prompts if isinstance(p, str) and p.strip()]
+    if len(languages) != len(prompts):
+        raise fail(source, "prompts", "every prompt must be a non-empty string")
+    for language, name in (("en", "English"), ("zh", "Chinese")):
+        if languages.count(language) < 2:
+            raise fail(source, "prompts", f"needs at least two {name} prompts, got {languages.count(language)} "
+                       f"(languages found: {languages})")
+    if not any(_QUOTED.search(p) for p in prompts):
+        raise fail(source, "prompts", 'needs at least one prompt asking for rendered text, quoted as "..." or “...”')
+    if not settings.true_cfg_scale > 1:
+        raise fail(source, "true_cfg_scale", f"must be > 1 so the pipeline runs CFG with the negative prompt, "
+                   f"got {settings.true_cfg_scale}")
+    for key in ("height", "width"):
+        value = getattr(settings, key)
+        if not isinstance(value, int) or value <= 0 or value % 16:
+            raise fail(source, key, f"must be a positive multiple of 16 (8x VAE x 2x2 patches), got {value!r}")
+    if not isinstance(settings.num_inference_steps, int) or settings.num_inference_steps < 1:
+        raise fail(source, "num_inference_steps", f"must be a positive int, got {settings.num_inference_steps!r}")
+    if not 0 < text_length <= 1024:
+        raise fail(source, "text_length", f"must be in 1..1024 (the pipeline's max_sequence_length cap), got {text_length}")
+
+
+def from_recipe(loaded: Any, component: str | None) -> PipelineCheck:
+    """Recipe-wide stage: every component the recipe builds runs on its graph; the others stay PyTorch."""
+    from stages import artifacts
+    from stages.checkpoint import checkpoint_dir
+
+    section = getattr(loaded.recipe, "pipeline_check", None)
+    if section is None:
+        raise fail(loaded.source, "pipeline_check", "the recipe has no pipeline_check section (prompts, negative_prompt, "
+                   "height, width, num_inference_steps, true_cfg_scale, seed, thresholds)")
+    built = [c for c in GRAPH_COMPONENTS if c in loaded.recipe.components]
+    return PipelineCheck(
+        checkpoint_dir=checkpoint_dir(loaded),
+        onnx_paths={c: artifacts.stage_dir(loaded.name, c, "precision") / "model.onnx" for c in built},
+        engine_paths={c: artifacts.stage_dir(loaded.name, c, "engine") / "engine.plan" for c in built},
+        text_length=loaded.recipe.text_length,
+        settings=section,
+        compute_capability=loaded.recipe.target.compute_capability,
+        backend=loaded.recipe.target.backend,
+    )

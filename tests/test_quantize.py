@@ -1,0 +1,346 @@
+"""Quantize stage on the real (tiny, random-weight) Qwen-Image transformer graph.
+
+The graph comes from the real pipeline (`doit surgery` into a temporary artifacts dir). References are computed
+independently of the code under test: the fp32 ONNX graph on ONNX Runtime, activation maxima measured by running
+that graph, and a graph walk written here rather than reusing the stage's own checker.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from stages.errors import ForgeError
+from stages.models import qwen_image
+from stages.quantize import (
+    QuantizePrecision,
+    check_quantization,
+    onnxruntime_session,
+    qdq_violations,
+    quantization_refusal,
+    read_calibration_cache,
+    rtx_build_report,
+)
+from stages.recipe import PixelRange, Profile, Range, ValidateSettings
+
+REPO = Path(__file__).resolve().parent.parent
+TEXT_LENGTH = 256
+MASK_ADDS = {"/transformer_blocks/0/attn/Add_5", "/transformer_blocks/1/attn/Add_4"}
+EXCLUDE = r"img_mlp/net/2/"
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def surgery(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The surgery stage's output for recipe a10-fp16, built by the real task graph into a temporary dir."""
+    root = tmp_path_factory.mktemp("forge")
+    env = {**os.environ, "FORGE_ARTIFACTS": str(root / "artifacts")}
+    subprocess.run([sys.executable, "-m", "doit", "--db-file", str(root / "doit.db"), "surgery", "recipe=a10-fp16"],
+                   cwd=REPO, env=env, check=True, capture_output=True)
+    recipe = root / "artifacts" / "a10-fp16"
+    record = json.loads((recipe / "transformer" / "surgery" / "record.json").read_text())
+    config = json.loads((recipe / "checkpoint" / "transformer" / "config.json").read_text())
+    return SimpleNamespace(onnx=recipe / "transformer" / "surgery" / "model.onnx",
+                           frozen=tuple(record["report"]["frozen_nodes"]), config=config)
+
+
+def make_feeds(config: dict[str, Any], seed: int, sizes: list[list[int]], timesteps: list[float]) -> list[dict]:
+    settings = ValidateSettings(sizes=sizes, batch=2, timesteps=timesteps, text_tokens=[37, 180], seed=seed,
+                                tolerances={"": {"atol": 1, "rtol": 1, "cosine": 0.5}})
+    holder = SimpleNamespace(config=SimpleNamespace(**config))
+    return [case["feed"] for case in qwen_image.validation_cases(holder, settings, TEXT_LENGTH)]
+
+
+@pytest.fixture(scope="session")
+def calibration(surgery: SimpleNamespace) -> list[dict]:
+    return make_feeds(surgery.config, 0, [[256, 256], [384, 512]], [1.0, 0.3])
+
+
+@pytest.fixture(scope="session")
+def evaluation(surgery: SimpleNamespace) -> list[dict]:
+    """Held-out feeds: other sizes, timesteps and noise than calibration."""
+    return make_feeds(surgery.config, 7, [[256, 384], [512, 256]], [0.7, 0.1])
+
+
+def quantize(surgery: SimpleNamespace, out: Path, mode: str, method: str, high: str, feeds: list[dict],
+             patterns: tuple[str, ...] = (), cache: Path | None = None) -> SimpleNamespace:
+    out.mkdir(parents=True)
+    stage = QuantizePrecision("transformer", surgery.onnx, mode, method, high, surgery.frozen, patterns, feeds, cache)
+    report = stage(out)
+    return SimpleNamespace(dir=out, path=out / "model.onnx", report=report, stage=stage,
+                           model=onnx.load(str(out / "model.onnx")),
+                           ranges=json.loads((out / "calibration.json").read_text()))
+
+
+@pytest.fixture(scope="session")
+def int8(surgery: SimpleNamespace, calibration: list[dict], tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    return quantize(surgery, tmp_path_factory.mktemp("q") / "int8", "int8", "max", "fp32", calibration, (EXCLUDE,))
+
+
+@pytest.fixture(scope="session")
+def fp8(surgery: SimpleNamespace, calibration: list[dict], tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    return quantize(surgery, tmp_path_factory.mktemp("q") / "fp8", "fp8", "max", "fp32", calibration)
+
+
+@pytest.fixture(scope="session")
+def woq(surgery: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    return quantize(surgery, tmp_path_factory.mktemp("q") / "woq", "int8_weight_only", "max", "fp16", [])
+
+
+@pytest.fixture(scope="session")
+def shapes(surgery: SimpleNamespace) -> dict[str, list[tuple[int, ...]]]:
+    profile = Profile(batch=Range(min=1, opt=1, max=2), height=PixelRange(min=256, opt=512, max=512),
+                      width=PixelRange(min=256, opt=512, max=512))
+    return qwen_image.profile_shapes(profile, TEXT_LENGTH, surgery.config)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def dq_inputs(model: Any) -> dict[str, list[str]]:
+    """Node -> its inputs produced by DequantizeLinear (independent of the stage's own graph helpers)."""
+    dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name: [i for i in n.input if i in dq_outputs] for n in model.graph.node
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear")}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def observed_max(source: Path, tensors: list[str], feeds: list[dict]) -> dict[str, float]:
+    """max |x| of each tensor over the feeds, measured on the fp32 graph."""
+    model = onnx.load(str(source))
+    inputs = {i.name for i in model.graph.input}
+    for name in tensors:
+        if name not in inputs:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    peaks = dict.fromkeys(tensors, 0.0)
+    for feed in feeds:
+        values = {**feed, **dict(zip(names, session.run(names, feed)))}
+        for name in tensors:
+            peaks[name] = max(peaks[name], float(np.abs(values[name]).max()))
+    return peaks
+
+
+def compare_to_fp32(source: Path, session: Any, feeds: list[dict]) -> tuple[float, float]:
+    reference = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    pairs = [(reference.run(None, f)[0], session.run(None, f)[0]) for f in feeds]
+    return min(cosine(a, b) for a, b in pairs), max(float(np.abs(a - b).max()) for a, b in pairs)
+
+
+# ------------------------------------------------------------------------------------------------ Q/DQ placement
+
+
+def test_frozen_text_branch_has_no_qdq(int8: SimpleNamespace, surgery: SimpleNamespace) -> None:
+    fed = dq_inputs(int8.model)
+    assert all(name in fed for name in surgery.frozen), "frozen nodes must survive quantization"
+    assert {name: fed[name] for name in surgery.frozen if fed[name]} == {}
+
+
+def test_excluded_pattern_stays_unquantized_but_is_quantized_otherwise(int8: SimpleNamespace, fp8: SimpleNamespace) -> None:
+    matched = [n for n in dq_inputs(int8.model) if EXCLUDE in n]
+    assert len(matched) >= 4
+    assert all(dq_inputs(int8.model)[n] == [] for n in matched)
+    assert any(dq_inputs(fp8.model)[n] for n in matched if n.endswith("MatMul_0")), "without the pattern they quantize"
+    assert int8.report["excluded"]["recipe_patterns"] == {EXCLUDE: len(matched)}
+
+
+def test_image_stream_matmuls_are_int8_on_both_operands(int8: SimpleNamespace) -> None:
+    fed = dq_inputs(int8.model)
+    inits = {i.name: i for i in int8.model.graph.initializer}
+    producers = {o: n for n in int8.model.graph.node for o in n.output}
+    for block in (0, 1):
+        for proj in ("to_q", "to_k", "to_v", "to_out/0"):
+            node = f"/transformer_blocks/{block}/attn/{proj}/MatMul_0"
+            assert len(fed[node]) == 2, node
+            for tensor in fed[node]:
+                quantize_node = producers[producers[tensor].input[0]]
+                assert inits[quantize_node.input[2]].data_type == onnx.TensorProto.INT8
+    assert int8.report["quantized_nodes"]["MatMul"] >= 12
+
+
+def test_attention_mask_consumers_are_excluded(int8: SimpleNamespace) -> None:
+    """The joint mask carries float32-min sentinels; its Adds must stay out of calibration and quantization."""
+    assert set(int8.report["excluded"]["mask_sentinel"]) == MASK_ADDS
+    fed = dq_inputs(int8.model)
+    assert all(fed[name] == [] for name in MASK_ADDS)
+
+
+def test_verifier_rejects_qdq_feeding_a_frozen_node(int8: SimpleNamespace, surgery: SimpleNamespace) -> None:
+    broken = copy.deepcopy(int8.model)
+    dq_output = next(n.output[0] for n in broken.graph.node if n.op_type == "DequantizeLinear")
+    victim = next(n for n in broken.graph.node if n.name == "/txt_in/MatMul_0")
+    victim.input[0] = dq_output
+    assert qdq_violations(broken, surgery.frozen) == [("/txt_in/MatMul_0", dq_output)]
+    exclusions = int8.stage.exclusions(onnx.load(str(surgery.onnx), load_external_data=False))
+    with pytest.raises(ForgeError, match=r"surgery\.frozen_nodes.*txt_in/MatMul_0"):
+        int8.stage.verify(broken, exclusions)
+
+
+def test_weight_only_has_dq_on_weights_only(woq: SimpleNamespace, surgery: SimpleNamespace) -> None:
+    inits = {i.name: i for i in woq.model.graph.initializer}
+    dqs = [n for n in woq.model.graph.node if n.op_type == "DequantizeLinear"]
+    assert not [n for n in woq.model.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(dqs) == 19 and all(inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in dqs)
+    assert {dq_inputs(woq.model)[n] == [] for n in surgery.frozen} == {True}
+    assert woq.report["activations"] == "fp16"
+
+
+# ------------------------------------------------------------------------------------------------ numerics on ORT CPU
+
+
+def test_int8_matches_fp32_onnx(int8: SimpleNamespace, surgery: SimpleNamespace, evaluation: list[dict]) -> None:
+    worst_cosine, worst_diff = compare_to_fp32(surgery.onnx, onnxruntime_session(int8.path), evaluation)
+    assert worst_cosine >= 0.999
+    assert worst_diff > 1e-4, "identical outputs would mean the Q/DQ do nothing"
+
+
+def test_fp8_runs_on_ort_cpu_only_without_graph_rewrites(fp8: SimpleNamespace, surgery: SimpleNamespace,
+                                                         evaluation: list[dict]) -> None:
+    with pytest.raises(Exception, match="float8"):
+        ort.InferenceSession(str(fp8.path), providers=["CPUExecutionProvider"])
+    worst_cosine, worst_diff = compare_to_fp32(surgery.onnx, onnxruntime_session(fp8.path), evaluation)
+    assert 0.99 <= worst_cosine < 0.99999 and worst_diff > 1e-3
+    assert fp8.report["onnxruntime_cpu"]["graph_optimization"] == "disabled"
+
+
+def test_weight_only_fp16_matches_fp32_onnx(woq: SimpleNamespace, surgery: SimpleNamespace, evaluation: list[dict]) -> None:
+    worst_cosine, _ = compare_to_fp32(surgery.onnx, onnxruntime_session(woq.path), evaluation)
+    assert worst_cosine >= 0.9995
+
+
+# ------------------------------------------------------------------------------------------------ calibration artifact
+
+
+@pytest.mark.parametrize("which", ["int8", "fp8"])
+def test_max_calibration_amax_is_the_observed_maximum(which: str, request: pytest.FixtureRequest,
+                                                      surgery: SimpleNamespace, calibration: list[dict]) -> None:
+    result = request.getfixturevalue(which)
+    activations = result.ranges["activations"]
+    assert len(activations) >= 20
+    peaks = observed_max(surgery.onnx, sorted(activations), calibration)
+    for tensor, entry in activations.items():
+        assert entry["amax"] == pytest.approx(peaks[tensor], rel=1e-4), tensor
+
+
+def test_entropy_calibration_clips_inside_the_observed_range(surgery: SimpleNamespace, calibration: list[dict],
+                                                              tmp_path: Path) -> None:
+    result = quantize(surgery, tmp_path / "entropy", "int8", "entropy", "fp32", calibration)
+    activations = result.ranges["activations"]
+    peaks = observed_max(surgery.onnx, sorted(activations), calibration)
+    assert all(entry["amax"] <= peaks[t] * (1 + 1e-4) for t, entry in activations.items())
+    assert sum(entry["amax"] < 0.9 * peaks[t] for t, entry in activations.items()) >= 5
+
+
+def test_calibration_cache_reproduces_scales(int8: SimpleNamespace, surgery: SimpleNamespace, evaluation: list[dict],
+                                             tmp_path: Path) -> None:
+    cache = read_calibration_cache(int8.dir / "calibration.cache")
+    by_initializer = {e["scale_initializer"][: -len("_scale")]: e["scale"] for e in int8.ranges["activations"].values()}
+    assert {k: cache[k] for k in by_initializer} == pytest.approx(by_initializer, rel=1e-6) and len(cache) >= 20
+    louder = [{k: (v * 3 if k == "hidden_states" else v) for k, v in feed.items()} for feed in evaluation]
+    again = quantize(surgery, tmp_path / "again", "int8", "max", "fp32", louder, (EXCLUDE,), int8.dir / "calibration.cache")
+    reused = {e["scale_initializer"][: -len("_scale")]: e["scale"] for e in again.ranges["activations"].values()}
+    assert set(reused) == set(by_initializer)
+    assert reused == pytest.approx({k: cache[k] for k in reused}, rel=1e-6), "3x louder inputs must not recalibrate"
+
+
+def test_settings_are_checked_before_any_work(surgery: SimpleNamespace) -> None:
+    stage = QuantizePrecision("transformer", surgery.onnx, "fp8", "entropy", "fp16", surgery.frozen, ())
+    with pytest.raises(ForgeError, match=r"precision\.calibration\.method.*allowed: max"):
+        stage.check_settings()
+    stage = QuantizePrecision("transformer", surgery.onnx, "int4", "max", "fp16", surgery.frozen, ())
+    with pytest.raises(ForgeError, match=r"precision\.dtype.*allowed: int8, int8_weight_only, fp8"):
+        stage.check_settings()
+
+
+# ------------------------------------------------------------------------------------------------ capability rules
+
+
+@pytest.mark.parametrize(("backend", "gpu", "cc", "dtype", "weight_only", "expected"), [
+    ("tensorrt-rtx", "a10", (8, 6), "fp8", False, r"fp8 needs compute capability 8\.9\+.*int8 weight-only"),
+    ("tensorrt", "a100", (8, 0), "fp8", False, r"8\.9\+.*h100"),
+    ("tensorrt-rtx", "t4", (7, 5), "fp8", False, r"use fp16 on t4"),
+    ("tensorrt-rtx", "l4", (8, 9), "fp4", False, r"fp4 needs compute capability 12\.0\+.*fp8"),
+    ("tensorrt-rtx", "rtx5090", (12, 0), "fp4", False, r"not produced by ModelOpt"),
+    ("tensorrt-rtx", "a10", (8, 6), "int8", False, r"weight-only.*int8 weight-only.*backend tensorrt"),
+    ("tensorrt-rtx", "l4", (8, 9), "int8", False, r"fp8 on l4"),
+    ("tensorrt-rtx", "t4", (7, 5), "int8", True, r"not 7\.5"),
+    ("tensorrt-rtx", "a100", (8, 0), "int8", True, r"not 8\.0"),
+    ("tensorrt", "a10", (8, 6), "int8", True, r"INT4 only.*int8 \(weights and activations\)"),
+    ("tensorrt-rtx", "l4", (8, 9), "fp8", True, r"fp8 weight-only"),
+])
+def test_refused_plans_name_an_alternative(backend: str, gpu: str, cc: tuple[int, int], dtype: str,
+                                           weight_only: bool, expected: str) -> None:
+    reason = quantization_refusal(backend, gpu, cc, dtype, weight_only)
+    assert reason is not None and "\n" not in reason
+    assert re.search(expected, reason), reason
+
+
+@pytest.mark.parametrize(("backend", "gpu", "cc", "dtype", "weight_only"), [
+    ("tensorrt-rtx", "a10", (8, 6), "int8", True),
+    ("tensorrt-rtx", "rtx5090", (12, 0), "int8", True),
+    ("tensorrt-rtx", "l4", (8, 9), "fp8", False),
+    ("tensorrt-rtx", "rtx5090", (12, 0), "fp8", False),
+    ("tensorrt", "a10", (8, 6), "int8", False),
+    ("tensorrt", "h100", (9, 0), "fp8", False),
+    ("tensorrt-rtx", "a10", (8, 6), "fp16", False),
+])
+def test_supported_plans_pass(backend: str, gpu: str, cc: tuple[int, int], dtype: str, weight_only: bool) -> None:
+    assert quantization_refusal(backend, gpu, cc, dtype, weight_only) is None
+
+
+def test_refusal_is_a_forge_error_naming_file_and_key() -> None:
+    with pytest.raises(ForgeError, match=r"^recipes/x\.yaml: components\.transformer\.precision\.dtype: fp8 needs"):
+        check_quantization("recipes/x.yaml", "components.transformer.precision.dtype", "tensorrt-rtx", "a10", (8, 6), "fp8")
+
+
+# ------------------------------------------------------------------------------------------------ TensorRT-RTX builds
+
+
+def gemms_touching(report: dict[str, Any], prefix: str) -> list[dict[str, Any]]:
+    return [g for g in report["gemms"] if any(n.startswith(prefix) for n in g["onnx_nodes"])]
+
+
+def test_weight_only_builds_for_a10_with_int8_weights(woq: SimpleNamespace, shapes: dict, tmp_path: Path) -> None:
+    from stages.engine import BuildEngine
+
+    BuildEngine("transformer", woq.path, "tensorrt-rtx", (8, 6), shapes, optimization_level=3)(tmp_path)
+    assert (tmp_path / "engine.plan").stat().st_size > 100_000
+    report = rtx_build_report(woq.path, (8, 6), shapes)
+    proj_out = gemms_touching(report, "/proj_out/MatMul_0")
+    assert proj_out and all("Int8" in g["constants"] and g["inputs"] == ["Half"] for g in proj_out)
+    frozen = gemms_touching(report, "/txt_in/MatMul_0") + gemms_touching(report, "/transformer_blocks/0/txt_mlp/")
+    assert frozen and all("Int8" not in g["constants"] + g["inputs"] for g in frozen)
+
+
+@pytest.mark.parametrize("cc", [(8, 9), (12, 0)])
+def test_fp8_builds_with_fp8_gemms_on_ada_and_blackwell(fp8: SimpleNamespace, shapes: dict, cc: tuple[int, int]) -> None:
+    report = rtx_build_report(fp8.path, cc, shapes)
+    assert report["built"] and not report["errors"]
+    to_q = gemms_touching(report, "/transformer_blocks/0/attn/to_q/")
+    assert to_q and all(g["inputs"] == ["FP8"] and "FP8" in g["constants"] for g in to_q)
+    frozen = gemms_touching(report, "/transformer_blocks/0/attn/add_q_proj/")
+    assert frozen and all("FP8" not in g["constants"] + g["inputs"] for g in frozen)
+
+
+def test_fp8_build_for_a10_returns_no_engine(fp8: SimpleNamespace, shapes: dict) -> None:
+    report = rtx_build_report(fp8.path, (8, 6), shapes)
+    assert not report["built"] and any("sm86" in e and "fp8" in e for e in report["errors"])
