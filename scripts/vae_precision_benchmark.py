@@ -5,7 +5,9 @@ then ModelOpt AutoCast with `keep_io_types=True`, value_info cleared and shapes 
 stages/precision.py does. ONNX Runtime's CPU provider has no bf16 Conv, so bf16 (and, as a cross-check of the
 method, fp16) is also run *emulated*: the AutoCast graph computed in fp32 with every low-precision tensor
 rounded to the low-precision type after each node, which is what a strongly typed engine stores between layers
-(accumulation inside a kernel is fp32 in both). PyTorch eager fp16/bf16 rows are an independent second opinion.
+(accumulation inside a kernel is fp32 in both). The native "fp16 (ORT)" row under-reports: ONNX Runtime's CPU
+provider ran chains of fp16 nodes without fp16 kernels in fp32 (it kept fp16-rounded upsample indices exact
+where the emulation does not). PyTorch eager fp16/bf16 rows are an independent second opinion.
 
 The built-in configurations have random weights: "wide" has the released VAE's layout but not its activation
 statistics, and large activations are what break fp16. `--checkpoint` runs the same measurements on real weights

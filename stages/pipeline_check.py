@@ -108,7 +108,7 @@ class PipelineCheck:
         engine = self._engine_status()
         if engine["ran"]:
             runs[TRT] = self._graph_runs(TRT, latents, tokenizer)
-        prompts = [self._prompt_entry(index, references[index], runs, out_dir) for index in range(len(settings.prompts))]
+        prompts = [self._prompt_entry(index, reference, runs, out_dir) for index, reference in enumerate(references)]
         report = self._report(prompts, runs, engine, scheduler_report)
         (out_dir / METRICS_FILE).write_text(json.dumps({"thresholds": report["thresholds"], "prompts": prompts},
                                                        indent=2, ensure_ascii=False) + "\n")
@@ -234,9 +234,9 @@ class PipelineCheck:
                 scheduler: dict[str, Any]) -> dict[str, Any]:
         s = self.settings
         thresholds = {name: getattr(s.thresholds, name) for name in ("min_step_cosine", "min_psnr", "min_ssim")}
-        failed = [f"prompt {p['index']} ({_short(p['prompt'])}) on {runner}: {failure}"
-                  for p in prompts for runner, run in p["runs"].items() for failure in run["failures"]]
-        truncated = {p["index"]: p["runs"][ORT]["truncated_tokens"] for p in prompts if p["runs"][ORT]["truncated_tokens"]}
+        failed = [f"prompt {p['index']} ({_short(p['prompt'])}) on {runner}: {', '.join(run['failures'])}"
+                  for p in prompts for runner, run in p["runs"].items() if run["failures"]]
+        truncated = {str(p["index"]): p["runs"][ORT]["truncated_tokens"] for p in prompts if p["runs"][ORT]["truncated_tokens"]}
         report: dict[str, Any] = {
             "passed": not failed,
             "runner": ORT,
@@ -244,7 +244,7 @@ class PipelineCheck:
             "reference": REFERENCE,
             "engine": engine,
             "components": {runner: run["components"] for runner, run in runs.items()},
-            "onnx": {c: str(p) for c, p in self.onnx_paths.items()},
+            "onnx": {c: _display_path(p) for c, p in self.onnx_paths.items()},
             "scheduler": scheduler,
             "settings": {"height": s.height, "width": s.width, "num_inference_steps": s.num_inference_steps,
                          "true_cfg_scale": s.true_cfg_scale, "seed": s.seed, "negative_prompt": s.negative_prompt,
@@ -286,6 +286,7 @@ def onnxruntime_session(onnx_path: Path) -> Any:
     types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
     inputs = {i.name: types.get(i.type) for i in session.get_inputs()}
+    shapes = {i.name: i.shape for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
 
     def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -294,6 +295,8 @@ def onnxruntime_session(onnx_path: Path) -> Any:
             raise fail(onnx_path, "inputs", f"the graph needs {missing}, which the feed function does not provide "
                        f"(it provides {sorted(feed)})")
         arrays = {name: np.ascontiguousarray(feed[name], dtype=dtype) for name, dtype in inputs.items()}
+        for name, array in arrays.items():
+            check_static_shape(onnx_path, name, shapes[name], array.shape)
         values = session.run(outputs, arrays)
         return {name: _as_float32(value) for name, value in zip(outputs, values)}
 
@@ -310,6 +313,14 @@ def engine_session(engine_path: Path, backend: str) -> Iterator[Any]:
 
     with TrtRunner(EngineFromBytes(Path(engine_path).read_bytes()), name=TRT) as runner:
         yield lambda feed: {name: _as_float32(value) for name, value in runner.infer(feed).items()}
+
+
+def check_static_shape(onnx_path: Path, name: str, declared: Sequence[Any], actual: Sequence[int]) -> None:
+    """A fixed graph dimension the feed does not match is almost always a different text_length at export."""
+    fixed = [(axis, dim) for axis, dim in enumerate(declared) if isinstance(dim, int)]
+    if len(declared) != len(actual) or any(actual[axis] != dim for axis, dim in fixed):
+        raise fail(onnx_path, name, f"the graph declares shape {list(declared)}, the feed has {list(actual)} "
+                   "(was the graph built with another text_length than the check's?)")
 
 
 def _as_float32(value: Any) -> np.ndarray:
@@ -393,6 +404,16 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _display_path(path: Path) -> str:
+    """Relative to the artifacts root when the graph is a build artifact, so manifests stay portable."""
+    from stages import artifacts
+
+    try:
+        return str(Path(path).resolve().relative_to(artifacts.ARTIFACTS_DIR.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _short(prompt: str, limit: int = 40) -> str:
     return repr(prompt if len(prompt) <= limit else prompt[: limit - 1] + "…")
 
@@ -415,27 +436,34 @@ def check_configuration(check: PipelineCheck) -> None:
         raise fail(check.checkpoint_dir, "checkpoint_dir", "not a diffusers-layout checkpoint (no model_index.json)")
 
 
-def check_settings(settings: Any, text_length: int, source: str = "pipeline_check") -> None:
-    """The issue's requirements on a check: >= 2 English and >= 2 Chinese prompts, rendered text, CFG, sizes."""
+def check_settings(settings: Any, text_length: int, source: str | Path | None = None) -> None:
+    """The issue's requirements on a check: >= 2 English and >= 2 Chinese prompts, rendered text, CFG, sizes.
+
+    Raises ForgeError keyed `pipeline_check.<key>`; pass the recipe file as `source` to have it named too.
+    """
+
+    def error(key: str, message: str) -> Exception:
+        return fail(source, f"pipeline_check.{key}", message)
+
     prompts = list(settings.prompts)
     languages = [prompt_language(p) for p in prompts if isinstance(p, str) and p.strip()]
     if len(languages) != len(prompts):
-        raise fail(source, "prompts", "every prompt must be a non-empty string")
+        raise error("prompts", "every prompt must be a non-empty string")
     for language, name in (("en", "English"), ("zh", "Chinese")):
         if languages.count(language) < 2:
-            raise fail(source, "prompts", f"needs at least two {name} prompts, got {languages.count(language)} "
-                       f"(languages found: {languages})")
+            raise error("prompts", f"needs at least two {name} prompts, got {languages.count(language)} "
+                        f"(languages found: {languages})")
     if not any(_QUOTED.search(p) for p in prompts):
-        raise fail(source, "prompts", 'needs at least one prompt asking for rendered text, quoted as "..." or “...”')
+        raise error("prompts", 'needs at least one prompt asking for rendered text, quoted as "..." or “...”')
     if not settings.true_cfg_scale > 1:
-        raise fail(source, "true_cfg_scale", f"must be > 1 so the pipeline runs CFG with the negative prompt, "
-                   f"got {settings.true_cfg_scale}")
+        raise error("true_cfg_scale", f"must be > 1 so the pipeline runs CFG with the negative prompt, "
+                    f"got {settings.true_cfg_scale}")
     for key in ("height", "width"):
         value = getattr(settings, key)
         if not isinstance(value, int) or value <= 0 or value % 16:
-            raise fail(source, key, f"must be a positive multiple of 16 (8x VAE x 2x2 patches), got {value!r}")
+            raise error(key, f"must be a positive multiple of 16 (8x VAE x 2x2 patches), got {value!r}")
     if not isinstance(settings.num_inference_steps, int) or settings.num_inference_steps < 1:
-        raise fail(source, "num_inference_steps", f"must be a positive int, got {settings.num_inference_steps!r}")
+        raise error("num_inference_steps", f"must be a positive int, got {settings.num_inference_steps!r}")
     if not 0 < text_length <= 1024:
         raise fail(source, "text_length", f"must be in 1..1024 (the pipeline's max_sequence_length cap), got {text_length}")
 

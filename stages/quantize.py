@@ -19,7 +19,7 @@ Why the extra graph work around the quantizer:
   ``calibration_data`` dict is split along axis 0 of every input, which would cut those tables apart. Feeds therefore
   go in through a ``CalibrationDataReader`` (:func:`feed_reader`), one complete engine feed per calibration step.
 
-Capability rules (pure functions, called before any work): :func:`quantization_refusal`.
+Capability rules for these modes live in :mod:`stages.capabilities` (checked before any work).
 """
 
 from __future__ import annotations
@@ -59,85 +59,6 @@ EXCLUSION_KEYS = {"frozen_text_branch": "surgery.frozen_nodes", "recipe_pattern"
                   "mask_sentinel": "mask_sentinel"}
 
 Feed = Mapping[str, np.ndarray]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Capability rules
-# ----------------------------------------------------------------------------------------------------------------
-
-RTX_INT8_WOQ_CCS = {(8, 6), (8, 9), (12, 0), (12, 1)}  # TensorRT-RTX support matrix, column "INT8 WoQ GEMM"
-FP8_MIN_CC = (8, 9)
-FP4_MIN_CC = (12, 0)
-
-
-def _cc(cc: tuple[int, int]) -> str:
-    return f"{cc[0]}.{cc[1]}"
-
-
-def _gpus_with(minimum: tuple[int, int], backend: str) -> str:
-    from stages.capabilities import BACKEND_COMPUTE_CAPABILITIES, GPUS
-
-    names = [g for g, c in GPUS.items() if c >= minimum and c in BACKEND_COMPUTE_CAPABILITIES[backend]]
-    return ", ".join(names) or "none known"
-
-
-def quantization_refusal(backend: str, gpu: str, cc: tuple[int, int], dtype: str, weight_only: bool = False) -> str | None:
-    """One line saying why this backend/GPU cannot honour the precision plan and what would, or None if it can.
-
-    Sources: TensorRT-RTX support matrix (INT8 only as "INT8 WoQ GEMM" on 8.6/8.9/12.0; FP8 on 8.9+; FP4 GEMM on
-    12.0); TensorRT 10.11/11 "Working with Quantized Types" (INT8, FP8, FP4 quantize weights and activations;
-    weight-only quantization is INT4). A W8A8 graph still *builds* for TensorRT-RTX sm86 (probe), which is why an
-    undocumented combination is refused here rather than left to the builder.
-    """
-    if dtype not in ("int8", "fp8", "fp4"):
-        return None
-    if dtype == "fp4":
-        if cc < FP4_MIN_CC:
-            here = "fp8" if cc >= FP8_MIN_CC else _int8_here(backend, cc)
-            return (f"fp4 needs compute capability 12.0+ and {gpu} is {_cc(cc)}; use {here} on {gpu}, "
-                    f"or fp4-class GPUs ({_gpus_with(FP4_MIN_CC, backend)}) once fp4 is supported")
-        return "fp4 (NVFP4) is not produced by ModelOpt 0.47's ONNX quantizer (int8, int4, fp8); use fp8"
-    if dtype == "fp8":
-        if weight_only:
-            return "fp8 weight-only is not produced by ModelOpt 0.47's ONNX quantizer; use fp8 (weights and activations)"
-        if cc < FP8_MIN_CC:
-            return (f"fp8 needs compute capability 8.9+ and {gpu} is {_cc(cc)}; use {_int8_here(backend, cc)} on "
-                    f"{gpu}, or fp8 on {_gpus_with(FP8_MIN_CC, backend)}")
-        return None
-    return _int8_refusal(backend, gpu, cc, weight_only)
-
-
-def _int8_here(backend: str, cc: tuple[int, int]) -> str:
-    """The INT8 form this backend honours on this compute capability, else fp16."""
-    for weight_only, name in ((False, "int8"), (True, "int8 weight-only")):
-        if _int8_refusal(backend, "", cc, weight_only) is None:
-            return f"{name} or fp16"
-    return "fp16"
-
-
-def _int8_refusal(backend: str, gpu: str, cc: tuple[int, int], weight_only: bool) -> str | None:
-    if backend == "tensorrt-rtx" and not weight_only:
-        fp8 = f"fp8 on {gpu}" if cc >= FP8_MIN_CC else f"fp8 on 8.9+ ({_gpus_with(FP8_MIN_CC, backend)})"
-        return ("tensorrt-rtx supports INT8 only as weight-only GEMM quantization (support matrix: INT8 WoQ GEMM); "
-                f"a W8A8 Q/DQ graph builds but what it runs as is undocumented; use int8 weight-only, {fp8}, "
-                "or backend tensorrt for INT8 weights and activations")
-    if backend == "tensorrt-rtx" and cc not in RTX_INT8_WOQ_CCS:
-        return (f"tensorrt-rtx lists INT8 weight-only GEMM for compute capability "
-                f"{', '.join(_cc(c) for c in sorted(RTX_INT8_WOQ_CCS))}, not {_cc(cc)} ({gpu}); use fp16"
-                + (" or backend tensorrt with int8" if cc >= (7, 5) else ""))
-    if backend == "tensorrt" and weight_only:
-        return ("TensorRT 11 documents weight-only quantization for INT4 only; INT8 weights without activation Q/DQ "
-                "would be dequantized and multiplied in high precision; use int8 (weights and activations) with "
-                "backend tensorrt, or backend tensorrt-rtx for int8 weight-only")
-    return None
-
-
-def check_quantization(path: Path | str | None, key: str, backend: str, gpu: str, cc: tuple[int, int],
-                       dtype: str, weight_only: bool = False) -> None:
-    """Raise the refusal as a ForgeError naming the recipe file and key."""
-    reason = quantization_refusal(backend, gpu, cc, dtype, weight_only)
-    if reason:
-        raise fail(path, key, reason)
 
 
 def mode_for(dtype: str, weight_only: bool) -> str:
@@ -397,7 +318,8 @@ def mask_sentinel_consumers(model: Any) -> list[str]:
     """Nodes reading a tensor that carries float32-min sentinels (additive attention masks), found statically."""
     from onnx import numpy_helper
 
-    tainted = {i.name for i in model.graph.initializer if _has_sentinel(numpy_helper.to_array(i))}
+    small = [i for i in model.graph.initializer if i.data_location != i.EXTERNAL and int(np.prod(i.dims)) <= 4096]
+    tainted = {i.name for i in small if _has_sentinel(numpy_helper.to_array(i))}  # sentinels are small constants
     for node in model.graph.node:
         values = [a.t for a in node.attribute if a.name == "value" and a.type == a.TENSOR]
         if node.op_type == "Constant" and values and _has_sentinel(numpy_helper.to_array(values[0])):
@@ -538,7 +460,7 @@ def calibration_ranges(model: Any, mode: str) -> dict[str, Any]:
         scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
         source = node.input[0]
         if node.op_type == "QuantizeLinear" and source not in inits and scale.size == 1:
-            activations[source] = _activation_entry(node, float(scale.reshape(())), kind)
+            _add_activation(activations, node, float(scale.reshape(())), kind)
         elif node.op_type == "DequantizeLinear" and source in producers and producers[source].op_type == "QuantizeLinear":
             weight = producers[source].input[0]
             if weight in inits:
@@ -556,9 +478,17 @@ _CONVENTION = {
 }
 
 
-def _activation_entry(node: Any, scale: float, kind: str) -> dict[str, Any]:
-    return {"quantize_node": node.name, "scale_initializer": node.input[1], "scale": scale, "amax": scale * AMAX_PER_SCALE[kind],
-            "saturates_at": scale * QMAX[kind]}
+def _add_activation(activations: dict[str, Any], node: Any, scale: float, kind: str) -> None:
+    """Key by the fp32 graph's tensor name, which ORT encodes in the scale name (`<tensor>_scale`, `_scale_1`
+    after ModelOpt's fp16 pass duplicates shared scales); the Q input may be a cast of it."""
+    match = re.fullmatch(r"(.+)_scale(?:_\d+)?", node.input[1])
+    tensor = match.group(1) if match else node.input[0]
+    entry = activations.setdefault(tensor, {"quantize_nodes": [], "quantize_input": node.input[0],
+                                            "scale_initializer": node.input[1], "scale": scale,
+                                            "amax": scale * AMAX_PER_SCALE[kind], "saturates_at": scale * QMAX[kind]})
+    entry["quantize_nodes"].append(node.name)
+    if not np.isclose(entry["scale"], scale, rtol=1e-6):
+        raise ForgeError(f"tensor {tensor} has two activation scales: {entry['scale']} and {scale}")
 
 
 def _weight_entry(node: Any, scale: np.ndarray, kind: str) -> dict[str, Any]:
@@ -569,12 +499,14 @@ def _weight_entry(node: Any, scale: np.ndarray, kind: str) -> dict[str, Any]:
 
 
 def write_calibration_cache(ranges: Mapping[str, Any], path: Path) -> str:
-    """TensorRT-style cache (`tensor: big-endian float32 scale`), the format ModelOpt's `calibration_cache_path` reads."""
+    """TensorRT-style cache (`tensor: big-endian float32 scale`), the format ModelOpt's `calibration_cache_path` reads.
+
+    ModelOpt maps entry `<tensor>` onto the scale initializer `<tensor>_scale` of ORT's fp32 Q/DQ graph, before
+    its own fp16/bf16 pass, so the keys are fp32 tensor names whichever high precision the graph ends in.
+    """
     lines = ["TRT-forge-ModelOpt-int8-max-or-entropy"]
-    for entry in sorted(ranges["activations"].values(), key=lambda e: e["scale_initializer"]):
-        name = entry["scale_initializer"]
-        if name.endswith("_scale"):  # ModelOpt maps cache entry `<x>` to the scale initializer `<x>_scale`
-            lines.append(f"{name[: -len('_scale')]}: {struct.pack('!f', entry['scale']).hex()}")
+    for tensor, entry in sorted(ranges["activations"].items()):
+        lines.append(f"{tensor}: {struct.pack('!f', entry['scale']).hex()}")
     path.write_text("\n".join(lines) + "\n")
     return path.name
 

@@ -22,6 +22,9 @@ TINY_MODEL = "tiny"
 
 SurgeryPass = Literal["fold_constants", "infer_shapes", "cleanup", "fix_text_padding", "freeze_text_branch"]
 Dtype = Literal["fp32", "fp16", "bf16"]
+PlanDtype = Literal["fp32", "fp16", "bf16", "int8", "fp8", "fp4"]
+QUANTIZED = ("int8", "fp8", "fp4")
+REPO_DIR = RECIPES_DIR.parent
 
 
 class Strict(BaseModel):
@@ -94,12 +97,60 @@ def _check_regexes(patterns: list[str]) -> list[str]:
     return patterns
 
 
+class CalibrationSettings(Strict):
+    """Real inputs captured from the PyTorch pipeline; identical settings share one calibration artifact."""
+
+    method: Literal["max", "entropy"] = "max"
+    prompts: str = "prompts/calibration.yaml"
+    sizes: list[Size] = [[512, 512]]
+    num_inference_steps: int = Field(default=8, gt=0, le=100)
+    steps: Literal["all"] | list[Annotated[int, Field(ge=0)]] = "all"
+    samples: int = Field(default=16, gt=0)
+    true_cfg_scale: float = Field(default=4.0, ge=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _steps_exist(self) -> CalibrationSettings:
+        if self.steps != "all":
+            beyond = [step for step in self.steps if step >= self.num_inference_steps]
+            if beyond or not self.steps:
+                raise ValueError(f"steps {beyond or '[]'} must be indices below num_inference_steps "
+                                 f"{self.num_inference_steps}, or `all`")
+        if not (REPO_DIR / self.prompts).is_file() and not Path(self.prompts).is_file():
+            raise ValueError(f"prompts file {self.prompts!r} not found (a YAML list of prompts, relative to the repo)")
+        return self
+
+
 class PrecisionSettings(Strict):
-    dtype: Dtype = "fp16"
+    dtype: PlanDtype = "fp16"
+    weight_only: bool = False
     high_precision: Dtype = "fp32"
     exclude: list[str] = []
+    calibration: CalibrationSettings | None = None
 
     _regexes = field_validator("exclude")(_check_regexes)
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in QUANTIZED
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.quantized and not self.weight_only
+
+    @model_validator(mode="after")
+    def _plan_is_coherent(self) -> PrecisionSettings:
+        if self.dtype in ("fp16", "bf16") and self.high_precision not in ("fp32", self.dtype):
+            raise ValueError(f"high_precision: with dtype {self.dtype} kept nodes stay fp32 (AutoCast); "
+                             f"allowed: fp32, {self.dtype}")
+        if self.weight_only and self.dtype != "int8":
+            raise ValueError(f"weight_only: applies to dtype int8 only, not {self.dtype}")
+        if self.needs_calibration and self.calibration is None:
+            raise ValueError(f"calibration: dtype {self.dtype} needs a calibration section (method, prompts, samples)")
+        if self.quantized and self.high_precision == "bf16":
+            raise ValueError("high_precision: bf16 around Q/DQ cannot be validated on ONNX Runtime CPU "
+                             "(no bf16 QuantizeLinear kernel); allowed: fp16, fp32")
+        return self
 
 
 class BuildSettings(Strict):
@@ -170,6 +221,9 @@ def check_component(name: str, component: Component, text_length: int) -> None:
     too_long = [n for n in v.text_tokens if n > text_length]
     if too_long:
         raise ValueError(f"{prefix}.validate.text_tokens: {too_long} exceed text_length {text_length}")
+    if component.precision.quantized and not info.quantizable:
+        raise ValueError(f"{prefix}.precision.dtype: {name} is kept in fp32/fp16/bf16; quantization applies to "
+                         f"{', '.join(n for n, i in COMPONENTS.items() if i.quantizable)}")
     unsupported = [p for p in component.surgery.passes if p not in info.surgery_passes]
     if unsupported:
         raise ValueError(f"{prefix}.surgery.passes: {unsupported} do not apply to {name}; "
@@ -265,9 +319,12 @@ def _load_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Child values win; a child's `key: null` removes the parent's key (e.g. drop a component)."""
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _deep_merge(merged[key], value)
         else:
             merged[key] = value

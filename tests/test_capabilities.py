@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from stages import capabilities
+from stages.capabilities import check_quantization, quantization_refusal
 from stages.errors import ForgeError
 from stages.recipe import load_recipe
 
@@ -41,3 +43,41 @@ def test_activate_backend_sets_polygraphy_switch(monkeypatch: pytest.MonkeyPatch
     assert os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] == "1"
     capabilities.activate_backend("tensorrt")
     assert os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] == "0"
+
+
+@pytest.mark.parametrize(("backend", "gpu", "cc", "dtype", "weight_only", "expected"), [
+    ("tensorrt-rtx", "a10", (8, 6), "fp8", False, r"fp8 needs compute capability 8\.9\+.*int8 weight-only"),
+    ("tensorrt", "a100", (8, 0), "fp8", False, r"8\.9\+.*h100"),
+    ("tensorrt-rtx", "t4", (7, 5), "fp8", False, r"use fp16 on t4"),
+    ("tensorrt-rtx", "l4", (8, 9), "fp4", False, r"fp4 needs compute capability 12\.0\+.*fp8"),
+    ("tensorrt-rtx", "rtx5090", (12, 0), "fp4", False, r"not produced by ModelOpt"),
+    ("tensorrt-rtx", "a10", (8, 6), "int8", False, r"weight-only.*int8 weight-only.*backend tensorrt"),
+    ("tensorrt-rtx", "l4", (8, 9), "int8", False, r"fp8 on l4"),
+    ("tensorrt-rtx", "t4", (7, 5), "int8", True, r"not 7\.5"),
+    ("tensorrt-rtx", "a100", (8, 0), "int8", True, r"not 8\.0"),
+    ("tensorrt", "a10", (8, 6), "int8", True, r"INT4 only.*int8 \(weights and activations\)"),
+    ("tensorrt-rtx", "l4", (8, 9), "fp8", True, r"fp8 weight-only"),
+])
+def test_refused_plans_name_an_alternative(backend: str, gpu: str, cc: tuple[int, int], dtype: str,
+                                           weight_only: bool, expected: str) -> None:
+    reason = quantization_refusal(backend, gpu, cc, dtype, weight_only)
+    assert reason is not None and "\n" not in reason
+    assert re.search(expected, reason), reason
+
+
+@pytest.mark.parametrize(("backend", "gpu", "cc", "dtype", "weight_only"), [
+    ("tensorrt-rtx", "a10", (8, 6), "int8", True),
+    ("tensorrt-rtx", "rtx5090", (12, 0), "int8", True),
+    ("tensorrt-rtx", "l4", (8, 9), "fp8", False),
+    ("tensorrt-rtx", "rtx5090", (12, 0), "fp8", False),
+    ("tensorrt", "a10", (8, 6), "int8", False),
+    ("tensorrt", "h100", (9, 0), "fp8", False),
+    ("tensorrt-rtx", "a10", (8, 6), "fp16", False),
+])
+def test_supported_plans_pass(backend: str, gpu: str, cc: tuple[int, int], dtype: str, weight_only: bool) -> None:
+    assert quantization_refusal(backend, gpu, cc, dtype, weight_only) is None
+
+
+def test_refusal_is_a_forge_error_naming_file_and_key() -> None:
+    with pytest.raises(ForgeError, match=r"^recipes/x\.yaml: components\.transformer\.precision\.dtype: fp8 needs"):
+        check_quantization("recipes/x.yaml", "components.transformer.precision.dtype", "tensorrt-rtx", "a10", (8, 6), "fp8")

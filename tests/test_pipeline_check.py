@@ -28,6 +28,7 @@ from stages.pipeline_check import (
     PipelineCheckSettings,
     Thresholds,
     check_settings,
+    check_static_shape,
     image_metrics,
     prompt_language,
     step_cosines,
@@ -65,7 +66,9 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def good(build: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
     out = tmp_path_factory.mktemp("good_check")
-    return PipelineCheck(build["checkpoint"], build["onnx"], TEXT_LENGTH, SETTINGS)(out), out
+    engines = {component: out / "absent.plan" for component in COMPONENTS}  # only opened where a GPU can run them
+    check = PipelineCheck(build["checkpoint"], build["onnx"], TEXT_LENGTH, SETTINGS, engines, (8, 6), "tensorrt-rtx")
+    return check(out), out
 
 
 def halves(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +82,7 @@ def test_fp32_graphs_reproduce_pytorch_over_the_whole_loop(good: tuple[dict[str,
     assert report["passed"] and "failure" not in report
     assert report["runner"] == "onnxruntime" and report["runners"] == ["onnxruntime"]
     assert report["components"]["onnxruntime"] == dict.fromkeys(COMPONENTS, "onnxruntime")
-    assert report["engine"]["ran"] is False and report["engine"]["skipped_because"]
+    assert report["engine"]["ran"] is False and "no CUDA GPU" in report["engine"]["skipped_because"]
     assert report["scheduler"]["matches_released"] is True
     assert report["truncated_prompts"] == 0 and report["truncated_tokens"] == {}
     assert [p["language"] for p in report["prompts"]] == ["en", "en", "zh", "zh"]
@@ -122,7 +125,8 @@ def test_side_by_side_pngs_and_metrics_file(good: tuple[dict[str, Any], Path]) -
         left, right = halves(out / prompt["image"])
         assert left.std() > 0  # a real picture, not a blank canvas
     metrics = json.loads((out / report["metrics_file"]).read_text())
-    assert metrics["prompts"][0]["runs"]["onnxruntime"]["step_cosine"] == report["prompts"][0]["runs"]["onnxruntime"]["step_cosine"]
+    saved, reported = metrics["prompts"][0]["runs"]["onnxruntime"], report["prompts"][0]["runs"]["onnxruntime"]
+    assert saved["step_cosine"] == reported["step_cosine"] and saved["ssim"] == reported["ssim"]
     assert metrics["prompts"][3]["prompt"] == DEFAULT_PROMPTS[3]
 
 
@@ -137,6 +141,27 @@ def test_transformer_from_other_weights_fails_naming_the_metric(build: dict[str,
     assert "< min_psnr 50" in report["failure"] or "< min_ssim 0.999" in report["failure"]
     assert all(not p["runs"]["onnxruntime"]["passed"] for p in report["prompts"])
     assert len(list(tmp_path.glob("*.png"))) == len(DEFAULT_PROMPTS)
+
+
+def test_transformer_adapter_is_transparent_to_the_pipeline_call(build: dict[str, Any]) -> None:
+    """The adapter over the PyTorch fallback run gives the stock module's output for the pipeline's call shape."""
+    from stages.models.qwen_pipeline import TransformerRunAdapter, component_config, torch_component_run
+
+    adapter = TransformerRunAdapter(torch_component_run("transformer", build["checkpoint"]),
+                                    component_config(build["checkpoint"], "transformer"))
+    stock = qwen_image.load(build["checkpoint"])
+    generator = torch.Generator().manual_seed(0)
+    call = {"hidden_states": torch.randn(1, 16, 16, generator=generator), "timestep": torch.tensor([0.7]),
+            "guidance": None, "encoder_hidden_states_mask": None,
+            "encoder_hidden_states": torch.randn(1, 9, 16, generator=generator),
+            "img_shapes": [[(1, 4, 4)]], "attention_kwargs": {}, "return_dict": False}
+    with adapter.cache_context("cond"), torch.no_grad():
+        (sample,) = adapter(**call)
+        expected = stock(**call)[0]
+    torch.testing.assert_close(sample, expected, rtol=0, atol=0)
+    assert adapter.config.in_channels == 16 and adapter.config.guidance_embeds is False and adapter.calls == 1
+    with pytest.raises(TypeError, match="unexpected arguments \\['controlnet_block_samples'\\]"):
+        adapter(**call, controlnet_block_samples=None)
 
 
 def test_metric_helpers_against_hand_computed_values() -> None:
@@ -165,15 +190,18 @@ def test_settings_are_checked_before_any_model_loads(tmp_path: Path) -> None:
         "height": (replace(SETTINGS, height=120), "multiple of 16"),
     }
     for key, (settings, message) in bad.items():
-        with pytest.raises(ForgeError, match=f"pipeline_check: {key}: .*{message}"):
+        with pytest.raises(ForgeError, match=f"^pipeline_check.{key}: .*{message}"):
             check_settings(settings, TEXT_LENGTH)
     plain = replace(SETTINGS, prompts=("a red car", "a blue boat", "一只猫", "一条狗"))
-    with pytest.raises(ForgeError, match="rendered text"):
-        check_settings(plain, TEXT_LENGTH)
+    with pytest.raises(ForgeError, match="^recipes/x.yaml: pipeline_check.prompts: .*rendered text"):
+        check_settings(plain, TEXT_LENGTH, source="recipes/x.yaml")
     with pytest.raises(ForgeError, match="onnx_paths: unknown components \\['unet'\\]; allowed: text_encoder"):
         PipelineCheck(tmp_path, {"unet": tmp_path / "x.onnx"}, TEXT_LENGTH, SETTINGS)(tmp_path)
     with pytest.raises(ForgeError, match="built graph not found"):
         PipelineCheck(tmp_path, {"transformer": tmp_path / "x.onnx"}, TEXT_LENGTH, SETTINGS)(tmp_path)
+    with pytest.raises(ForgeError, match=r"model.onnx: input_ids: the graph declares shape \['batch', 98\], the feed has \[1, 66\]"):
+        check_static_shape(Path("model.onnx"), "input_ids", ["batch", 98], (1, 66))
+    check_static_shape(Path("model.onnx"), "input_ids", ["batch", 98], (2, 98))
 
 
 def test_from_recipe_without_a_section_names_the_key() -> None:
@@ -182,3 +210,18 @@ def test_from_recipe_without_a_section_names_the_key() -> None:
     loaded = SimpleNamespace(source="recipes/x.yaml", recipe=SimpleNamespace())
     with pytest.raises(ForgeError, match="recipes/x.yaml: pipeline_check: the recipe has no pipeline_check section"):
         from_recipe(loaded, None)
+
+
+def test_from_recipe_points_at_the_built_graphs() -> None:
+    """Components the recipe builds run on their precision-stage ONNX; the others stay PyTorch."""
+    from stages import artifacts
+    from stages.pipeline_check import from_recipe
+
+    target = SimpleNamespace(compute_capability=(8, 6), backend="tensorrt-rtx")
+    recipe = SimpleNamespace(pipeline_check=SETTINGS, components={"transformer": None}, text_length=256,
+                             target=target, model=SimpleNamespace(is_tiny=True))
+    check = from_recipe(SimpleNamespace(name="r", source="recipes/r.yaml", recipe=recipe), None)
+    assert check.onnx_paths == {"transformer": artifacts.ARTIFACTS_DIR / "r/transformer/precision/model.onnx"}
+    assert check.engine_paths == {"transformer": artifacts.ARTIFACTS_DIR / "r/transformer/engine/engine.plan"}
+    assert check.checkpoint_dir == artifacts.ARTIFACTS_DIR / "r/checkpoint"
+    assert (check.text_length, check.settings, check.compute_capability) == (256, SETTINGS, (8, 6))

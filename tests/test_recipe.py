@@ -136,3 +136,11 @@ def test_transformer_needs_two_sizes_and_timesteps() -> None:
 def test_unknown_component_lists_the_known_ones() -> None:
     message = error_of("a10-fp16", {"components.unet.profile.batch.min": "1"})
     assert "components.unet" in message and "'text_encoder'" in message and "'vae_decoder'" in message
+
+
+def test_extends_can_drop_a_parent_key(tmp_path: Path) -> None:
+    data = base()
+    data["components"]["extra"] = None
+    child = write(tmp_path, "drop.yaml", {"extends": "a10-fp16", "components": {"transformer": {"export": None}}})
+    loaded = load_recipe(str(child))
+    assert loaded.recipe.components["transformer"].export.opset == 20  # dropped -> schema default

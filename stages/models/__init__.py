@@ -26,16 +26,17 @@ class ComponentInfo:
     config_folder: str  # where its config.json lives in the checkpoint
     validate_requires: tuple[str, ...]  # validate keys that must be set ("sizes" implies an image profile)
     surgery_passes: tuple[str, ...] = ALL_SURGERY
+    quantizable: bool = False  # INT8/FP8 plans apply (calibration data can be captured for it)
 
 
 COMPONENTS: dict[str, ComponentInfo] = {
     "text_encoder": ComponentInfo(
         "stages.models.qwen_text_encoder", "stages.models.qwen_text_encoder:text_encoder_engine_inputs",
-        ("text_encoder", "tokenizer"), "text_encoder", ("text_tokens",), ALL_SURGERY[:4],
+        ("text_encoder", "tokenizer"), "text_encoder", ("text_tokens",), ALL_SURGERY[:4], quantizable=True,
     ),
     "transformer": ComponentInfo(
         "stages.models.qwen_image", "stages.models.qwen_image:transformer_engine_inputs",
-        ("transformer",), "transformer", ("sizes", "timesteps", "text_tokens"),
+        ("transformer",), "transformer", ("sizes", "timesteps", "text_tokens"), quantizable=True,
     ),
     "vae_decoder": ComponentInfo(
         "stages.models.qwen_vae", "stages.models.qwen_vae:vae_decoder_engine_inputs",

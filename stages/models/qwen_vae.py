@@ -22,6 +22,14 @@ Dynamic shapes. ``AutoencoderKLQwenImage.decode`` exports as is with dynamic bat
 frame the causal-conv feature cache only holds Python-side bookkeeping (``"Rep"`` markers, clones that are
 never read), so the graph is the plain causal-conv decoder. Tiling and slicing are switched off while
 exporting because they are Python branches on the trace shapes that would bake one tile layout into the graph.
+
+Upsampling. The decoder's ``QwenImageUpsample`` uses ``nearest-exact``, which the dynamo exporter lowers to
+float index arithmetic (Range, +0.5, *scale, Cast to int64) feeding GatherND. AutoCast lowers that arithmetic
+to fp16/bf16, and the indices then round to wrong or out-of-range pixels: from 256 px in bf16 and above
+1024 px in fp16 (seen in the emulated graphs of scripts/vae_precision_benchmark.py). For an integer scale s,
+nearest-exact's floor((i + 0.5) / s) equals nearest's floor(i / s), so the wrapper switches those modules to
+``nearest`` while exporting: the graph gets an index-free ONNX Resize that TensorRT runs natively, with
+bit-identical output.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import torch
 from torch import nn
 
 from diffusers import AutoencoderKLQwenImage
+from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageUpsample
 
 CHECKPOINT_SUBFOLDER = "vae"
 
@@ -64,6 +73,7 @@ MAX_LATENT_SIDE = 512  # 4096 px at 8x
 
 
 def text_axis_length(text_length: int) -> int:
+    """Protocol completeness only: the decoder has no text input, so nothing is pinned to this length."""
     return text_length
 
 
@@ -126,14 +136,29 @@ class ExportableVaeDecoder(nn.Module):
         return decoded[:, :, 0]
 
 
+def _integer_nearest_exact_upsamplers(model: nn.Module) -> list[nn.Upsample]:
+    found = []
+    for module in model.modules():
+        if isinstance(module, QwenImageUpsample) and module.mode == "nearest-exact":
+            factors = module.scale_factor if isinstance(module.scale_factor, tuple) else (module.scale_factor,)
+            if module.size is None and all(float(f).is_integer() and f >= 1 for f in factors):
+                found.append(module)
+    return found
+
+
 @contextlib.contextmanager
 def export_wrapper(model: AutoencoderKLQwenImage) -> Iterator[nn.Module]:
     saved = (model.use_tiling, model.use_slicing)
+    upsamplers = _integer_nearest_exact_upsamplers(model)
     model.use_tiling, model.use_slicing = False, False
+    for module in upsamplers:
+        module.mode = "nearest"
     try:
         yield ExportableVaeDecoder(model).eval()
     finally:
         model.use_tiling, model.use_slicing = saved
+        for module in upsamplers:
+            module.mode = "nearest-exact"
 
 
 def example_inputs(model: AutoencoderKLQwenImage, text_length: int) -> dict[str, torch.Tensor]:

@@ -57,6 +57,28 @@ def test_graph_io_is_symbolic_in_batch_height_width(onnx_path: Path) -> None:
     assert [v.name for v in graph.output] == qwen_vae.OUTPUT_NAMES
     assert latents[1:3] == [4, 1] and all(isinstance(d, str) for d in (latents[0], latents[3], latents[4]))
     assert image[1] == 3 and all(isinstance(d, str) for d in (image[0], image[2], image[3]))
+    ops = [node.op_type for node in graph.node]
+    assert ops.count("Resize") == 3, "each upsampler must be an index-free Resize"
+    assert "GatherND" not in ops and "Range" not in ops, "float index arithmetic would be lowered by AutoCast"
+
+
+def test_export_wrapper_restores_the_model(tiny_vae: Any) -> None:
+    from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageUpsample
+
+    latents = torch.randn(1, 4, 1, 5, 7, generator=torch.Generator().manual_seed(2))
+    expected = qwen_vae.reference_outputs(tiny_vae, {"call": {"latents": latents}})["image"]
+    tiny_vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=16,
+                           tile_sample_stride_height=8, tile_sample_stride_width=8)
+    try:
+        with qwen_vae.export_wrapper(tiny_vae) as wrapper, torch.no_grad():
+            modes = {m.mode for m in tiny_vae.modules() if isinstance(m, QwenImageUpsample)}
+            image = wrapper(latents).numpy()
+        assert modes == {"nearest"} and not wrapper.training
+        np.testing.assert_array_equal(image, expected)
+        assert tiny_vae.use_tiling
+        assert {m.mode for m in tiny_vae.modules() if isinstance(m, QwenImageUpsample)} == {"nearest-exact"}
+    finally:
+        tiny_vae.disable_tiling()
 
 
 def test_onnx_matches_stock_decode_at_two_sizes(tiny_vae: Any, session: Any) -> None:
