@@ -28,6 +28,11 @@ def task_checkpoint():
     yield from stage_tasks(RECIPE, "checkpoint")
 
 
+def task_calibration():
+    """Capture real inputs of each INT8/FP8 component from the PyTorch pipeline (shared between recipes)."""
+    yield from stage_tasks(RECIPE, "calibration")
+
+
 def task_export():
     """Export each component to ONNX from the real diffusers model (real-valued RoPE, fixed text length)."""
     yield from stage_tasks(RECIPE, "export")
@@ -39,7 +44,7 @@ def task_surgery():
 
 
 def task_precision():
-    """Convert precision in the graph with ModelOpt AutoCast, keeping frozen and excluded nodes high."""
+    """Decide precision in the graph: ModelOpt AutoCast (fp16/bf16) or explicit Q/DQ (INT8/FP8), frozen nodes kept high."""
     yield from stage_tasks(RECIPE, "precision")
 
 
@@ -51,6 +56,11 @@ def task_engine():
 def task_validate():
     """Compare the built graph (ONNX Runtime; the engine where a GPU can run it) with PyTorch fp32."""
     yield from stage_tasks(RECIPE, "validate")
+
+
+def task_pipeline_check():
+    """Denoise the recipe's prompts all in PyTorch and on the built graphs; compare latents and images."""
+    yield from stage_tasks(RECIPE, "pipeline_check")
 
 
 def task_manifest():

@@ -42,7 +42,20 @@ def build_manifest(loaded: LoadedRecipe) -> dict[str, Any]:
         "versions": tool_versions((*MANIFEST_PACKAGES, BACKEND_PACKAGES[target.backend], "onnxscript")),
         "platform": {"python": sys.version.split()[0], "machine": platform.machine()},
         "components": {name: _component_entry(loaded, name) for name in recipe.components},
+        "pipeline_check": _pipeline_check_entry(loaded),
     }
+
+
+def _pipeline_check_entry(loaded: LoadedRecipe) -> dict[str, Any] | None:
+    report = _report(loaded, None, "pipeline_check")
+    if report is None:
+        return None
+    keep = ("passed", "runner", "runners", "reference", "engine", "components", "thresholds", "settings",
+            "truncated_prompts", "summary", "failure")
+    return {**{k: report[k] for k in keep if k in report},
+            "prompts": [{k: p[k] for k in ("index", "prompt", "language", "runs") if k in p}
+                        for p in report.get("prompts", [])],
+            "artifacts": _stage_outputs(loaded, None, "pipeline_check")}
 
 
 def _component_entry(loaded: LoadedRecipe, component: str) -> dict[str, Any]:
@@ -99,6 +112,10 @@ def summary_lines(manifest: dict[str, Any]) -> list[str]:
     lines = [f"manifest: {os.path.relpath(path)}"]
     if manifest["model"].get("warning"):
         lines.append(f"*** {manifest['model']['warning']} (seed {manifest['model'].get('seed')}) ***")
+    check = manifest.get("pipeline_check")
+    if check is not None:
+        lines.append(f"pipeline check: {'PASSED' if check['passed'] else 'FAILED'} on {check.get('runner')} "
+                     f"({len(check.get('prompts', []))} prompts; images in pipeline_check/)")
     for component, entry in manifest["components"].items():
         validation = entry.get("validation")
         if validation is None:

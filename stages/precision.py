@@ -100,10 +100,62 @@ def node_output_dtypes(model: Any) -> dict[str, str]:
     return dtypes
 
 
-def from_recipe(loaded: LoadedRecipe, component: str | None) -> ConvertPrecision:
+@dataclass(frozen=True)
+class QuantizeWithComparisons:
+    """The quantized graph plus the graphs its cost is measured against: the fp16 plan and freezing switched off.
+
+    Validation runs all of them, so the accuracy cost of quantizing and of (not) freezing the text branch are
+    numbers in the manifest; only the primary graph is built into an engine and gated.
+    """
+
+    primary: Any
+    fp16_plan: ConvertPrecision
+    freezing_off: Any | None
+
+    def __call__(self, out_dir: Path) -> dict[str, Any]:
+        report = self.primary(out_dir)
+        graphs = {"fp16_graph": self.fp16_plan}
+        if self.freezing_off is not None:
+            graphs["freezing_off"] = self.freezing_off
+        report["comparison_graphs"] = {}
+        for name, stage in graphs.items():
+            folder = out_dir / "comparisons" / name
+            folder.mkdir(parents=True)
+            print(f"[precision] comparison graph: {name}", file=sys.stderr)
+            stage(folder)
+            report["comparison_graphs"][name] = f"comparisons/{name}/{MODEL_FILE}"
+        return report
+
+
+def from_recipe(loaded: LoadedRecipe, component: str | None) -> ConvertPrecision | QuantizeWithComparisons:
     assert component is not None
     surgery_dir = artifacts.stage_dir(loaded.name, component, "surgery")
-    frozen = artifacts.read_json(surgery_dir / artifacts.RECORD_NAME)["report"]["frozen_nodes"]
-    settings = loaded.recipe.components[component].precision
-    return ConvertPrecision(component, surgery_dir / MODEL_FILE, settings.dtype, settings.high_precision,
-                            tuple(frozen), tuple(settings.exclude))
+    frozen = tuple(artifacts.read_json(surgery_dir / artifacts.RECORD_NAME)["report"]["frozen_nodes"])
+    plan = loaded.recipe.components[component].precision
+    source = surgery_dir / MODEL_FILE
+    if not plan.quantized:
+        return ConvertPrecision(component, source, plan.dtype, plan.high_precision, frozen, tuple(plan.exclude))
+    return _quantized_plan(loaded, component, source, frozen)
+
+
+def _quantized_plan(loaded: LoadedRecipe, component: str, source: Path, frozen: tuple[str, ...]) -> QuantizeWithComparisons:
+    from stages.calibration import load_feeds
+    from stages.quantize import QuantizePrecision, mode_for
+
+    plan = loaded.recipe.components[component].precision
+    feeds: Any = ()
+    if plan.needs_calibration:
+        record = artifacts.read_json(artifacts.record_path(loaded.name, component, "calibration"))
+        digest = record["report"]["digest"]
+        feeds = lambda: load_feeds(digest)  # noqa: E731 - loaded only when the quantizer runs
+    method = plan.calibration.method if plan.calibration else "max"
+
+    def quantizer(frozen_nodes: tuple[str, ...]) -> Any:
+        return QuantizePrecision(component, source, mode_for(plan.dtype, plan.weight_only), method,
+                                 plan.high_precision, frozen_nodes, tuple(plan.exclude), calibration_feeds=feeds)
+
+    return QuantizeWithComparisons(
+        primary=quantizer(frozen),
+        fp16_plan=ConvertPrecision(component, source, "fp16", "fp32", frozen, tuple(plan.exclude)),
+        freezing_off=quantizer(()) if frozen else None,
+    )

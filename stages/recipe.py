@@ -230,12 +230,32 @@ def check_component(name: str, component: Component, text_length: int) -> None:
                          f"allowed: {', '.join(info.surgery_passes)}")
 
 
+class PipelineCheckThresholds(Strict):
+    min_step_cosine: float = Field(gt=0, le=1)
+    min_psnr: float = Field(gt=0)
+    min_ssim: float = Field(gt=0, le=1)
+
+
+class PipelineCheckSection(Strict):
+    """End-to-end denoising with every component on its built graph vs all-PyTorch (see stages.pipeline_check)."""
+
+    prompts: list[str] = Field(min_length=4)
+    negative_prompt: str = " "
+    height: int = Field(default=1024, gt=0)
+    width: int = Field(default=1024, gt=0)
+    num_inference_steps: int = Field(default=50, ge=1)
+    true_cfg_scale: float = Field(default=4.0, gt=1)
+    seed: int = 0
+    thresholds: PipelineCheckThresholds
+
+
 class Recipe(Strict):
     description: str = ""
     target: Target
     model: ModelSource = ModelSource()
     text_length: int = Field(gt=0, le=1024)
     components: dict[Literal[tuple(COMPONENTS)], Component] = Field(min_length=1)  # type: ignore[valid-type]
+    pipeline_check: PipelineCheckSection | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -285,6 +305,10 @@ def load_recipe(recipe: str, overrides: dict[str, str] | None = None, model: str
     except ValidationError as error:
         raise _one_line_error(path, error, parsed_overrides) from None
     _check_model_dir(path, validated)
+    if validated.pipeline_check is not None:
+        from stages.pipeline_check import check_settings
+
+        check_settings(validated.pipeline_check, validated.text_length, source=path)
     capabilities.check_recipe(path, validated)
     return LoadedRecipe(
         name=path.stem,

@@ -57,6 +57,25 @@ def _validate_settings(loaded: LoadedRecipe, component: str | None) -> dict[str,
             "text_length": loaded.recipe.text_length}
 
 
+def _calibration_settings(loaded: LoadedRecipe, component: str | None) -> dict[str, Any]:
+    from stages.calibration import prompts_path
+
+    settings = loaded.recipe.components[component].precision.calibration
+    assert settings is not None
+    return {"calibration": settings.model_dump(mode="json", exclude={"method"}), "model": model_identity(loaded),
+            "prompts_sha256": hashlib.sha256(prompts_path(settings).read_bytes()).hexdigest(),
+            "text_length": loaded.recipe.text_length}
+
+
+def _pipeline_check_settings(loaded: LoadedRecipe, component: str | None) -> dict[str, Any]:
+    return {"pipeline_check": loaded.resolved.get("pipeline_check"), "target": loaded.resolved["target"],
+            "model": model_identity(loaded), "text_length": loaded.recipe.text_length}
+
+
+def _always(loaded: LoadedRecipe, component: str | None) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class StageSpec:
     name: str
@@ -65,21 +84,29 @@ class StageSpec:
     per_component: bool
     settings: SettingsFn
     versions: tuple[str, ...]
+    applies: Callable[[LoadedRecipe, str | None], bool] = _always
 
 
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
-        StageSpec("checkpoint", "stages.checkpoint", (), False, _model_settings, ("torch", "diffusers")),
+        StageSpec("checkpoint", "stages.checkpoint", (), False, _model_settings, ("torch", "diffusers"),
+                  lambda loaded, _: loaded.recipe.model.is_tiny),
+        StageSpec("calibration", "stages.calibration", ("checkpoint",), True, _calibration_settings,
+                  ("torch", "diffusers", "transformers"),
+                  lambda loaded, c: loaded.recipe.components[c].precision.needs_calibration),
         StageSpec("export", "stages.export", ("checkpoint",), True, _export_settings,
                   ("torch", "diffusers", "onnx", "onnxscript")),
         StageSpec("surgery", "stages.surgery", ("export",), True, _component_section("surgery"),
                   ("onnx", "onnx-graphsurgeon", "polygraphy")),
-        StageSpec("precision", "stages.precision", ("surgery",), True, _component_section("precision"),
+        StageSpec("precision", "stages.precision", ("surgery", "calibration"), True, _component_section("precision"),
                   ("onnx", "nvidia-modelopt")),
         StageSpec("engine", "stages.engine", ("precision",), True, _engine_settings, ("polygraphy",)),
         StageSpec("validate", "stages.validate", ("checkpoint", "precision", "engine"), True, _validate_settings,
                   ("torch", "diffusers", "onnxruntime", "polygraphy")),
+        StageSpec("pipeline_check", "stages.pipeline_check", ("checkpoint", "precision", "engine"), False,
+                  _pipeline_check_settings, ("torch", "diffusers", "transformers", "onnxruntime", "scikit-image"),
+                  lambda loaded, _: loaded.recipe.pipeline_check is not None),
     )
 }
 
@@ -153,8 +180,21 @@ def stage_versions(loaded: LoadedRecipe, spec: StageSpec, component: str | None)
     return {**tool_versions(packages), "forge-stage-code": code_digest(spec, component)}
 
 
-def upstream_stages(loaded: LoadedRecipe, spec: StageSpec) -> list[StageSpec]:
-    return [STAGES[name] for name in spec.upstream if name != "checkpoint" or loaded.recipe.model.is_tiny]
+def stage_instances(loaded: LoadedRecipe, spec: StageSpec) -> list[str | None]:
+    """The components this stage runs for (None for a recipe-wide stage), where it applies at all."""
+    components: list[str | None] = list(loaded.recipe.components) if spec.per_component else [None]
+    return [c for c in components if spec.applies(loaded, c)]
+
+
+def upstream_records(loaded: LoadedRecipe, spec: StageSpec, component: str | None) -> list[Path]:
+    """Records this task reads: same component upstream, every component's for a recipe-wide stage."""
+    records = []
+    for name in spec.upstream:
+        upstream = STAGES[name]
+        for instance in stage_instances(loaded, upstream):
+            if instance is None or component is None or instance == component:
+                records.append(artifacts.record_path(loaded.name, instance, name))
+    return records
 
 
 def task_name(loaded: LoadedRecipe, component: str | None) -> str:
@@ -164,21 +204,14 @@ def task_name(loaded: LoadedRecipe, component: str | None) -> str:
 def stage_tasks(loaded: LoadedRecipe, stage: str) -> Iterator[dict[str, Any]]:
     """One doit sub-task per component (or one per recipe for recipe-wide stages)."""
     spec = STAGES[stage]
-    if stage == "checkpoint" and not loaded.recipe.model.is_tiny:
-        return
-    components = list(loaded.recipe.components) if spec.per_component else [None]
-    for component in components:
-        deps = [
-            artifacts.record_path(loaded.name, component if up.per_component else None, up.name)
-            for up in upstream_stages(loaded, spec)
-        ]
+    for component in stage_instances(loaded, spec):
         fingerprint = {"settings": spec.settings(loaded, component),
                        "versions": stage_versions(loaded, spec, component)}
         out_dir = artifacts.stage_dir(loaded.name, component, stage)
         yield {
             "name": task_name(loaded, component),
             "actions": [(run_stage, [loaded, component, stage])],
-            "file_dep": [str(p) for p in deps],
+            "file_dep": [str(p) for p in upstream_records(loaded, spec, component)],
             "targets": [str(artifacts.record_path(loaded.name, component, stage))],
             "uptodate": [config_changed(fingerprint)],
             "clean": [(artifacts.remove_tree, [out_dir])],
@@ -187,12 +220,8 @@ def stage_tasks(loaded: LoadedRecipe, stage: str) -> Iterator[dict[str, Any]]:
 
 
 def manifest_task(loaded: LoadedRecipe) -> dict[str, Any]:
-    records = [
-        artifacts.record_path(loaded.name, component if spec.per_component else None, spec.name)
-        for spec in STAGES.values()
-        for component in (loaded.recipe.components if spec.per_component else [None])
-        if spec.name != "checkpoint" or loaded.recipe.model.is_tiny
-    ]
+    records = [artifacts.record_path(loaded.name, component, spec.name)
+               for spec in STAGES.values() for component in stage_instances(loaded, spec)]
     manifest = artifacts.recipe_dir(loaded.name) / "manifest.json"
     fingerprint = {"recipe": loaded.resolved, "overrides": loaded.overrides, "model": model_identity(loaded),
                    "versions": tool_versions(MANIFEST_PACKAGES)}
