@@ -69,17 +69,29 @@ def _component_entry(loaded: LoadedRecipe, component: str) -> dict[str, Any]:
         "text_length": loaded.recipe.text_length,
         "tokenizer": _tokenizer_entry(component, reports.get("export") or {}),
         "profile": engine.get("profile"),
-        "precision": {k: (reports.get("precision") or {}).get(k) for k in ("dtype", "high_precision", "node_precisions", "excluded")},
+        "precision": _precision_entry(reports.get("precision") or {}),
+        "calibration": reports.get("calibration") and {k: reports["calibration"][k] for k in (
+            "digest", "shared_dir", "reused", "samples", "prompts", "settings", "inputs") if k in reports["calibration"]},
         "surgery": [{k: v for k, v in p.items() if k != "frozen_nodes"} for p in (reports.get("surgery") or {}).get("passes", [])],
         "validation": None if validation is None else {
             "passed": validation["passed"],
             "metrics": validation["comparisons"],
+            "measured_against_comparison_graphs": validation.get("measured_against_comparison_graphs", []),
+            "freezing_effect": validation.get("freezing_effect"),
             "engine_run": validation["engine"],
             "onnxruntime_run": validation["onnxruntime"],
             "cases": validation["cases"],
             "results": _relative(artifacts.stage_dir(loaded.name, component, "validate") / validation["results_file"]),
         },
     }
+
+
+BULKY_PRECISION_KEYS = ("excluded_nodes", "quantized_gemms", "detached_shared_qdq")
+
+
+def _precision_entry(report: dict[str, Any]) -> dict[str, Any]:
+    """How precision was decided: converter or quantizer, counts of quantized/excluded nodes and why."""
+    return {key: value for key, value in report.items() if key not in BULKY_PRECISION_KEYS}
 
 
 def _tokenizer_entry(component: str, export: dict[str, Any]) -> dict[str, Any] | None:

@@ -280,9 +280,9 @@ def capture_steps() -> Iterator[tuple[Any, list[np.ndarray]]]:
 
 def onnxruntime_session(onnx_path: Path) -> Any:
     """A CPU ONNX Runtime session as `feed -> outputs`; inputs cast to the graph's declared dtypes (fp16 graphs)."""
-    import onnxruntime as ort
+    from stages.quantize import onnxruntime_session as cpu_session
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = cpu_session(onnx_path)
     types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
     inputs = {i.name: types.get(i.type) for i in session.get_inputs()}

@@ -31,6 +31,7 @@ class ValidateAgainstPytorch:
     backend: str
     settings: ValidateSettings
     text_length: int
+    comparison_graphs: tuple[tuple[str, Path], ...] = ()
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         from polygraphy.comparator import RunResults
@@ -47,11 +48,15 @@ class ValidateAgainstPytorch:
         results.add([spec.reference_outputs(model, case) for case in cases], runner_name=REFERENCE)
         feeds = [case["feed"] for case in cases]
         print(f"[validate] ONNX Runtime on {self.onnx_path.name}", file=sys.stderr)
-        results[ORT] = run_onnxruntime(self.onnx_path, feeds)
+        results[ORT] = run_onnxruntime(self.onnx_path, feeds, ORT)
+        for name, path in self.comparison_graphs:
+            print(f"[validate] ONNX Runtime on comparison graph {name}", file=sys.stderr)
+            results[f"{ORT}:{name}"] = run_onnxruntime(path, feeds, f"{ORT}:{name}")
         engine_status = self._maybe_run_engine(feeds, results)
-        comparisons = compare(results, self.settings.tolerances, spec.OUTPUT_NAMES)
+        comparisons = compare(results, self.settings.tolerances, spec.OUTPUT_NAMES, comparison_pairs(results))
         results.save(str(out_dir / "results.json"))
-        passed = all(c["passed"] for c in comparisons)
+        gated = [c for c in comparisons if c["gated"]]
+        passed = all(c["passed"] for c in gated)
         lines = [format_line(c) for c in comparisons]
         for line in lines:
             print(f"[validate] {line}", file=sys.stderr)
@@ -63,11 +68,13 @@ class ValidateAgainstPytorch:
             "onnxruntime": {"onnx": str(self.onnx_path.relative_to(artifacts.ARTIFACTS_DIR)), "ran": True},
             "engine": engine_status,
             "cases": [case["description"] for case in cases],
-            "comparisons": comparisons,
+            "comparisons": gated,
+            "measured_against_comparison_graphs": [c for c in comparisons if not c["gated"]],
+            "freezing_effect": freezing_effect(comparisons),
             "results_file": "results.json",
         }
         if not passed:
-            failed = [line for line, c in zip(lines, comparisons) if not c["passed"]]
+            failed = [line for line, c in zip(lines, comparisons) if c["gated"] and not c["passed"]]
             report["failure"] = f"validation of {self.component} failed: " + "; ".join(failed)
         return report
 
@@ -80,12 +87,40 @@ class ValidateAgainstPytorch:
         return {"ran": True}
 
 
-def run_onnxruntime(onnx_path: Path, feeds: list[dict[str, Any]]) -> Any:
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+def run_onnxruntime(onnx_path: Path, feeds: list[dict[str, Any]], name: str) -> Any:
+    """ONNX Runtime CPU on the graph; FP8 Q/DQ graphs get the session settings ORT needs to run them."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator
 
-    runner = OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["cpu"]), name=ORT)
-    return Comparator.run([runner], data_loader=feeds)[ORT]
+    from stages.quantize import onnxruntime_session
+
+    runner = OnnxrtRunner(lambda: onnxruntime_session(onnx_path), name=name)
+    return Comparator.run([runner], data_loader=feeds)[name]
+
+
+def comparison_pairs(results: Any) -> list[tuple[int, int]]:
+    """Every runner against the fp32 reference, and the primary graph against the fp16 plan when there is one."""
+    names = list(results.keys())
+    pairs = [(0, index) for index in range(1, len(names))]
+    fp16 = f"{ORT}:fp16_graph"
+    if fp16 in names:
+        pairs.append((names.index(fp16), names.index(ORT)))
+    return pairs
+
+
+def freezing_effect(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How much freezing the text branch buys: error vs fp32 with freezing on minus with it off."""
+    against_reference = {(r["runner"], r["output"]): r for r in rows if r["against"] == REFERENCE}
+    effect = {}
+    for (runner, output), off in against_reference.items():
+        on = against_reference.get((ORT, output))
+        if runner == f"{ORT}:freezing_off" and on:
+            effect[output] = {
+                "max_abs_diff_frozen": on["max_abs_diff"], "max_abs_diff_unfrozen": off["max_abs_diff"],
+                "cosine_frozen": on["min_cosine_similarity"], "cosine_unfrozen": off["min_cosine_similarity"],
+                "cosine_gain_from_freezing": on["min_cosine_similarity"] - off["min_cosine_similarity"],
+            }
+    return effect or None
 
 
 def run_engine(engine_path: Path, backend: str, feeds: list[dict[str, Any]]) -> Any:
@@ -112,15 +147,19 @@ def engine_unrunnable_reason(compute_capability: tuple[int, int]) -> str | None:
     return None
 
 
-def compare(results: Any, tolerances: dict[str, Tolerance], output_names: list[str]) -> list[dict[str, Any]]:
-    """Per runner and output: worst-case errors over all cases, checked against the recipe's tolerances."""
+def compare(results: Any, tolerances: dict[str, Tolerance], output_names: list[str],
+            pairs: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """Per runner pair and output: worst-case errors over all cases, checked against the recipe's tolerances.
+
+    Only the built graph and the engine against the fp32 reference gate the build; comparison graphs are
+    measured with the same tolerances and reported.
+    """
     from polygraphy.comparator import Comparator, CosineSimilarityCompareFunc, SimpleCompareFunc
 
     default = tolerances.get("") or next(iter(tolerances.values()))
     atol = {name: tolerances.get(name, default).atol for name in output_names}
     rtol = {name: tolerances.get(name, default).rtol for name in output_names}
     cosine = {name: tolerances.get(name, default).cosine for name in output_names}
-    pairs = [(0, index) for index in range(1, len(results))]
     simple, similarity = Comparator.compare_accuracy(
         results,
         comparisons=pairs,
@@ -137,6 +176,8 @@ def compare(results: Any, tolerances: dict[str, Tolerance], output_names: list[s
             worst_cosine = min(s.cosine_similarity for s in sims)
             rows.append({
                 "runner": pair[1],
+                "against": pair[0],
+                "gated": pair[0] == REFERENCE and pair[1] in (ORT, TRT),
                 "output": name,
                 "max_abs_diff": max(s.max_absdiff for s in stats),
                 "max_rel_diff": max(s.max_reldiff for s in stats),
@@ -154,16 +195,20 @@ def compare(results: Any, tolerances: dict[str, Tolerance], output_names: list[s
 def format_line(row: dict[str, Any]) -> str:
     tol = row["tolerance"]
     verdict = "PASS" if row["passed"] else "FAIL"
-    return (f"{row['runner']} {row['output']}: max|diff| {row['max_abs_diff']:.3g} (atol {tol['atol']:g}, "
+    against = "" if row.get("against", REFERENCE) == REFERENCE else f" vs {row['against']}"
+    return (f"{row['runner']}{against} {row['output']}: max|diff| {row['max_abs_diff']:.3g} (atol {tol['atol']:g}, "
             f"rtol {tol['rtol']:g}), cosine {row['min_cosine_similarity']:.6f} (min {tol['cosine']:g}) -> {verdict}; "
             f"would pass with atol >= {row['would_pass_with']['atol']:.3g} at rtol 0, "
-            f"cosine >= {row['would_pass_with']['cosine']:.6f}")
+            f"cosine >= {row['would_pass_with']['cosine']:.6f}" + ("" if row.get("gated", True) else " (measured, not gated)"))
 
 
 def from_recipe(loaded: LoadedRecipe, component: str | None) -> ValidateAgainstPytorch:
     from stages.checkpoint import checkpoint_dir
 
     assert component is not None
+    precision_dir = artifacts.stage_dir(loaded.name, component, "precision")
+    precision = artifacts.read_json(precision_dir / artifacts.RECORD_NAME)["report"]
+    graphs = tuple((name, precision_dir / path) for name, path in precision.get("comparison_graphs", {}).items())
     return ValidateAgainstPytorch(
         component=component,
         checkpoint_dir=checkpoint_dir(loaded),
@@ -173,4 +218,5 @@ def from_recipe(loaded: LoadedRecipe, component: str | None) -> ValidateAgainstP
         backend=loaded.recipe.target.backend,
         settings=loaded.recipe.components[component].validate_,
         text_length=loaded.recipe.text_length,
+        comparison_graphs=graphs,
     )

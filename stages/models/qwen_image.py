@@ -97,11 +97,14 @@ def transformer_engine_inputs(
     Arguments mirror ``QwenImageTransformer2DModel.forward``: ``hidden_states`` [B, N, C] packed latents,
     ``encoder_hidden_states`` [B, T, D] padded to the engine's fixed text length, ``encoder_hidden_states_mask``
     [B, T] (1 = real token, 0 = padding), ``timestep`` [B] (sigma in [0, 1]) and ``img_shapes``, a list of
-    (frame, height, width) in latent patches, all equal within a batch as diffusers requires.
+    (frame, height, width) in latent patches (or the pipeline's [[(frame, height, width)]] per entry), all
+    equal within a batch as diffusers requires.
     ``axes_dims_rope`` is the model config's value (the released model's by default). Tensors may be torch
     or numpy; the result is numpy, ready for ONNX Runtime or a TensorRT runner.
     """
-    shapes = [tuple(int(v) for v in shape) for shape in img_shapes]
+    # The pipeline passes one [(frame, h, w)] list per batch entry; diffusers' RoPE reads its first shape.
+    shapes = [tuple(int(v) for v in (shape[0] if isinstance(shape[0], (list, tuple)) else shape))
+              for shape in img_shapes]
     if len(set(shapes)) != 1:
         raise ValueError(f"`img_shapes` must hold one shape for the whole batch, got {shapes}.")
     feed = {

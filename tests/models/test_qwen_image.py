@@ -101,3 +101,12 @@ def test_validation_cases_pad_and_cover_sizes(model: stock.QwenImageTransformer2
     assert mask.sum(axis=1).tolist() == settings.text_tokens
     rope = cases[0]["feed"]
     assert np.allclose(rope["img_rope_cos"] ** 2 + rope["img_rope_sin"] ** 2, 1.0, atol=1e-6)
+
+
+def test_feed_function_accepts_the_pipelines_nested_img_shapes(model: stock.QwenImageTransformer2DModel) -> None:
+    call = diffusers_call(model, 2, (4, 6), text_length=4, real_tokens=[4, 2])
+    flat = qwen_image.transformer_engine_inputs(**call, axes_dims_rope=model.config.axes_dims_rope)
+    call["img_shapes"] = [[(1, 4, 6)], [(1, 4, 6)]]
+    nested = qwen_image.transformer_engine_inputs(**call, axes_dims_rope=model.config.axes_dims_rope)
+    for name in qwen_image.INPUT_NAMES:
+        np.testing.assert_array_equal(nested[name], flat[name])
