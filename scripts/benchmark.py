@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STAGE_ORDER = ["checkpoint", "export", "surgery", "precision", "engine", "validate", "manifest"]
+STAGE_ORDER = ["checkpoint", "calibration", "export", "surgery", "precision", "engine", "validate",
+               "pipeline_check", "manifest"]
 
 
 def run_doit_measured(args: list[str], env: dict[str, str]) -> tuple[float, float, int]:

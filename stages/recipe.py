@@ -370,6 +370,7 @@ def _parse_value(text: str) -> Any:
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set a dotted key; `key=null` removes it, as `key: null` does in a recipe that extends another."""
     keys = dotted.split(".")
     node = tree
     for key in keys[:-1]:
@@ -377,7 +378,10 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(child, dict):
             raise fail("command line", dotted, f"{key!r} holds a value, not a section; cannot set {dotted}")
         node = child
-    node[keys[-1]] = value
+    if value is None:
+        node.pop(keys[-1], None)
+    else:
+        node[keys[-1]] = value
 
 
 def _one_line_error(path: Path, error: ValidationError, overrides: dict[str, Any]) -> ForgeError:

@@ -40,13 +40,22 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(built: dict[str, Path]) -> Path:
-    return built["recipe"] / "checkpoint"
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline (seed 0) saved by the checkpoint stage itself: same weights as every tiny build."""
+    from stages.checkpoint import SaveTinyCheckpoint
+
+    out = tmp_path_factory.mktemp("checkpoint")
+    SaveTinyCheckpoint(seed=0)(out)
+    return out
 
 
 @pytest.fixture(scope="session")
-def exported_onnx(built: dict[str, Path]) -> Path:
-    return built["recipe"] / "transformer" / "export" / "model.onnx"
+def exported_onnx(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from stages.export import ExportOnnx
+
+    out = tmp_path_factory.mktemp("export")
+    ExportOnnx("transformer", tiny_checkpoint, 256, 20)(out)
+    return out / "model.onnx"
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ def test_one_graph_serves_profile_sizes_and_batches(session: ort.InferenceSessio
     np.testing.assert_allclose(actual, expected, atol=2e-5, rtol=1e-4)
 
 
-def test_graph_contract(exported_onnx: Path, built: dict[str, Path]) -> None:
+def test_graph_contract(exported_onnx: Path) -> None:
     graph = onnx.load(str(exported_onnx), load_external_data=False).graph
     assert [i.name for i in graph.input] == qwen_image.INPUT_NAMES
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}

@@ -86,7 +86,10 @@ def test_missing_model_directory(tmp_path: Path) -> None:
     message = error_of("a10-fp16", model=str(tmp_path / "nowhere"))
     assert "model.path" in message and "does not exist" in message
     (tmp_path / "ckpt" / "transformer").mkdir(parents=True)
-    assert "config.json" in error_of("a10-fp16", model=str(tmp_path / "ckpt"))
+    assert "missing text_encoder/ (needed by component text_encoder)" in error_of("a10-fp16", model=str(tmp_path / "ckpt"))
+    for folder in ("text_encoder", "tokenizer", "vae"):
+        (tmp_path / "ckpt" / folder).mkdir()
+    assert "text_encoder/config.json" in error_of("a10-fp16", model=str(tmp_path / "ckpt"))
 
 
 def test_malformed_yaml_and_unknown_recipe(tmp_path: Path) -> None:
@@ -138,9 +141,9 @@ def test_unknown_component_lists_the_known_ones() -> None:
     assert "components.unet" in message and "'text_encoder'" in message and "'vae_decoder'" in message
 
 
-def test_extends_can_drop_a_parent_key(tmp_path: Path) -> None:
-    data = base()
-    data["components"]["extra"] = None
-    child = write(tmp_path, "drop.yaml", {"extends": "a10-fp16", "components": {"transformer": {"export": None}}})
-    loaded = load_recipe(str(child))
-    assert loaded.recipe.components["transformer"].export.opset == 20  # dropped -> schema default
+def test_null_drops_a_parent_key_in_extends_and_overrides() -> None:
+    loaded = load_recipe("tests/recipes/transformer-only.yaml")
+    assert list(loaded.recipe.components) == ["transformer"] and loaded.recipe.pipeline_check is None
+    full = load_recipe("a10-fp16", {"components.vae_decoder": "null", "pipeline_check": "null"})
+    assert sorted(full.recipe.components) == ["text_encoder", "transformer"]
+    assert full.overrides["pipeline_check"] is None
