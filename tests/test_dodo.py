@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import executed_tasks, run_doit
+from tests.conftest import REPO, executed_tasks, run_doit
+
+RECIPE_FILE = REPO / "tests" / "recipes" / "transformer-only.yaml"
+RECIPE = "transformer-only"
 
 
 def test_second_build_runs_nothing(built: dict[str, Path]) -> None:
@@ -16,18 +19,19 @@ def test_second_build_runs_nothing(built: dict[str, Path]) -> None:
     assert "-- validate:a10-fp16/transformer" in result.stdout
 
 
-def test_tolerance_change_reruns_only_validation_and_gates(built: dict[str, Path]) -> None:
+def test_tolerance_change_reruns_only_validation_and_gates(checkpoint_build: dict[str, Path]) -> None:
+    built = checkpoint_build
     tight = "components.transformer.validate.tolerances.sample.atol=1e-9"
-    result = run_doit(["build", "recipe=a10-fp16", tight, "components.transformer.validate.tolerances.sample.rtol=1e-9"],
+    result = run_doit([*built["args"], tight, "components.transformer.validate.tolerances.sample.rtol=1e-9"],
                       built["artifacts"], built["db"], check=False)
     assert result.returncode != 0
-    assert executed_tasks(result.stdout) == ["validate:a10-fp16/transformer"]
+    assert executed_tasks(result.stdout) == [f"validate:{RECIPE}/transformer"]
     assert "onnxruntime sample" in result.stderr + result.stdout and "would pass with atol >=" in result.stderr + result.stdout
     manifest = json.loads((built["recipe"] / "manifest.json").read_text())
     assert manifest["components"]["transformer"]["validation"]["passed"] is False
     assert manifest["recipe"]["overrides"]["components.transformer.validate.tolerances.sample.atol"] == 1e-9
-    again = run_doit(["build", "recipe=a10-fp16"], built["artifacts"], built["db"])
-    assert executed_tasks(again.stdout) == ["validate:a10-fp16/transformer", "manifest:a10-fp16"]
+    again = run_doit(built["args"], built["artifacts"], built["db"])
+    assert executed_tasks(again.stdout) == [f"validate:{RECIPE}/transformer", f"manifest:{RECIPE}"]
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
@@ -48,13 +52,14 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint_build(built: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """model=<dir> exercises the real offline loading path, into a build of its own."""
+    """model=<dir> exercises the real offline loading path; transformer only, for the task-graph mechanics."""
     checkpoint = built["recipe"] / "checkpoint"
     root = tmp_path_factory.mktemp("from-checkpoint")
     artifacts, db = root / "artifacts", root / "db"
-    run_doit(["build", "recipe=a10-fp16", f"model={checkpoint}", "components.transformer.validate.timesteps=[1.0, 0.4]"],
-             artifacts, db)
-    return {"artifacts": artifacts, "db": db, "recipe": artifacts / "a10-fp16", "checkpoint": checkpoint}
+    args = ["build", f"recipe={RECIPE_FILE}", f"model={checkpoint}",
+            "components.transformer.validate.timesteps=[1.0, 0.4]"]
+    run_doit(args, artifacts, db)
+    return {"artifacts": artifacts, "db": db, "recipe": artifacts / RECIPE, "checkpoint": checkpoint, "args": args}
 
 
 def test_build_from_checkpoint_directory(built: dict[str, Path], checkpoint_build: dict[str, Path]) -> None:
@@ -67,21 +72,20 @@ def test_build_from_checkpoint_directory(built: dict[str, Path], checkpoint_buil
     digest = {e["path"]: e["sha256"] for e in tiny["components"]["transformer"]["artifacts"]["surgery"]}
     mine = {e["path"]: e["sha256"] for e in manifest["components"]["transformer"]["artifacts"]["surgery"]}
     assert mine["transformer/surgery/model.onnx"] == digest["transformer/surgery/model.onnx"]
+    assert list(manifest["components"]) == ["transformer"] and manifest["pipeline_check"] is None
     assert manifest["components"]["transformer"]["validation"]["passed"]
 
 
 def test_clean_removes_outputs(checkpoint_build: dict[str, Path]) -> None:
-    model = f"model={checkpoint_build['checkpoint']}"
-    run_doit(["clean", "recipe=a10-fp16", model], checkpoint_build["artifacts"], checkpoint_build["db"])
+    run_doit(["clean", *checkpoint_build["args"][1:]], checkpoint_build["artifacts"], checkpoint_build["db"])
     assert not (checkpoint_build["recipe"] / "manifest.json").exists()
     assert not (checkpoint_build["recipe"] / "transformer" / "export").exists()
     assert checkpoint_build["checkpoint"].exists(), "clean must never touch the user's checkpoint"
 
 
-def test_surgery_change_does_not_reexport(built: dict[str, Path]) -> None:
-    result = run_doit(["build", "recipe=a10-fp16",
-                       "components.transformer.surgery.passes=[fold_constants, infer_shapes, freeze_text_branch]"],
+def test_surgery_change_does_not_reexport(checkpoint_build: dict[str, Path]) -> None:
+    built = checkpoint_build
+    result = run_doit([*built["args"], "components.transformer.surgery.passes=[fold_constants, infer_shapes, freeze_text_branch]"],
                       built["artifacts"], built["db"])
-    ran = executed_tasks(result.stdout)
-    assert "export:a10-fp16/transformer" not in ran
-    assert ran[:3] == ["surgery:a10-fp16/transformer", "precision:a10-fp16/transformer", "engine:a10-fp16/transformer"]
+    assert executed_tasks(result.stdout) == [f"{stage}:{RECIPE}/transformer" for stage in (
+        "surgery", "precision", "engine", "validate")] + [f"manifest:{RECIPE}"]
