@@ -46,3 +46,21 @@ def test_summary_is_loud_about_tiny_and_skipped_engine(built: dict[str, Path]) -
     lines = summary_lines(manifest_of(built))
     assert any(line.startswith("*** TINY") for line in lines)
     assert any("validation PASSED on ONNX Runtime; engine NOT run" in line for line in lines)
+
+
+def test_all_three_components_and_the_pipeline_check_are_recorded(built: dict[str, Path]) -> None:
+    manifest = manifest_of(built)
+    assert sorted(manifest["components"]) == ["text_encoder", "transformer", "vae_decoder"]
+    for name, entry in manifest["components"].items():
+        module, function = entry["feed_function"].split(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+        assert entry["validation"]["passed"] and entry["artifacts"]["engine"], name
+    tokenizer = manifest["components"]["text_encoder"]["tokenizer"]
+    assert tokenizer["padding"]["max_length"] == 256 + 34 and tokenizer["padding"]["padding"] == "max_length"
+    assert (built["recipe"] / tokenizer["path"] / "tokenizer.json").is_file()
+    check = manifest["pipeline_check"]
+    assert check["passed"] and check["runner"] == "onnxruntime" and check["engine"]["ran"] is False
+    languages = [p["language"] for p in check["prompts"]]
+    assert languages.count("en") >= 2 and languages.count("zh") >= 2
+    images = [e for e in check["artifacts"] if e["path"].endswith(".png")]
+    assert len(images) == len(check["prompts"])

@@ -51,3 +51,34 @@ def test_recipe_patterns_are_excluded_too(surgery_output: tuple[Path, dict], tmp
     mlp = [n for n in dtypes if "/img_mlp/" in n]
     assert mlp and all(dtypes[n] == "fp32" for n in mlp)
     assert report["excluded"]["matched_by_patterns"] == len([n for n in report["excluded_nodes"] if "/img_mlp/" in n])
+
+
+def test_quantized_plan_writes_the_graphs_it_is_measured_against(surgery_output: tuple[Path, dict],
+                                                                 tmp_path: Path) -> None:
+    """Weight-only INT8 (no calibration data needed): the primary keeps the text branch unquantized."""
+    import onnx
+
+    from stages.precision import QuantizeWithComparisons
+    from stages.quantize import QuantizePrecision
+
+    source, surgery = surgery_output
+    frozen = tuple(surgery["frozen_nodes"])
+
+    def quantizer(nodes: tuple[str, ...]) -> QuantizePrecision:
+        return QuantizePrecision("transformer", source, "int8_weight_only", "max", "fp16", nodes, ())
+
+    stage = QuantizeWithComparisons(quantizer(frozen), ConvertPrecision("transformer", source, "fp16", "fp32", frozen, ()),
+                                    quantizer(()))
+    report = stage(tmp_path)
+    assert report["comparison_graphs"] == {"fp16_graph": "comparisons/fp16_graph/model.onnx",
+                                           "freezing_off": "comparisons/freezing_off/model.onnx"}
+
+    def dequantized_frozen(path: Path) -> set[str]:
+        graph = onnx.load(str(path)).graph
+        dq_outputs = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+        return {node.name for node in graph.node if node.name in frozen and set(node.input) & dq_outputs}
+
+    assert dequantized_frozen(tmp_path / "model.onnx") == set()
+    assert any("/txt_mlp/" in name for name in dequantized_frozen(tmp_path / report["comparison_graphs"]["freezing_off"]))
+    fp16 = node_output_dtypes(onnx.load(str(tmp_path / report["comparison_graphs"]["fp16_graph"])))
+    assert "fp16" in set(fp16.values())

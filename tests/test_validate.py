@@ -66,3 +66,20 @@ def test_engine_not_run_without_matching_gpu() -> None:
         assert reason is not None and "no CUDA GPU" in reason
     else:
         assert (reason is None) == (torch.cuda.get_device_capability() == (8, 6))
+
+
+def test_freezing_effect_is_the_difference_of_the_two_graphs() -> None:
+    from stages.validate import freezing_effect
+
+    rows = [
+        {"runner": "onnxruntime", "against": "pytorch-fp32", "output": "sample", "max_abs_diff": 0.1,
+         "min_cosine_similarity": 0.999},
+        {"runner": "onnxruntime:freezing_off", "against": "pytorch-fp32", "output": "sample", "max_abs_diff": 0.3,
+         "min_cosine_similarity": 0.990},
+        {"runner": "onnxruntime", "against": "onnxruntime:fp16_graph", "output": "sample", "max_abs_diff": 0.2,
+         "min_cosine_similarity": 0.5},
+    ]
+    effect = freezing_effect(rows)["sample"]
+    assert effect["max_abs_diff_frozen"] == 0.1 and effect["max_abs_diff_unfrozen"] == 0.3
+    assert abs(effect["cosine_gain_from_freezing"] - 0.009) < 1e-12
+    assert freezing_effect(rows[:1]) is None
