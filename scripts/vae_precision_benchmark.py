@@ -64,12 +64,9 @@ def parse_sizes(text: str) -> list[list[int]]:
 
 
 def export_fp32(model: Any, path: Path) -> Path:
-    inputs = qwen_vae.example_inputs(model, text_length=0)
-    with qwen_vae.export_wrapper(model) as wrapper, torch.no_grad():
-        program = torch.onnx.export(
-            wrapper, args=(), kwargs=inputs, input_names=list(inputs), output_names=qwen_vae.OUTPUT_NAMES,
-            dynamic_shapes=qwen_vae.dynamic_shapes(), opset_version=20, dynamo=True, verbose=False,
-        )
+    from stages.export import export_program
+
+    program, _ = export_program(qwen_vae, model, 0, 20)
     program.save(str(path))
     return path
 

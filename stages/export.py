@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from stages.recipe import LoadedRecipe
@@ -29,29 +30,15 @@ class ExportOnnx:
     opset: int
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
-        import torch
-
         from stages.models import component_module
 
         spec = component_module(self.component)
         started = time.perf_counter()
         print(f"[export] loading {self.component} from {self.checkpoint_dir}", file=sys.stderr)
         model = spec.load(self.checkpoint_dir)
-        inputs = spec.example_inputs(model, self.text_length)
         parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         print(f"[export] tracing with torch.onnx (dynamo), opset {self.opset}", file=sys.stderr)
-        with spec.export_wrapper(model) as wrapper, torch.no_grad():
-            program = torch.onnx.export(
-                wrapper,
-                args=(),
-                kwargs=inputs,
-                input_names=list(inputs),
-                output_names=spec.OUTPUT_NAMES,
-                dynamic_shapes=spec.dynamic_shapes(),
-                opset_version=self.opset,
-                dynamo=True,
-                verbose=False,
-            )
+        program, inputs = export_program(spec, model, self.text_length, self.opset)
         renamed = name_nodes_by_module(program.model)
         external = parameter_bytes > EXTERNAL_DATA_THRESHOLD
         program.save(str(out_dir / MODEL_FILE), external_data=external)
@@ -70,6 +57,26 @@ class ExportOnnx:
             "renamed_nodes": renamed,
             "inputs": {name: list(tensor.shape) for name, tensor in inputs.items()},
         }
+
+
+def export_program(spec: ModuleType, model: Any, text_length: int, opset: int) -> tuple[Any, dict[str, Any]]:
+    """The one way a component is traced: its model module's wrapper, example inputs and dynamic axes."""
+    import torch
+
+    inputs = spec.example_inputs(model, text_length)
+    with spec.export_wrapper(model) as wrapper, torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            args=(),
+            kwargs=inputs,
+            input_names=list(inputs),
+            output_names=spec.OUTPUT_NAMES,
+            dynamic_shapes=spec.dynamic_shapes(),
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
+    return program, inputs
 
 
 def name_nodes_by_module(model: Any) -> int:

@@ -38,7 +38,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     artifacts, db = tmp_path / "artifacts", tmp_path / "db"
     cases = [
         (["build", "recipe=a10-fp16", "components.transformer.profile.height.min=100"], "multiples of 16"),
-        (["build", "recipe=a10-fp16", "components.transformer.precision.dtype=fp8"], "precision.dtype"),
+        (["build", "recipe=a10-fp16", "target.gpu=t4", "components.transformer.precision.dtype=bf16"],
+         "components.transformer.precision.dtype: bf16 is not supported by t4"),
         (["build", "recipe=a10-fp16", "model=/no/such/dir"], "model.path"),
         (["build", "recipe=nope"], "no recipe named 'nope'"),
     ]

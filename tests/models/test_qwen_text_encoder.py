@@ -61,19 +61,9 @@ def session(model: Qwen2_5_VLForConditionalGeneration, tmp_path_factory: pytest.
     """The graph as the export stage makes it (dynamo exporter, kwargs, dynamic batch), in ONNX Runtime on CPU."""
     import onnxruntime
 
-    inputs = te.example_inputs(model, TEXT_LENGTH)
-    with te.export_wrapper(model) as wrapper, torch.no_grad():
-        program = torch.onnx.export(
-            wrapper,
-            args=(),
-            kwargs=inputs,
-            input_names=list(inputs),
-            output_names=te.OUTPUT_NAMES,
-            dynamic_shapes=te.dynamic_shapes(),
-            opset_version=20,
-            dynamo=True,
-            verbose=False,
-        )
+    from stages.export import export_program
+
+    program, _ = export_program(te, model, TEXT_LENGTH, 20)
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     program.save(str(path))
     return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
