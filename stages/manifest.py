@@ -11,7 +11,8 @@ from typing import Any
 from stages import artifacts
 from stages.models import COMPONENTS
 from stages.recipe import LoadedRecipe
-from stages.taskgraph import BACKEND_PACKAGES, MANIFEST_PACKAGES, STAGES, model_identity, tool_versions
+from stages.taskgraph import (BACKEND_PACKAGES, MANIFEST_PACKAGES, STAGES, model_identity, stage_instances,
+                              tool_versions)
 
 SCHEMA_VERSION = 1
 
@@ -59,7 +60,7 @@ def _pipeline_check_entry(loaded: LoadedRecipe) -> dict[str, Any] | None:
 
 
 def _component_entry(loaded: LoadedRecipe, component: str) -> dict[str, Any]:
-    stages = [spec.name for spec in STAGES.values() if spec.per_component]
+    stages = [spec.name for spec in STAGES.values() if component in stage_instances(loaded, spec)]
     reports = {stage: _report(loaded, component, stage) for stage in stages}
     engine = reports.get("engine") or {}
     validation = reports.get("validate")
@@ -71,7 +72,8 @@ def _component_entry(loaded: LoadedRecipe, component: str) -> dict[str, Any]:
         "profile": engine.get("profile"),
         "precision": _precision_entry(reports.get("precision") or {}),
         "calibration": reports.get("calibration") and {k: reports["calibration"][k] for k in (
-            "digest", "shared_dir", "reused", "samples", "prompts", "settings", "inputs") if k in reports["calibration"]},
+            "digest", "shared_dir", "reused", "samples", "files", "prompts", "settings", "inputs")
+            if k in reports["calibration"]},
         "surgery": [{k: v for k, v in p.items() if k != "frozen_nodes"} for p in (reports.get("surgery") or {}).get("passes", [])],
         "validation": None if validation is None else {
             "passed": validation["passed"],

@@ -77,16 +77,16 @@ def test_build_from_checkpoint_directory(built: dict[str, Path], checkpoint_buil
     assert manifest["components"]["transformer"]["validation"]["passed"]
 
 
-def test_clean_removes_outputs(checkpoint_build: dict[str, Path]) -> None:
-    run_doit(["clean", *checkpoint_build["args"][1:]], checkpoint_build["artifacts"], checkpoint_build["db"])
-    assert not (checkpoint_build["recipe"] / "manifest.json").exists()
-    assert not (checkpoint_build["recipe"] / "transformer" / "export").exists()
-    assert checkpoint_build["checkpoint"].exists(), "clean must never touch the user's checkpoint"
-
-
 def test_surgery_change_does_not_reexport(checkpoint_build: dict[str, Path]) -> None:
     built = checkpoint_build
     result = run_doit([*built["args"], "components.transformer.surgery.passes=[fold_constants, infer_shapes, freeze_text_branch]"],
                       built["artifacts"], built["db"])
     assert executed_tasks(result.stdout) == [f"{stage}:{RECIPE}/transformer" for stage in (
         "surgery", "precision", "engine", "validate")] + [f"manifest:{RECIPE}"]
+
+
+def test_clean_removes_outputs(checkpoint_build: dict[str, Path]) -> None:
+    run_doit(["clean", *checkpoint_build["args"][1:]], checkpoint_build["artifacts"], checkpoint_build["db"])
+    assert not (checkpoint_build["recipe"] / "manifest.json").exists()
+    assert not (checkpoint_build["recipe"] / "transformer" / "export").exists()
+    assert checkpoint_build["checkpoint"].exists(), "clean must never touch the user's checkpoint"
