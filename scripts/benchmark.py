@@ -22,8 +22,8 @@ STAGE_ORDER = ["checkpoint", "calibration", "export", "surgery", "precision", "e
 
 def run_doit_measured(args: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     """(wall seconds, peak RSS in MiB, exit code) of one doit process."""
-    code = ("import resource, sys; from doit.doit_cmd import DoitMain; from doit.cmd_base import ModuleTaskLoader;"
-            "sys.path.insert(0, '.'); import dodo; rc = DoitMain(ModuleTaskLoader(dodo)).run(sys.argv[1:]);"
+    # DoitMain() loads dodo.py itself after parsing `recipe=` and the overrides, as the doit command does.
+    code = ("import resource, sys; from doit.doit_cmd import DoitMain; rc = DoitMain().run(sys.argv[1:]);"
             "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)")
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True)
