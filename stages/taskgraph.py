@@ -58,13 +58,12 @@ def _validate_settings(loaded: LoadedRecipe, component: str | None) -> dict[str,
 
 
 def _calibration_settings(loaded: LoadedRecipe, component: str | None) -> dict[str, Any]:
-    from stages.calibration import prompts_path
+    """The calibration data's own identity: the task reruns exactly when the shared data would differ."""
+    from stages.calibration import calibration_digest
 
     settings = loaded.recipe.components[component].precision.calibration
     assert settings is not None
-    return {"calibration": settings.model_dump(mode="json", exclude={"method"}), "model": model_identity(loaded),
-            "prompts_sha256": hashlib.sha256(prompts_path(settings).read_bytes()).hexdigest(),
-            "text_length": loaded.recipe.text_length}
+    return {"digest": calibration_digest(component, model_identity(loaded), settings, loaded.recipe.text_length)}
 
 
 def _pipeline_check_settings(loaded: LoadedRecipe, component: str | None) -> dict[str, Any]:
