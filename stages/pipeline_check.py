@@ -34,10 +34,8 @@ from typing import Any
 import numpy as np
 
 from stages.errors import fail
+from stages.validate import ORT, REFERENCE, TRT  # one name per runner in every report
 
-REFERENCE = "pytorch-fp32"
-ORT = "onnxruntime"
-TRT = "tensorrt-engine"
 GRAPH_COMPONENTS = ("text_encoder", "transformer", "vae_decoder")
 METRICS_FILE = "metrics.json"
 

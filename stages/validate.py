@@ -112,9 +112,10 @@ def freezing_effect(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """How much freezing the text branch buys: error vs fp32 with freezing on minus with it off."""
     against_reference = {(r["runner"], r["output"]): r for r in rows if r["against"] == REFERENCE}
     effect = {}
-    for (runner, output), off in against_reference.items():
+    for output in {row["output"] for row in rows}:
         on = against_reference.get((ORT, output))
-        if runner == f"{ORT}:freezing_off" and on:
+        off = against_reference.get((f"{ORT}:freezing_off", output))
+        if on and off:
             effect[output] = {
                 "max_abs_diff_frozen": on["max_abs_diff"], "max_abs_diff_unfrozen": off["max_abs_diff"],
                 "cosine_frozen": on["min_cosine_similarity"], "cosine_unfrozen": off["min_cosine_similarity"],
