@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from collections import Counter
@@ -25,7 +26,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stages import artifacts  # noqa: E402
 from stages.models import qwen_image  # noqa: E402
 from stages.quantize import QuantizePrecision, onnxruntime_session, rtx_build_report  # noqa: E402
 from stages.recipe import PixelRange, Profile, Range, ValidateSettings  # noqa: E402
@@ -77,10 +77,11 @@ def main() -> None:
     parser.add_argument("--high-precision", default="fp16", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    surgery = artifacts.stage_dir(args.recipe, "transformer", "surgery")
+    view = Path(os.environ.get("FORGE_ARTIFACTS") or Path(__file__).resolve().parent.parent / "artifacts") / args.recipe
+    surgery = view / "transformer" / "surgery"
     source = surgery / "model.onnx"
-    frozen = tuple(artifacts.read_json(surgery / artifacts.RECORD_NAME)["report"]["frozen_nodes"])
-    config = json.loads((artifacts.recipe_dir(args.recipe) / "checkpoint" / "transformer" / "config.json").read_text())
+    frozen = tuple(json.loads((surgery / "record.json").read_text())["report"]["frozen_nodes"])
+    config = json.loads((view / "checkpoint" / "transformer" / "config.json").read_text())
     text_length = 256
     calibration = feeds(config, text_length, 0, [[256, 256], [384, 512]])
     evaluation = feeds(config, text_length, 7, [[256, 384], [512, 256]])

@@ -75,6 +75,9 @@ def check_recipe(path: Path, recipe: Recipe) -> None:
         if plan.quantized:
             check_quantization(path, f"components.{name}.precision.dtype", target.backend, target.gpu, cc,
                                plan.dtype, plan.weight_only)
+            if plan.calibration is not None:
+                check_calibration_method(path, f"components.{name}.precision.calibration.method", plan.dtype,
+                                         plan.weight_only, plan.calibration.method)
         checks = [("high_precision", plan.high_precision)] if plan.quantized else [
             ("dtype", plan.dtype), ("high_precision", plan.high_precision)]
         for key, dtype in checks:
@@ -92,7 +95,23 @@ def activate_backend(backend: str) -> None:
     os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = "1" if backend == "tensorrt-rtx" else "0"
 
 
-# Quantized precisions: which backend/GPU honours which Q/DQ plan.
+# Quantized precisions: which backend/GPU honours which Q/DQ plan, and which calibration each plan takes.
+
+QUANTIZATION_MODES = ("int8", "int8_weight_only", "fp8")
+# ModelOpt 0.47's ONNX quantizer: entropy histograms are offered for int8 activations only.
+CALIBRATION_METHODS = {"int8": ("max", "entropy"), "fp8": ("max",), "int8_weight_only": ("max",)}
+
+
+def quantization_mode(dtype: str, weight_only: bool) -> str:
+    return "int8_weight_only" if dtype == "int8" and weight_only else dtype
+
+
+def check_calibration_method(path: Path | str | None, key: str, dtype: str, weight_only: bool, method: str) -> None:
+    mode = quantization_mode(dtype, weight_only)
+    methods = CALIBRATION_METHODS.get(mode, ())
+    if method not in methods:
+        raise fail(path, key, f"{method!r} is not offered for {mode}; allowed: {', '.join(methods) or 'none'}")
+
 
 RTX_INT8_WOQ_CCS = {(8, 6), (8, 9), (12, 0), (12, 1)}  # TensorRT-RTX support matrix, column "INT8 WoQ GEMM"
 FP8_MIN_CC = (8, 9)

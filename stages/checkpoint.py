@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages.inputs import StageInputs
 from stages.recipe import LoadedRecipe
 
 TINY_BANNER = "TINY MODEL: random weights (seed {seed}), not Qwen-Image; numbers say nothing about the real model"
@@ -27,14 +28,5 @@ class SaveTinyCheckpoint:
         return {"model": "tiny", "seed": self.seed, **save_tiny_checkpoint(self.seed, out_dir)}
 
 
-def from_recipe(loaded: LoadedRecipe, component: str | None) -> SaveTinyCheckpoint:
+def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs) -> SaveTinyCheckpoint:
     return SaveTinyCheckpoint(seed=loaded.recipe.model.seed)
-
-
-def checkpoint_dir(loaded: LoadedRecipe) -> Path:
-    """Where stages load weights from: the saved tiny checkpoint or the user's directory."""
-    from stages import artifacts
-
-    if loaded.recipe.model.is_tiny:
-        return artifacts.stage_dir(loaded.name, None, "checkpoint")
-    return Path(loaded.recipe.model.path)

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages import artifacts, capabilities
+from stages import capabilities
 from stages.errors import fail
+from stages.inputs import StageInputs
 from stages.recipe import LoadedRecipe
 
 ENGINE_FILE = "engine.plan"
@@ -140,19 +141,19 @@ def make_progress_monitor(trt: Any) -> Any:
     return PhasePrinter()
 
 
-def from_recipe(loaded: LoadedRecipe, component: str | None) -> BuildEngine:
+def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs) -> BuildEngine:
     from stages.models import component_module
 
     assert component is not None
     settings = loaded.recipe.components[component]
     target = loaded.recipe.target
-    config = model_config(loaded, component)
+    config = model_config(inputs.weights, component)
     shapes = component_module(component).profile_shapes(settings.profile, loaded.recipe.text_length, config)
     cc = target.compute_capability
-    cache = artifacts.ARTIFACTS_DIR / "timing-cache" / f"{target.backend}-sm{cc[0]}{cc[1]}.cache"
+    cache = inputs.root / "cache" / "timing" / f"{target.backend}-sm{cc[0]}{cc[1]}.cache"
     return BuildEngine(
         component=component,
-        onnx_path=artifacts.stage_dir(loaded.name, component, "precision") / "model.onnx",
+        onnx_path=inputs.dir("precision", component) / "model.onnx",
         backend=target.backend,
         compute_capability=cc,
         shapes=shapes,
@@ -162,8 +163,7 @@ def from_recipe(loaded: LoadedRecipe, component: str | None) -> BuildEngine:
     )
 
 
-def model_config(loaded: LoadedRecipe, component: str) -> dict[str, Any]:
-    from stages.checkpoint import checkpoint_dir
+def model_config(checkpoint: Path, component: str) -> dict[str, Any]:
     from stages.models import COMPONENTS
 
-    return json.loads((checkpoint_dir(loaded) / COMPONENTS[component].config_folder / "config.json").read_text())
+    return json.loads((checkpoint / COMPONENTS[component].config_folder / "config.json").read_text())

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from stages.inputs import StageInputs
 from stages.recipe import LoadedRecipe
 
 MODEL_FILE = "model.onnx"
@@ -98,9 +99,8 @@ def name_nodes_by_module(model: Any) -> int:
     return sum(counts.values())
 
 
-def from_recipe(loaded: LoadedRecipe, component: str | None) -> ExportOnnx:
-    from stages.checkpoint import checkpoint_dir
+def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs) -> ExportOnnx:
 
     assert component is not None
     settings = loaded.recipe.components[component].export
-    return ExportOnnx(component, checkpoint_dir(loaded), loaded.recipe.text_length, settings.opset)
+    return ExportOnnx(component, inputs.weights, loaded.recipe.text_length, settings.opset)

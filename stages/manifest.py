@@ -1,54 +1,81 @@
-"""The manifest: the build's receipt, assembled from stage records (which carry every output's sha256)."""
+"""The manifest: the build's receipt, assembled from store entries (whose records carry every output's sha256).
+
+Portable by construction: paths are relative to the recipe's view or the artifacts root, the checkpoint is
+named by the sha256 of its files, and the recipe file by its name inside the repository and its digest.
+"""
 
 from __future__ import annotations
 
-import os
+import hashlib
 import platform
-import sys
 from pathlib import Path
 from typing import Any
 
-from stages import artifacts
+from stages import fingerprint
 from stages.models import COMPONENTS
-from stages.recipe import LoadedRecipe
-from stages.taskgraph import (BACKEND_PACKAGES, MANIFEST_PACKAGES, STAGES, model_identity, stage_instances,
-                              tool_versions)
+from stages.recipe import REPO_DIR
+from stages.registry import BACKEND_PACKAGES, MANIFEST_PACKAGES, STAGES, Ref, stage_instances
+from stages.resolve import Build
 
-SCHEMA_VERSION = 1
-
-
-def write_manifest(loaded: LoadedRecipe) -> Path:
-    path = artifacts.recipe_dir(loaded.name) / "manifest.json"
-    artifacts.write_json_atomic(path, build_manifest(loaded))
-    return path
+SCHEMA_VERSION = 2
+TINY_WARNING = "TINY RANDOM-WEIGHT MODEL: not Qwen-Image; accuracy numbers do not transfer"
 
 
-def build_manifest(loaded: LoadedRecipe) -> dict[str, Any]:
-    recipe = loaded.recipe
+def manifest_versions(build: Build) -> dict[str, str | None]:
+    backend = BACKEND_PACKAGES[build.loaded.recipe.target.backend]
+    return fingerprint.tool_versions((*MANIFEST_PACKAGES, backend, "onnxscript"))
+
+
+def manifest_key(build: Build) -> str:
+    """Identity of the manifest's content: the entries it lists, the recipe, versions and this module's code."""
+    return fingerprint.digest({"entries": {ref.label: build.key(ref) for ref in build.refs()},
+                               "recipe": _recipe_entry(build), "versions": manifest_versions(build),
+                               "code": fingerprint.code_digest(["stages.manifest"])})
+
+
+def _recipe_entry(build: Build) -> dict[str, Any]:
+    loaded = build.loaded
+    source = Path(loaded.source).resolve()
+    try:
+        shown = str(source.relative_to(REPO_DIR))
+    except ValueError:
+        shown = source.name
+    return {"name": loaded.name, "file": shown, "file_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+            "resolved": loaded.resolved, "overrides": loaded.overrides}
+
+
+def model_entry(build: Build) -> dict[str, Any]:
+    """The checkpoint by identity: tiny + seed, or the sha256 of every file of the checkpoint the recipe reads."""
+    source = build.loaded.recipe.model
+    if source.is_tiny:
+        return {"source": "tiny", "path": "tiny", "seed": source.seed, "warning": TINY_WARNING,
+                "checkpoint": _stage_outputs(build, Ref("checkpoint"))}
+    files = build.model_files(Ref("pipeline_check"))
+    return {"source": "checkpoint", "name": Path(source.path).resolve().name,
+            "identity": fingerprint.digest(files, 64), "files": files}
+
+
+def build_manifest(build: Build) -> dict[str, Any]:
+    recipe = build.loaded.recipe
     target = recipe.target
     cc = target.compute_capability
-    source = recipe.model
+    entries = {ref.label: build.entry(ref) for ref in build.refs()}
     return {
         "schema_version": SCHEMA_VERSION,
-        "recipe": {"name": loaded.name, "source": loaded.source, "resolved": loaded.resolved,
-                   "overrides": loaded.overrides},
-        "model": {
-            "source": "tiny" if source.is_tiny else "checkpoint",
-            **model_identity(loaded),
-            **({"warning": "TINY RANDOM-WEIGHT MODEL: not Qwen-Image; accuracy numbers do not transfer"}
-               if source.is_tiny else {}),
-            "checkpoint": _stage_outputs(loaded, None, "checkpoint") if source.is_tiny else None,
-        },
+        "build": {"key": manifest_key(build)},
+        "recipe": _recipe_entry(build),
+        "model": model_entry(build),
         "target": {"gpu": target.gpu, "backend": target.backend, "compute_capability": f"{cc[0]}.{cc[1]}"},
-        "versions": tool_versions((*MANIFEST_PACKAGES, BACKEND_PACKAGES[target.backend], "onnxscript")),
-        "platform": {"python": sys.version.split()[0], "machine": platform.machine()},
-        "components": {name: _component_entry(loaded, name) for name in recipe.components},
-        "pipeline_check": _pipeline_check_entry(loaded),
+        "versions": manifest_versions(build),
+        "platform": {"python": platform.python_version(), "machine": platform.machine()},
+        "store": {label: build.store.relative(entry.path) for label, entry in entries.items() if entry},
+        "components": {name: _component_entry(build, name) for name in recipe.components},
+        "pipeline_check": _pipeline_check_entry(build),
     }
 
 
-def _pipeline_check_entry(loaded: LoadedRecipe) -> dict[str, Any] | None:
-    report = _report(loaded, None, "pipeline_check")
+def _pipeline_check_entry(build: Build) -> dict[str, Any] | None:
+    report = _report(build, Ref("pipeline_check"))
     if report is None:
         return None
     keep = ("passed", "runner", "runners", "reference", "engine", "components", "thresholds", "settings",
@@ -56,25 +83,28 @@ def _pipeline_check_entry(loaded: LoadedRecipe) -> dict[str, Any] | None:
     return {**{k: report[k] for k in keep if k in report},
             "prompts": [{k: p[k] for k in ("index", "prompt", "language", "runs") if k in p}
                         for p in report.get("prompts", [])],
-            "artifacts": _stage_outputs(loaded, None, "pipeline_check")}
+            "artifacts": _stage_outputs(build, Ref("pipeline_check"))}
 
 
-def _component_entry(loaded: LoadedRecipe, component: str) -> dict[str, Any]:
+def _component_entry(build: Build, component: str) -> dict[str, Any]:
+    loaded = build.loaded
     stages = [spec.name for spec in STAGES.values() if component in stage_instances(loaded, spec)]
-    reports = {stage: _report(loaded, component, stage) for stage in stages}
+    reports = {stage: _report(build, Ref(stage, component)) for stage in stages}
     engine = reports.get("engine") or {}
     validation = reports.get("validate")
     return {
-        "artifacts": {stage: _stage_outputs(loaded, component, stage) for stage in stages},
+        "artifacts": {stage: _stage_outputs(build, Ref(stage, component)) for stage in stages},
         "feed_function": COMPONENTS[component].feed_function,
         "text_length": loaded.recipe.text_length,
         "tokenizer": _tokenizer_entry(component, reports.get("export") or {}),
         "profile": engine.get("profile"),
         "precision": _precision_entry(reports.get("precision") or {}),
-        "calibration": reports.get("calibration") and {k: reports["calibration"][k] for k in (
-            "digest", "shared_dir", "reused", "samples", "files", "prompts", "settings", "inputs")
-            if k in reports["calibration"]},
-        "surgery": [{k: v for k, v in p.items() if k != "frozen_nodes"} for p in (reports.get("surgery") or {}).get("passes", [])],
+        "calibration": reports.get("calibration") and {
+            **{k: reports["calibration"][k] for k in ("samples", "files", "prompts", "settings", "inputs")
+               if k in reports["calibration"]},
+            "entry": build.store.relative(build.entry(Ref("calibration", component)).path)},  # type: ignore[union-attr]
+        "surgery": [{k: v for k, v in p.items() if k != "frozen_nodes"}
+                    for p in (reports.get("surgery") or {}).get("passes", [])],
         "validation": None if validation is None else {
             "passed": validation["passed"],
             "metrics": validation["comparisons"],
@@ -83,7 +113,7 @@ def _component_entry(loaded: LoadedRecipe, component: str) -> dict[str, Any]:
             "engine_run": validation["engine"],
             "onnxruntime_run": validation["onnxruntime"],
             "cases": validation["cases"],
-            "results": _relative(artifacts.stage_dir(loaded.name, component, "validate") / validation["results_file"]),
+            "results": f"{component}/validate/{validation['results_file']}",
         },
     }
 
@@ -102,28 +132,22 @@ def _tokenizer_entry(component: str, export: dict[str, Any]) -> dict[str, Any] |
     return {"path": f"{component}/export/{export['tokenizer']}", "padding": export["padding"]}
 
 
-def _report(loaded: LoadedRecipe, component: str | None, stage: str) -> dict[str, Any] | None:
-    path = artifacts.record_path(loaded.name, component, stage)
-    return artifacts.read_json(path)["report"] if path.exists() else None
+def _report(build: Build, ref: Ref) -> dict[str, Any] | None:
+    entry = build.entry(ref)
+    return entry.report if entry else None
 
 
-def _stage_outputs(loaded: LoadedRecipe, component: str | None, stage: str) -> list[dict[str, Any]] | None:
-    path = artifacts.record_path(loaded.name, component, stage)
-    if not path.exists():
+def _stage_outputs(build: Build, ref: Ref) -> list[dict[str, Any]] | None:
+    """Outputs with paths inside the recipe's view (`component/stage/file`), sha256 and size."""
+    entry = build.entry(ref)
+    if entry is None:
         return None
-    outputs = artifacts.read_json(path)["outputs"]
-    folder = path.parent
-    return [{"path": _relative(folder / name), **meta} for name, meta in outputs.items()]
+    return [{"path": f"{ref.label}/{name}", **meta} for name, meta in entry.outputs.items()]
 
 
-def _relative(path: Path) -> str:
-    return str(path.relative_to(artifacts.recipe_dir(path.relative_to(artifacts.ARTIFACTS_DIR).parts[0])))
-
-
-def summary_lines(manifest: dict[str, Any]) -> list[str]:
+def summary_lines(manifest: dict[str, Any], path: str) -> list[str]:
     """What a person needs at the end of a build: where the receipt is, what passed, what was not run."""
-    path = artifacts.recipe_dir(manifest["recipe"]["name"]) / "manifest.json"
-    lines = [f"manifest: {os.path.relpath(path)}"]
+    lines = [f"manifest: {path}"]
     if manifest["model"].get("warning"):
         lines.append(f"*** {manifest['model']['warning']} (seed {manifest['model'].get('seed')}) ***")
     check = manifest.get("pipeline_check")

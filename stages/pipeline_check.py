@@ -95,6 +95,7 @@ class PipelineCheck:
     engine_paths: Mapping[str, Path] = field(default_factory=dict)
     compute_capability: tuple[int, int] | None = None
     backend: str = "tensorrt-rtx"
+    display_root: Path | None = None  # reports name graphs relative to it (the artifacts root): portable
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         check_configuration(self)
@@ -242,7 +243,7 @@ class PipelineCheck:
             "reference": REFERENCE,
             "engine": engine,
             "components": {runner: run["components"] for runner, run in runs.items()},
-            "onnx": {c: _display_path(p) for c, p in self.onnx_paths.items()},
+            "onnx": {c: _display_path(p, self.display_root) for c, p in self.onnx_paths.items()},
             "scheduler": scheduler,
             "settings": {"height": s.height, "width": s.width, "num_inference_steps": s.num_inference_steps,
                          "true_cfg_scale": s.true_cfg_scale, "seed": s.seed, "negative_prompt": s.negative_prompt,
@@ -402,14 +403,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _display_path(path: Path) -> str:
-    """Relative to the artifacts root when the graph is a build artifact, so manifests stay portable."""
-    from stages import artifacts
-
+def _display_path(path: Path, root: Path | None) -> str:
+    """Relative to the artifacts root when the graph is a build artifact, else the file name: portable."""
     try:
-        return str(Path(path).resolve().relative_to(artifacts.ARTIFACTS_DIR.resolve()))
+        return str(Path(path).resolve().relative_to(Path(root).resolve())) if root else Path(path).name
     except ValueError:
-        return str(path)
+        return Path(path).name
 
 
 def _short(prompt: str, limit: int = 40) -> str:
@@ -466,22 +465,20 @@ def check_settings(settings: Any, text_length: int, source: str | Path | None = 
         raise fail(source, "text_length", f"must be in 1..1024 (the pipeline's max_sequence_length cap), got {text_length}")
 
 
-def from_recipe(loaded: Any, component: str | None) -> PipelineCheck:
+def from_recipe(loaded: Any, component: str | None, inputs: Any) -> PipelineCheck:
     """Recipe-wide stage: every component the recipe builds runs on its graph; the others stay PyTorch."""
-    from stages import artifacts
-    from stages.checkpoint import checkpoint_dir
-
     section = getattr(loaded.recipe, "pipeline_check", None)
     if section is None:
         raise fail(loaded.source, "pipeline_check", "the recipe has no pipeline_check section (prompts, negative_prompt, "
                    "height, width, num_inference_steps, true_cfg_scale, seed, thresholds)")
     built = [c for c in GRAPH_COMPONENTS if c in loaded.recipe.components]
     return PipelineCheck(
-        checkpoint_dir=checkpoint_dir(loaded),
-        onnx_paths={c: artifacts.stage_dir(loaded.name, c, "precision") / "model.onnx" for c in built},
-        engine_paths={c: artifacts.stage_dir(loaded.name, c, "engine") / "engine.plan" for c in built},
+        checkpoint_dir=inputs.weights,
+        onnx_paths={c: inputs.dir("precision", c) / "model.onnx" for c in built},
+        engine_paths={c: inputs.dir("engine", c) / "engine.plan" for c in built},
         text_length=loaded.recipe.text_length,
         settings=section,
         compute_capability=loaded.recipe.target.compute_capability,
         backend=loaded.recipe.target.backend,
+        display_root=inputs.root,
     )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages import artifacts
+from stages.inputs import StageInputs
 from stages.errors import fail
 from stages.recipe import LoadedRecipe
 
@@ -127,27 +127,28 @@ class QuantizeWithComparisons:
         return report
 
 
-def from_recipe(loaded: LoadedRecipe, component: str | None) -> ConvertPrecision | QuantizeWithComparisons:
+def from_recipe(loaded: LoadedRecipe, component: str | None,
+                inputs: StageInputs) -> ConvertPrecision | QuantizeWithComparisons:
     assert component is not None
-    surgery_dir = artifacts.stage_dir(loaded.name, component, "surgery")
-    frozen = tuple(artifacts.read_json(surgery_dir / artifacts.RECORD_NAME)["report"]["frozen_nodes"])
+    surgery_dir = inputs.dir("surgery", component)
+    frozen = tuple(inputs.report("surgery", component)["frozen_nodes"])
     plan = loaded.recipe.components[component].precision
     source = surgery_dir / MODEL_FILE
     if not plan.quantized:
         return ConvertPrecision(component, source, plan.dtype, plan.high_precision, frozen, tuple(plan.exclude))
-    return _quantized_plan(loaded, component, source, frozen)
+    return _quantized_plan(loaded, component, source, frozen, inputs)
 
 
-def _quantized_plan(loaded: LoadedRecipe, component: str, source: Path, frozen: tuple[str, ...]) -> QuantizeWithComparisons:
+def _quantized_plan(loaded: LoadedRecipe, component: str, source: Path, frozen: tuple[str, ...],
+                    inputs: StageInputs) -> QuantizeWithComparisons:
     from stages.calibration import load_feeds
     from stages.quantize import QuantizePrecision, mode_for
 
     plan = loaded.recipe.components[component].precision
     feeds: Any = ()
     if plan.needs_calibration:
-        record = artifacts.read_json(artifacts.record_path(loaded.name, component, "calibration"))
-        digest = record["report"]["digest"]
-        feeds = lambda: load_feeds(digest)  # noqa: E731 - loaded only when the quantizer runs
+        folder = inputs.dir("calibration", component)
+        feeds = lambda: load_feeds(folder)  # noqa: E731 - loaded only when the quantizer runs
     method = plan.calibration.method if plan.calibration else "max"
 
     def quantizer(frozen_nodes: tuple[str, ...]) -> Any:

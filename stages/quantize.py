@@ -37,13 +37,13 @@ from typing import Any
 
 import numpy as np
 
+from stages.capabilities import CALIBRATION_METHODS, QUANTIZATION_MODES, quantization_mode
 from stages.errors import ForgeError, fail
 
 MODEL_FILE = "model.onnx"
 RANGES_FILE = "calibration.json"
 CACHE_FILE = "calibration.cache"
-MODES = ("int8", "int8_weight_only", "fp8")
-CALIBRATION_METHODS = {"int8": ("max", "entropy"), "fp8": ("max",), "int8_weight_only": ("max",)}
+MODES = QUANTIZATION_MODES
 HIGH_PRECISIONS = ("fp32", "fp16", "bf16")
 GEMM_OPS = ("MatMul", "Gemm", "Conv")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -61,9 +61,7 @@ EXCLUSION_KEYS = {"frozen_text_branch": "surgery.frozen_nodes", "recipe_pattern"
 Feed = Mapping[str, np.ndarray]
 
 
-def mode_for(dtype: str, weight_only: bool) -> str:
-    """Recipe precision (dtype, weight_only) -> quantize mode."""
-    return "int8_weight_only" if dtype == "int8" and weight_only else dtype
+mode_for = quantization_mode
 
 
 # ----------------------------------------------------------------------------------------------------------------

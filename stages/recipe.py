@@ -6,6 +6,8 @@ half-written artifacts behind. This module stays light (pydantic + yaml): the ta
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -25,6 +27,11 @@ Dtype = Literal["fp32", "fp16", "bf16"]
 PlanDtype = Literal["fp32", "fp16", "bf16", "int8", "fp8", "fp4"]
 QUANTIZED = ("int8", "fp8", "fp4")
 REPO_DIR = RECIPES_DIR.parent
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+RESERVED_NAMES = ("store", "cache")
+MAX_RECIPE_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32
+MAX_YAML_NODES = 100_000
 
 
 class Strict(BaseModel):
@@ -108,6 +115,12 @@ class CalibrationSettings(Strict):
     samples: int = Field(default=16, gt=0)
     true_cfg_scale: float = Field(default=4.0, ge=1.0)
     seed: int = 0
+
+    @property
+    def prompts_file(self) -> Path:
+        """`prompts` relative to the repository, or as given."""
+        repo_relative = REPO_DIR / self.prompts
+        return repo_relative if repo_relative.is_file() else Path(self.prompts)
 
     @model_validator(mode="after")
     def _steps_exist(self) -> CalibrationSettings:
@@ -276,13 +289,22 @@ class LoadedRecipe(BaseModel):
     overrides: dict[str, Any]
 
 
+def check_name(name: str, source: str | Path) -> None:
+    """Recipe names become folder and task names: a conservative character set, never `.`, `..` or a path."""
+    if not NAME_PATTERN.fullmatch(name) or name in RESERVED_NAMES:
+        raise fail(source, "recipe name", f"{name!r} is not allowed; use 1-64 letters, digits, '-', '_', '.' or '+', "
+                   f"starting with a letter or digit, not {' or '.join(RESERVED_NAMES)}")
+
+
 def resolve_recipe_path(recipe: str) -> Path:
     """`recipe=` takes a name from recipes/ or a path to a YAML file."""
     as_path = Path(recipe)
     if as_path.suffix in (".yaml", ".yml"):
+        check_name(as_path.stem, recipe)
         if not as_path.is_file():
-            raise fail(recipe, None, "recipe file not found")
+            raise fail(recipe, None, "recipe file not found" if not as_path.is_dir() else "is a directory, not a recipe file")
         return as_path
+    check_name(recipe, "recipe=")
     named = RECIPES_DIR / f"{recipe}.yaml"
     if not named.is_file():
         available = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
@@ -311,7 +333,7 @@ def load_recipe(recipe: str, overrides: dict[str, str] | None = None, model: str
         check_settings(validated.pipeline_check, validated.text_length, source=path)
     capabilities.check_recipe(path, validated)
     return LoadedRecipe(
-        name=path.stem,
+        name=view_name(path, validated.model),
         source=str(path),
         recipe=validated,
         resolved=validated.model_dump(mode="json", by_alias=True),
@@ -319,16 +341,68 @@ def load_recipe(recipe: str, overrides: dict[str, str] | None = None, model: str
     )
 
 
+def view_name(path: Path, model: ModelSource) -> str:
+    """Where a build's view lives (artifacts/<name>/) and what its tasks are called.
+
+    A shipped recipe with the tiny model keeps its plain name; a recipe file outside recipes/ or a checkpoint
+    directory adds a digest of their absolute paths, so they can never share or clean a shipped recipe's view.
+    """
+    variant = {}
+    if path.resolve().parent != RECIPES_DIR.resolve():
+        variant["recipe"] = str(path.resolve())
+    if not model.is_tiny:
+        variant["model"] = str(Path(model.path).resolve())
+    if not variant:
+        return path.stem
+    return f"{path.stem}-{hashlib.sha256(json.dumps(variant, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
+def read_yaml(path: Path) -> Any:
+    """YAML from a file that may be anything: too big, binary, nested without end. One-line errors only."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise fail(path, None, f"{size} bytes; a recipe is a YAML file of at most {MAX_RECIPE_BYTES} bytes")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise fail(path, None, "not a UTF-8 text file; a recipe is YAML") from None
+    except OSError as error:
+        raise fail(path, None, f"cannot be read ({error.strerror})") from None
+    if "\x00" in text:
+        raise fail(path, None, "contains NUL bytes; a recipe is a YAML text file")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else None
+        raise fail(path, where, f"not valid YAML ({getattr(error, 'problem', None) or str(error).splitlines()[0]})") from None
+    except RecursionError:
+        raise fail(path, None, f"nested too deeply; a recipe is at most {MAX_YAML_DEPTH} levels deep") from None
+    except (ValueError, TypeError, OverflowError) as error:
+        raise fail(path, None, f"not a valid YAML recipe ({error})") from None
+    _check_shape(path, data)
+    return data
+
+
+def _check_shape(path: Path, data: Any) -> None:
+    """Bounded depth and size (also against alias bombs, which share nodes): checked without recursion."""
+    pending, nodes = [(data, 1)], 0
+    while pending:
+        node, depth = pending.pop()
+        nodes += 1
+        if depth > MAX_YAML_DEPTH:
+            raise fail(path, None, f"nested too deeply; a recipe is at most {MAX_YAML_DEPTH} levels deep")
+        if nodes > MAX_YAML_NODES:
+            raise fail(path, None, f"too large; a recipe has at most {MAX_YAML_NODES} values")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        pending.extend((child, depth + 1) for child in children)
+
+
 def _load_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path.resolve() in seen:
         chain = " -> ".join(p.name for p in (*seen, path.resolve()))
         raise fail(path, "extends", f"circular inheritance ({chain})")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "?"
-        raise fail(path, where, f"not valid YAML ({getattr(error, 'problem', error)})") from None
+    data = read_yaml(path)
     if not isinstance(data, dict):
         raise fail(path, None, "a recipe must be a YAML mapping of keys to values")
     parent = data.pop("extends", None)
@@ -336,6 +410,8 @@ def _load_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         return data
     if not isinstance(parent, str):
         raise fail(path, "extends", "must be a recipe name or a path to a YAML file")
+    if not parent.endswith((".yaml", ".yml")):
+        check_name(parent, f"{path}: extends")
     parent_path = (path.parent / parent) if parent.endswith((".yaml", ".yml")) else RECIPES_DIR / f"{parent}.yaml"
     if not parent_path.is_file():
         raise fail(path, "extends", f"parent recipe {parent!r} not found (looked at {parent_path})")
@@ -422,20 +498,16 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
 
 
 def _check_model_dir(path: Path, recipe: Recipe) -> None:
-    source = recipe.model
-    if source.is_tiny:
+    """The checkpoint directory, checked folder by folder and header by header before any task runs."""
+    from stages.model_dir import check_checkpoint
+
+    if recipe.model.is_tiny:
         return
-    checkpoint = Path(source.path)
-    if not checkpoint.is_dir():
-        raise fail(path, "model.path", f"model directory {source.path!r} does not exist (use `tiny` or a diffusers checkpoint dir)")
-    for name in recipe.components:
-        for folder in COMPONENTS[name].checkpoint_folders:
-            if not (checkpoint / folder).is_dir():
-                raise fail(path, "model.path", f"{source.path!r} is not a diffusers Qwen-Image checkpoint: "
-                           f"missing {folder}/ (needed by component {name})")
-        config = checkpoint / COMPONENTS[name].config_folder / "config.json"
-        if not config.is_file():
-            raise fail(path, "model.path", f"{source.path!r}: missing {config.relative_to(checkpoint)}")
-        weights = checkpoint / COMPONENTS[name].config_folder
-        if not list(weights.glob("*.safetensors")):
-            raise fail(path, "model.path", f"{source.path!r} has no {weights.name}/*.safetensors weights")
+    folders = {folder: f"component {name}" for name in recipe.components for folder in COMPONENTS[name].checkpoint_folders}
+    configs = tuple(dict.fromkeys(COMPONENTS[name].config_folder for name in recipe.components))
+    pipeline = recipe.pipeline_check is not None or any(c.precision.needs_calibration for c in recipe.components.values())
+    if pipeline:
+        folders.update({folder: "the pipeline check / calibration" for info in COMPONENTS.values()
+                        for folder in info.checkpoint_folders if folder not in folders})
+        configs = tuple(dict.fromkeys((*configs, *(info.config_folder for info in COMPONENTS.values()))))
+    check_checkpoint(path, "model.path", recipe.model.path, folders, configs, pipeline)

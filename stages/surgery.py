@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.errors import fail
+from stages.inputs import StageInputs
 from stages.recipe import LoadedRecipe
 
 MODEL_FILE = "model.onnx"
@@ -145,10 +146,8 @@ PASSES: dict[str, Callable[[GraphSurgery, Any], tuple[Any, dict[str, Any]]]] = {
 }
 
 
-def from_recipe(loaded: LoadedRecipe, component: str | None) -> GraphSurgery:
-    from stages import artifacts
-
+def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs) -> GraphSurgery:
     assert component is not None
-    source = artifacts.stage_dir(loaded.name, component, "export") / MODEL_FILE
+    source = inputs.dir("export", component) / MODEL_FILE
     passes = tuple(loaded.recipe.components[component].surgery.passes)
     return GraphSurgery(component, source, passes, loaded.recipe.text_length)

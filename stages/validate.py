@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages import artifacts
+from stages.inputs import StageInputs
 from stages.recipe import LoadedRecipe, Tolerance, ValidateSettings
 
 REFERENCE = "pytorch-fp32"
@@ -32,6 +32,7 @@ class ValidateAgainstPytorch:
     settings: ValidateSettings
     text_length: int
     comparison_graphs: tuple[tuple[str, Path], ...] = ()
+    onnx_label: str = ""  # how the report names the graph (relative to the artifacts root: portable)
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         from polygraphy.comparator import RunResults
@@ -65,7 +66,7 @@ class ValidateAgainstPytorch:
             "passed": passed,
             "reference": REFERENCE,
             "runners": [name for name in results.keys() if name != REFERENCE],
-            "onnxruntime": {"onnx": str(self.onnx_path.relative_to(artifacts.ARTIFACTS_DIR)), "ran": True},
+            "onnxruntime": {"onnx": self.onnx_label or self.onnx_path.name, "ran": True},
             "engine": engine_status,
             "cases": [case["description"] for case in cases],
             "comparisons": gated,
@@ -203,21 +204,20 @@ def format_line(row: dict[str, Any]) -> str:
             f"cosine >= {row['would_pass_with']['cosine']:.6f}" + ("" if row.get("gated", True) else " (measured, not gated)"))
 
 
-def from_recipe(loaded: LoadedRecipe, component: str | None) -> ValidateAgainstPytorch:
-    from stages.checkpoint import checkpoint_dir
-
+def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs) -> ValidateAgainstPytorch:
     assert component is not None
-    precision_dir = artifacts.stage_dir(loaded.name, component, "precision")
-    precision = artifacts.read_json(precision_dir / artifacts.RECORD_NAME)["report"]
+    precision_dir = inputs.dir("precision", component)
+    precision = inputs.report("precision", component)
     graphs = tuple((name, precision_dir / path) for name, path in precision.get("comparison_graphs", {}).items())
     return ValidateAgainstPytorch(
         component=component,
-        checkpoint_dir=checkpoint_dir(loaded),
-        onnx_path=artifacts.stage_dir(loaded.name, component, "precision") / "model.onnx",
-        engine_path=artifacts.stage_dir(loaded.name, component, "engine") / "engine.plan",
+        checkpoint_dir=inputs.weights,
+        onnx_path=precision_dir / "model.onnx",
+        engine_path=inputs.dir("engine", component) / "engine.plan",
         compute_capability=loaded.recipe.target.compute_capability,
         backend=loaded.recipe.target.backend,
         settings=loaded.recipe.components[component].validate_,
         text_length=loaded.recipe.text_length,
         comparison_graphs=graphs,
+        onnx_label=inputs.relative(precision_dir / "model.onnx"),
     )

@@ -1,0 +1,153 @@
+"""The doit actions: run a stage into the store (or reuse its entry), link views, write the manifest, clean.
+
+Each action configures its stage from the recipe section and the upstream store entries, then builds into a
+scratch folder under the entry's lock and commits it. A task is durable the moment its entry is committed:
+doit's own state database is only a cache. Failures become one line unless FORGE_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from doit.exceptions import TaskFailed
+
+from stages import registry, views
+from stages.errors import ForgeError
+from stages.registry import Ref
+from stages.resolve import Build
+from stages.store import crashpoint
+
+
+def task_name(build: Build, ref: Ref) -> str:
+    return f"{build.name}/{ref.component}" if ref.component else build.name
+
+
+def label(build: Build, ref: Ref) -> str:
+    return f"{ref.stage}:{task_name(build, ref)}"
+
+
+def stage_uptodate(build: Build, ref: Ref) -> bool:
+    """doit uptodate: an entry for the current key exists, verifies, and is not a recorded failure."""
+    build.store.open_session()
+    entry = build.entry(ref)
+    return entry is not None and entry.report.get("passed") is not False
+
+
+def _one_line(where: str, error: BaseException) -> TaskFailed:
+    if isinstance(error, ForgeError):
+        return TaskFailed(f"{where}: {error}")
+    if os.environ.get("FORGE_DEBUG") == "1":
+        raise error
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return TaskFailed(f"{where}: {type(error).__name__}: {first_line} (FORGE_DEBUG=1 shows the traceback)")
+
+
+def run_stage(build: Build, ref: Ref) -> TaskFailed | None:
+    """doit action: reuse the entry for this task's inputs, or compute it under the entry's lock and commit it."""
+    where = label(build, ref)
+    store = build.store
+    store.open_session()
+    try:
+        material = build.inputs(ref)
+        if material is None:
+            raise ForgeError("an upstream store entry is missing or damaged; rerun the build")
+        from stages.fingerprint import digest
+
+        key = digest(material)
+        with store.lock(key, announce=where):
+            entry = store.lookup(ref.stage, key, deep=build.deep)
+            if entry is None and store.exists(ref.stage, key):
+                reason = store.damage(ref.stage, key, deep=True)
+                print(f"damaged {where}: {reason}; rebuilding", file=sys.stderr)
+                store.discard(ref.stage, key)
+                build.invalidate()
+            if entry is None:
+                configured = _configure(build, ref)
+                with store.scratch(key) as scratch:
+                    report = configured(scratch)
+                    crashpoint(f"{ref.stage}:outputs")
+                    entry = store.commit(scratch, ref.stage, key, material, report)
+                build.invalidate()
+                print(f"built {where} -> {store.relative(entry.path)}", file=sys.stderr)
+            else:
+                print(f"reused {where} <- {store.relative(entry.path)}", file=sys.stderr)
+        crashpoint(f"{ref.stage}:committed")
+        with store.lock(views.view_lock(build.name)):
+            views.link(store, build.name, ref.label, entry.path)
+    except Exception as error:  # noqa: BLE001 - every failure becomes one readable line
+        return _one_line(where, error)
+    if entry.report.get("passed") is False:
+        write_manifest_action(build, quiet=True)
+        return TaskFailed(f"{where}: {entry.report.get('failure', 'failed')}")
+    return None
+
+
+def _configure(build: Build, ref: Ref) -> Any:
+    """The stage's callable, configured from its recipe section and its upstream entries."""
+    from stages.inputs import StageInputs
+
+    module = importlib.import_module(registry.STAGES[ref.stage].module)
+    checkpoint = build.checkpoint_dir()
+    inputs = StageInputs(checkpoint=checkpoint, dirs=build.upstream_dirs(ref), root=build.root)
+    return module.from_recipe(build.loaded, ref.component, inputs)
+
+
+def expected_links(build: Build) -> dict[str, Path] | None:
+    links = {}
+    for ref in build.refs():
+        entry = build.entry(ref)
+        if entry is None:
+            return None
+        links[ref.label] = entry.path
+    return links
+
+
+def manifest_uptodate(build: Build) -> bool:
+    from stages.manifest import manifest_key
+
+    build.store.open_session()
+    expected = expected_links(build)
+    if expected is None:
+        return False
+    current = views.read_manifest(build.store, build.name)
+    return (current is not None and current.get("build", {}).get("key") == manifest_key(build)
+            and views.links_match(build.store, build.name, expected))
+
+
+def write_manifest_action(build: Build, quiet: bool = False) -> TaskFailed | None:
+    from stages.manifest import build_manifest, summary_lines
+
+    store = build.store
+    store.open_session()
+    try:
+        with store.lock(views.view_lock(build.name)):
+            expected = expected_links(build) or {}
+            for name, target in expected.items():
+                views.link(store, build.name, name, target)
+            views.prune(store, build.name, set(expected))
+            manifest = build_manifest(build)
+            path = views.write_manifest(store, build.name, manifest)
+    except Exception as error:  # noqa: BLE001
+        return _one_line(f"manifest:{build.name}", error)
+    if not quiet:
+        for line in summary_lines(manifest, os.path.relpath(path)):
+            print(line, file=sys.stderr)
+    return None
+
+
+def clean_action(build: Build) -> None:
+    count, freed = views.clean(build.store, build.name)
+    print(f"clean {build.name}: removed its view and {count} store entries no other recipe uses "
+          f"({freed / 1e6:.1f} MB freed)", file=sys.stderr)
+
+
+def gc_action(root: Path) -> None:
+    from stages.store import Store
+
+    count, freed, swept = views.collect_garbage(Store(root))
+    print(f"gc: removed {count} unreferenced store entries and {swept} scratch leftovers; "
+          f"{freed / 1e6:.1f} MB freed", file=sys.stderr)

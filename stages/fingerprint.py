@@ -1,0 +1,169 @@
+"""What a store key is made of: canonical digests, tool versions, the code a stage can run, checkpoint identity.
+
+Light on purpose (stdlib only): the task graph uses it without importing torch or numpy.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_PACKAGE = "stages"
+
+
+def canonical(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def digest(data: Any, length: int = 32) -> str:
+    return hashlib.sha256(canonical(data)).hexdigest()[:length]
+
+
+def tool_versions(packages: Iterable[str]) -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for package in packages:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+# -- code: the transitive closure of project imports -----------------------------------------------------------
+
+
+def _module_file(module: str) -> Path | None:
+    parts = module.split(".")
+    if parts[0] != PROJECT_PACKAGE:
+        return None
+    base = PACKAGE_ROOT.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _imports(path: Path) -> tuple[str, ...]:
+    """Every project module `path` imports anywhere (top level or inside functions), with parent packages."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            parts = name.split(".")
+            found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return tuple(sorted(m for m in found if _module_file(m) is not None))
+
+
+def module_closure(roots: Iterable[str]) -> list[Path]:
+    """Files of the root modules and of every project module they import, transitively."""
+    seen: dict[str, Path] = {}
+    pending = [m for root in roots for m in _with_parents(root)]
+    while pending:
+        module = pending.pop()
+        if module in seen:
+            continue
+        path = _module_file(module)
+        if path is None:
+            continue
+        seen[module] = path
+        pending.extend(_imports(path))
+    return sorted(set(seen.values()))
+
+
+def _with_parents(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def code_digest(roots: Iterable[str]) -> str:
+    """Digest of the source of every project module the roots can execute (path and bytes)."""
+    hasher = hashlib.sha256()
+    for path in module_closure(roots):
+        hasher.update(str(path.relative_to(PACKAGE_ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return hasher.hexdigest()[:32]
+
+
+# -- checkpoint identity: file digests, memoised by (path, size, mtime, inode) --------------------------------
+
+
+class FileDigests:
+    """sha256 of checkpoint files, hashed once and remembered while size, mtime and inode stay the same.
+
+    A 57 GB checkpoint is hashed once (with progress), after that each run only stats it. `rehash=True`
+    (verify=1) ignores the memo.
+    """
+
+    PROGRESS_BYTES = 256 << 20
+
+    def __init__(self, memo_path: Path, rehash: bool = False) -> None:
+        self.memo_path = memo_path
+        self.rehash = rehash
+        self._memo: dict[str, list[Any]] | None = None
+        self._dirty = False
+
+    def _load(self) -> dict[str, list[Any]]:
+        if self._memo is None:
+            try:
+                self._memo = json.loads(self.memo_path.read_text())
+            except (OSError, ValueError):
+                self._memo = {}
+        return self._memo
+
+    def of(self, root: Path, relative: Iterable[str]) -> dict[str, str]:
+        memo = self._load()
+        result = {}
+        for name in sorted(relative):
+            path = (root / name).resolve()
+            stat = path.stat()
+            signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+            known = memo.get(str(path))
+            if self.rehash or known is None or known[:3] != signature:
+                started = time.perf_counter()
+                if stat.st_size >= self.PROGRESS_BYTES:
+                    print(f"[identity] hashing {name} ({stat.st_size / 1e9:.2f} GB)", file=sys.stderr)
+                from stages.store import sha256_file
+
+                known = [*signature, sha256_file(path)]
+                memo[str(path)] = known
+                self._dirty = True
+                if stat.st_size >= self.PROGRESS_BYTES:
+                    took = time.perf_counter() - started
+                    print(f"[identity] {name}: {stat.st_size / 1e9 / max(took, 1e-9):.2f} GB/s", file=sys.stderr)
+            result[name] = known[3]
+        self.save()
+        return result
+
+    def save(self) -> None:
+        if not self._dirty or self._memo is None:
+            return
+        self.memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.memo_path.with_name(f".{self.memo_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self._memo))
+        os.replace(tmp, self.memo_path)
+        self._dirty = False
+
+
+def checkpoint_files(root: Path, folders: Iterable[str] | None) -> list[str]:
+    """Files (relative) a stage can read from a diffusers checkpoint: its folders, or everything (None)."""
+    tops = [root / f for f in folders] if folders is not None else [root]
+    files = []
+    for top in tops:
+        candidates = [top] if top.is_file() else sorted(top.rglob("*"))
+        files += [str(p.relative_to(root)) for p in candidates
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    return sorted(files)

@@ -1,0 +1,46 @@
+"""What a stage is configured with besides its recipe section: where its upstream outputs and weights are."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stages.errors import fail
+from stages.registry import Ref
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """Upstream store entries by task, the checkpoint folder stages load weights from, and the artifacts root
+    (reports name files relative to it, so they stay portable)."""
+
+    checkpoint: Path | None
+    dirs: dict[Ref, Path]
+    root: Path
+
+    def dir(self, stage: str, component: str | None = None) -> Path:
+        try:
+            return self.dirs[Ref(stage, component)]
+        except KeyError:
+            raise fail(stage, component, "upstream output not among this stage's inputs") from None
+
+    def report(self, stage: str, component: str | None = None) -> dict[str, Any]:
+        return json.loads((self.dir(stage, component) / "record.json").read_text())["report"]
+
+    def has(self, stage: str, component: str | None = None) -> bool:
+        return Ref(stage, component) in self.dirs
+
+    @property
+    def weights(self) -> Path:
+        if self.checkpoint is None:
+            raise fail("checkpoint", None, "the tiny checkpoint has not been built")
+        return self.checkpoint
+
+    def relative(self, path: Path) -> str:
+        """Path relative to the artifacts root where it lies inside it (store entries), else its name only."""
+        try:
+            return str(Path(path).resolve().relative_to(self.root.resolve()))
+        except ValueError:
+            return Path(path).name
