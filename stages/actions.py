@@ -31,10 +31,12 @@ def label(build: Build, ref: Ref) -> str:
 
 
 def stage_uptodate(build: Build, ref: Ref) -> bool:
-    """doit uptodate: an entry for the current key exists, verifies, and is not a recorded failure."""
+    """doit uptodate: an entry for the current key exists, verifies, is not a recorded failure, and the recipe's
+    view points at it (otherwise the action runs, and reuses the entry if it exists)."""
     build.store.open_session()
     entry = build.entry(ref)
-    return entry is not None and entry.report.get("passed") is not False
+    return (entry is not None and entry.report.get("passed") is not False
+            and views.links_match(build.store, build.name, {ref.label: entry.path}))
 
 
 def _one_line(where: str, error: BaseException) -> TaskFailed:

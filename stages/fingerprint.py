@@ -158,12 +158,11 @@ class FileDigests:
         self._dirty = False
 
 
-def checkpoint_files(root: Path, folders: Iterable[str] | None) -> list[str]:
-    """Files (relative) a stage can read from a diffusers checkpoint: its folders, or everything (None)."""
-    tops = [root / f for f in folders] if folders is not None else [root]
+def checkpoint_files(root: Path, folders: Iterable[str]) -> list[str]:
+    """Files (relative) a stage can read from a diffusers checkpoint: those of its folders (or top-level files)."""
     files = []
-    for top in tops:
-        candidates = [top] if top.is_file() else sorted(top.rglob("*"))
+    for top in (root / f for f in folders):
+        candidates = [top] if top.is_file() else sorted(top.rglob("*")) if top.is_dir() else []
         files += [str(p.relative_to(root)) for p in candidates
                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
     return sorted(files)

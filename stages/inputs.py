@@ -1,4 +1,7 @@
-"""What a stage is configured with besides its recipe section: where its upstream outputs and weights are."""
+"""What a stage is configured with besides its recipe section: where its upstream outputs and weights are.
+
+Stdlib only: every stage imports it, so it is part of every stage's code digest and must stay small.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from stages.errors import fail
-from stages.registry import Ref
+
+
+@dataclass(frozen=True, order=True)
+class Ref:
+    """One task: a stage for one component (or recipe-wide, component None)."""
+
+    stage: str
+    component: str | None = None
+
+    @property
+    def label(self) -> str:
+        """`component/stage` or `stage`: the task's path inside a recipe's view."""
+        return f"{self.component}/{self.stage}" if self.component else self.stage
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,13 @@ def _recipe_entry(build: Build) -> dict[str, Any]:
         shown = str(source.relative_to(REPO_DIR))
     except ValueError:
         shown = source.name
+    resolved, overrides = dict(loaded.resolved), dict(loaded.overrides)
+    if not loaded.recipe.model.is_tiny:
+        shown_model = Path(loaded.recipe.model.path).resolve().name  # the checkpoint by name; model.files has its identity
+        resolved["model"] = {**resolved["model"], "path": shown_model}
+        overrides = {k: shown_model if k == "model.path" else v for k, v in overrides.items()}
     return {"name": loaded.name, "file": shown, "file_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
-            "resolved": loaded.resolved, "overrides": loaded.overrides}
+            "resolved": resolved, "overrides": overrides}
 
 
 def model_entry(build: Build) -> dict[str, Any]:

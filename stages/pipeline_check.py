@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from stages.errors import fail
+from stages.prompts import check_settings, prompt_language
 from stages.validate import ORT, REFERENCE, TRT  # one name per runner in every report
 
 GRAPH_COMPONENTS = ("text_encoder", "transformer", "vae_decoder")
@@ -48,9 +48,6 @@ DEFAULT_PROMPTS = (
     "书法作品：宣纸上用毛笔写着“春风得意”四个大字，左下角盖着红色印章，旁边小字写着“二〇二五年春”。",
 )
 
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_LATIN = re.compile(r"[A-Za-z]")
-_QUOTED = re.compile(r'"[^"]+"|“[^”]+”|「[^」]+」|『[^』]+』')
 
 
 @dataclass(frozen=True)
@@ -385,11 +382,6 @@ def save_side_by_side(images: Sequence[np.ndarray], path: Path) -> str:
     return path.name
 
 
-def prompt_language(prompt: str) -> str:
-    """'zh' when CJK characters outnumber Latin letters (an English prompt may quote a Chinese sign), else 'en'."""
-    return "zh" if len(_CJK.findall(prompt)) > len(_LATIN.findall(prompt)) else "en"
-
-
 def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     for prompt in report["prompts"]:
@@ -431,38 +423,6 @@ def check_configuration(check: PipelineCheck) -> None:
             raise fail(path, component, "built graph not found (run the precision stage first)")
     if not (Path(check.checkpoint_dir) / "model_index.json").is_file():
         raise fail(check.checkpoint_dir, "checkpoint_dir", "not a diffusers-layout checkpoint (no model_index.json)")
-
-
-def check_settings(settings: Any, text_length: int, source: str | Path | None = None) -> None:
-    """The issue's requirements on a check: >= 2 English and >= 2 Chinese prompts, rendered text, CFG, sizes.
-
-    Raises ForgeError keyed `pipeline_check.<key>`; pass the recipe file as `source` to have it named too.
-    """
-
-    def error(key: str, message: str) -> Exception:
-        return fail(source, f"pipeline_check.{key}", message)
-
-    prompts = list(settings.prompts)
-    languages = [prompt_language(p) for p in prompts if isinstance(p, str) and p.strip()]
-    if len(languages) != len(prompts):
-        raise error("prompts", "every prompt must be a non-empty string")
-    for language, name in (("en", "English"), ("zh", "Chinese")):
-        if languages.count(language) < 2:
-            raise error("prompts", f"needs at least two {name} prompts, got {languages.count(language)} "
-                        f"(languages found: {languages})")
-    if not any(_QUOTED.search(p) for p in prompts):
-        raise error("prompts", 'needs at least one prompt asking for rendered text, quoted as "..." or “...”')
-    if not settings.true_cfg_scale > 1:
-        raise error("true_cfg_scale", f"must be > 1 so the pipeline runs CFG with the negative prompt, "
-                    f"got {settings.true_cfg_scale}")
-    for key in ("height", "width"):
-        value = getattr(settings, key)
-        if not isinstance(value, int) or value <= 0 or value % 16:
-            raise error(key, f"must be a positive multiple of 16 (8x VAE x 2x2 patches), got {value!r}")
-    if not isinstance(settings.num_inference_steps, int) or settings.num_inference_steps < 1:
-        raise error("num_inference_steps", f"must be a positive int, got {settings.num_inference_steps!r}")
-    if not 0 < text_length <= 1024:
-        raise fail(source, "text_length", f"must be in 1..1024 (the pipeline's max_sequence_length cap), got {text_length}")
 
 
 def from_recipe(loaded: Any, component: str | None, inputs: Any) -> PipelineCheck:

@@ -328,7 +328,7 @@ def load_recipe(recipe: str, overrides: dict[str, str] | None = None, model: str
         raise _one_line_error(path, error, parsed_overrides) from None
     _check_model_dir(path, validated)
     if validated.pipeline_check is not None:
-        from stages.pipeline_check import check_settings
+        from stages.prompts import check_settings
 
         check_settings(validated.pipeline_check, validated.text_length, source=path)
     capabilities.check_recipe(path, validated)

@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
+from stages.inputs import Ref
 from stages.models import COMPONENTS
 from stages.recipe import LoadedRecipe
 
@@ -102,19 +103,6 @@ STAGES: dict[str, StageSpec] = {
 }
 
 
-@dataclass(frozen=True, order=True)
-class Ref:
-    """One task: a stage for one component (or recipe-wide, component None)."""
-
-    stage: str
-    component: str | None = None
-
-    @property
-    def label(self) -> str:
-        """`component/stage` or `stage`: the task's path inside a recipe's view."""
-        return f"{self.component}/{self.stage}" if self.component else self.stage
-
-
 def stage_instances(loaded: LoadedRecipe, spec: StageSpec) -> list[str | None]:
     """The components this stage runs for (None for a recipe-wide stage), where it applies at all."""
     components: list[str | None] = list(loaded.recipe.components) if spec.per_component else [None]
@@ -150,9 +138,12 @@ def versions_for(loaded: LoadedRecipe, ref: Ref) -> tuple[str, ...]:
     return packages
 
 
-def model_folders(ref: Ref) -> tuple[str, ...] | None:
-    """Checkpoint folders whose files the task's output depends on; None: the whole checkpoint."""
-    reads = STAGES[ref.stage].reads_model
-    if reads == "component" and ref.component:
+PIPELINE_FILES = ("model_index.json", "scheduler")
+
+
+def model_folders(ref: Ref) -> tuple[str, ...]:
+    """Checkpoint folders (and files) whose content the task's output depends on: its component's, or the
+    whole diffusers pipeline's for stages that load the pipeline."""
+    if STAGES[ref.stage].reads_model == "component" and ref.component:
         return COMPONENTS[ref.component].checkpoint_folders
-    return None
+    return (*PIPELINE_FILES, *dict.fromkeys(f for info in COMPONENTS.values() for f in info.checkpoint_folders))

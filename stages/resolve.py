@@ -70,10 +70,7 @@ class Build:
             entry = self.entry(Ref("checkpoint"))
             if entry is None:
                 return None
-            digests = entry.digests()
-            if folders is None:
-                return digests
-            return {n: d for n, d in digests.items() if any(n.startswith(f"{f}/") or n == f for f in folders)}
+            return {n: d for n, d in entry.digests().items() if any(n.startswith(f"{f}/") or n == f for f in folders)}
         root = Path(self.loaded.recipe.model.path)
         return self.files.of(root, fingerprint.checkpoint_files(root, folders))
 

@@ -31,12 +31,45 @@ def executed_tasks(output: str) -> list[str]:
     return [line[3:].strip() for line in output.splitlines() if line.startswith(".  ")]
 
 
+def built_tasks(stderr: str) -> list[str]:
+    """Tasks whose store entry this run computed (`built stage:task -> store/...`), not reused."""
+    return [line.split()[1] for line in stderr.splitlines() if line.startswith("built ")]
+
+
+def reused_tasks(stderr: str) -> list[str]:
+    return [line.split()[1] for line in stderr.splitlines() if line.startswith("reused ")]
+
+
+def view_name(recipe: str, model: str | None = None) -> str:
+    """The folder under artifacts/ (and task-name prefix) of a build, as the forge names it."""
+    from stages.recipe import load_recipe
+
+    return load_recipe(recipe, model=model).name
+
+
+def artifact_digests(manifest: dict) -> dict[str, str]:
+    """{view-relative path: sha256} of every output the manifest lists."""
+    found = {entry["path"]: entry["sha256"] for entry in manifest["model"].get("checkpoint") or []}
+    for component in manifest["components"].values():
+        for outputs in component["artifacts"].values():
+            found.update({entry["path"]: entry["sha256"] for entry in outputs or []})
+    found.update({entry["path"]: entry["sha256"] for entry in (manifest.get("pipeline_check") or {}).get("artifacts", [])})
+    return found
+
+
 @pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("build")
-    artifacts, db = root / "artifacts", root / "doit.db"
-    result = run_doit(["build", "recipe=a10-fp16"], artifacts, db)
-    return {"artifacts": artifacts, "db": db, "recipe": artifacts / "a10-fp16", "log": Path(result.stderr)}
+def shared_artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One artifacts root for the session's read-only builds: their store entries are shared, as on a user's
+    machine (tests that damage or clean use roots of their own)."""
+    root = tmp_path_factory.mktemp("shared")
+    return {"artifacts": root / "artifacts", "db": root / "doit.db"}
+
+
+@pytest.fixture(scope="session")
+def built(shared_artifacts: dict[str, Path]) -> dict[str, Path]:
+    artifacts, db = shared_artifacts["artifacts"], shared_artifacts["db"]
+    run_doit(["build", "recipe=a10-fp16"], artifacts, db)
+    return {"artifacts": artifacts, "db": db, "recipe": artifacts / "a10-fp16"}
 
 
 @pytest.fixture(scope="session")

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, executed_tasks, run_doit
+from tests.conftest import REPO, artifact_digests, built_tasks, executed_tasks, reused_tasks, run_doit, view_name
 
 RECIPE_FILE = REPO / "tests" / "recipes" / "transformer-only.yaml"
-RECIPE = "transformer-only"
 
 
 def test_second_build_runs_nothing(built: dict[str, Path]) -> None:
@@ -19,74 +19,161 @@ def test_second_build_runs_nothing(built: dict[str, Path]) -> None:
     assert "-- validate:a10-fp16/transformer" in result.stdout
 
 
-def test_tolerance_change_reruns_only_validation_and_gates(checkpoint_build: dict[str, Path]) -> None:
-    built = checkpoint_build
-    tight = "components.transformer.validate.tolerances.sample.atol=1e-9"
-    result = run_doit([*built["args"], tight, "components.transformer.validate.tolerances.sample.rtol=1e-9"],
-                      built["artifacts"], built["db"], check=False)
-    assert result.returncode != 0
-    assert executed_tasks(result.stdout) == [f"validate:{RECIPE}/transformer"]
-    assert "onnxruntime sample" in result.stderr + result.stdout and "would pass with atol >=" in result.stderr + result.stdout
-    manifest = json.loads((built["recipe"] / "manifest.json").read_text())
-    assert manifest["components"]["transformer"]["validation"]["passed"] is False
-    assert manifest["recipe"]["overrides"]["components.transformer.validate.tolerances.sample.atol"] == 1e-9
-    again = run_doit(built["args"], built["artifacts"], built["db"])
-    assert executed_tasks(again.stdout) == [f"validate:{RECIPE}/transformer", f"manifest:{RECIPE}"]
+def test_killed_seed_one_build_never_leaks_into_seed_zero(built: dict[str, Path]) -> None:
+    """The issue's scenario: a seed-1 build killed after its checkpoint (and export) must not make the seed-0
+    rebuild use seed-1 weights; the seed-0 receipt stays byte-identical."""
+    before = (built["recipe"] / "manifest.json").read_bytes()
+    killed = run_doit(["build", "recipe=a10-fp16", "model.seed=1"], built["artifacts"], built["db"],
+                      env={"FORGE_TEST_KILL_AT": "export:outputs"}, check=False)
+    assert killed.returncode == -9 and "built checkpoint:a10-fp16" in killed.stderr
+    again = run_doit(["build", "recipe=a10-fp16"], built["artifacts"], built["db"])
+    assert built_tasks(again.stderr) == []
+    assert reused_tasks(again.stderr) == ["checkpoint:a10-fp16"], "only the view's checkpoint link is restored"
+    after = (built["recipe"] / "manifest.json").read_bytes()
+    assert after == before
+    assert json.loads(after)["model"]["seed"] == 0
+    assert not any((built["artifacts"] / "store" / ".tmp").iterdir())
+
+
+BINARY = bytes(range(256)) * 8
+NESTED = "a: " + "[" * 5000 + "]" * 5000 + "\n"
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8))
+
+
+def bad_recipe_files(folder: Path) -> list[tuple[Path, str]]:
+    cases = [("garbage.yaml", BINARY, "not a UTF-8 text file"), ("nested.yaml", NESTED.encode(), "nested too deeply"),
+             ("bomb.yaml", BOMB.encode(), "too large"), ("huge.yaml", b"# x\n" * 300_000, "at most 1048576 bytes"),
+             ("...yaml", b"extends: a10-fp16\n", "'..' is not allowed"),
+             ("entropy.yaml", b"extends: l40s-fp8\ncomponents:\n  transformer:\n    precision:\n"
+              b"      calibration: {method: entropy}\n",
+              "components.transformer.precision.calibration.method: 'entropy' is not offered for fp8; allowed: max")]
+    made = []
+    for name, data, expected in cases:
+        (folder / name).write_bytes(data)
+        made.append((folder / name, expected))
+    return made
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     artifacts, db = tmp_path / "artifacts", tmp_path / "db"
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
     cases = [
         (["build", "recipe=a10-fp16", "components.transformer.profile.height.min=100"], "multiples of 16"),
         (["build", "recipe=a10-fp16", "target.gpu=t4", "components.transformer.precision.dtype=bf16"],
          "components.transformer.precision.dtype: bf16 is not supported by t4"),
-        (["build", "recipe=a10-fp16", "model=/no/such/dir"], "model.path"),
+        (["build", "recipe=a10-fp16", "model=/no/such/dir"], "model.path: '/no/such/dir': does not exist"),
+        (["build", "recipe=a10-fp16", "model=/etc/passwd"], "is a file, not a checkpoint directory"),
         (["build", "recipe=nope"], "no recipe named 'nope'"),
+        (["build", "recipe=../recipes/a10-fp16"], "'../recipes/a10-fp16' is not allowed"),
+        (["build", "recipe=a10-fp16", "verify=yes"], "verify: must be 0 or 1"),
+        *[(["build", f"recipe={path}"], expected) for path, expected in bad_recipe_files(recipes)],
     ]
     for args, expected in cases:
         result = run_doit(args, artifacts, db, check=False)
-        assert result.returncode != 0
+        assert result.returncode != 0, args
         lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr, result.stderr
+        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr, (args, result.stderr)
+    assert not artifacts.exists()
+
+
+def corrupted_checkpoints(source: Path, folder: Path) -> list[tuple[Path, str]]:
+    """Copies of a real tiny checkpoint, each damaged in one way a user's download can be."""
+    made = []
+
+    def copy(name: str) -> Path:
+        target = folder / name
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("record.json", ".stat.json"))
+        for path in target.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        made.append(target)
+        return target
+
+    shard = next((copy("truncated") / "transformer").glob("*.safetensors"))
+    with open(shard, "r+b") as handle:
+        handle.truncate(shard.stat().st_size - 100)
+    (copy("bad-config") / "vae" / "config.json").write_text('{"in_channels": 3,')
+    shutil.rmtree(copy("no-tokenizer") / "tokenizer")
+    file_instead = copy("file-instead")
+    shutil.rmtree(file_instead / "text_encoder")
+    (file_instead / "text_encoder").write_text("not a folder")
+    index = copy("bad-index") / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"pos_embed.nonexistent": "diffusion_pytorch_model.safetensors"}}))
+    return list(zip(made, ["(truncated?)", "vae/config.json is not valid JSON",
+                           "missing tokenizer/", "text_encoder is a file, not a folder",
+                           "'pos_embed.nonexistent' -> diffusion_pytorch_model.safetensors but no shard holds it"]))
+
+
+def test_checkpoint_problems_are_found_before_any_task(built: dict[str, Path], tmp_path: Path) -> None:
+    artifacts, db = tmp_path / "artifacts", tmp_path / "db"
+    for checkpoint, expected in corrupted_checkpoints(built["recipe"] / "checkpoint", tmp_path):
+        result = run_doit(["build", "recipe=a10-fp16", f"model={checkpoint}"], artifacts, db, check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert "a10-fp16.yaml: model.path:" in lines[0] and expected in lines[0], lines[0]
     assert not artifacts.exists()
 
 
 @pytest.fixture(scope="module")
-def checkpoint_build(built: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def checkpoint_build(built: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
     """model=<dir> exercises the real offline loading path; transformer only, for the task-graph mechanics."""
     checkpoint = built["recipe"] / "checkpoint"
     root = tmp_path_factory.mktemp("from-checkpoint")
     artifacts, db = root / "artifacts", root / "db"
-    args = ["build", f"recipe={RECIPE_FILE}", f"model={checkpoint}",
-            "components.transformer.validate.timesteps=[1.0, 0.4]"]
+    args = ["build", f"recipe={RECIPE_FILE}", f"model={checkpoint}", "components.transformer.validate.timesteps=[1.0, 0.4]"]
     run_doit(args, artifacts, db)
-    return {"artifacts": artifacts, "db": db, "recipe": artifacts / RECIPE, "checkpoint": checkpoint, "args": args}
+    name = view_name(str(RECIPE_FILE), str(checkpoint))
+    return {"artifacts": artifacts, "db": db, "recipe": artifacts / name, "name": name, "checkpoint": checkpoint,
+            "args": args}
 
 
-def test_build_from_checkpoint_directory(built: dict[str, Path], checkpoint_build: dict[str, Path]) -> None:
-    """Same weights loaded from the directory give byte-identical graphs."""
+def test_build_from_checkpoint_directory(built: dict[str, Path], checkpoint_build: dict) -> None:
+    """Same weights loaded from the directory give byte-identical graphs; the manifest names the checkpoint by
+    the digests of its files, not by a path of this machine."""
     manifest = json.loads((checkpoint_build["recipe"] / "manifest.json").read_text())
-    assert manifest["model"]["source"] == "checkpoint" and "warning" not in manifest["model"]
-    assert manifest["model"]["path"] == str(checkpoint_build["checkpoint"].resolve())
-    assert not (checkpoint_build["recipe"] / "checkpoint").exists()
+    model = manifest["model"]
+    assert model["source"] == "checkpoint" and "warning" not in manifest["model"]
     tiny = json.loads((built["recipe"] / "manifest.json").read_text())
-    digest = {e["path"]: e["sha256"] for e in tiny["components"]["transformer"]["artifacts"]["surgery"]}
-    mine = {e["path"]: e["sha256"] for e in manifest["components"]["transformer"]["artifacts"]["surgery"]}
-    assert mine["transformer/surgery/model.onnx"] == digest["transformer/surgery/model.onnx"]
+    tiny_files = {e["path"].removeprefix("checkpoint/"): e["sha256"] for e in tiny["model"]["checkpoint"]}
+    assert model["files"] == {name: sha for name, sha in tiny_files.items()}
+    assert str(checkpoint_build["checkpoint"]) not in json.dumps(manifest)
+    assert not (checkpoint_build["recipe"] / "checkpoint").exists()
+    mine = artifact_digests(manifest)
+    assert mine["transformer/surgery/model.onnx"] == artifact_digests(tiny)["transformer/surgery/model.onnx"]
     assert list(manifest["components"]) == ["transformer"] and manifest["pipeline_check"] is None
     assert manifest["components"]["transformer"]["validation"]["passed"]
 
 
-def test_surgery_change_does_not_reexport(checkpoint_build: dict[str, Path]) -> None:
-    built = checkpoint_build
-    result = run_doit([*built["args"], "components.transformer.surgery.passes=[fold_constants, infer_shapes, freeze_text_branch]"],
-                      built["artifacts"], built["db"])
-    assert executed_tasks(result.stdout) == [f"{stage}:{RECIPE}/transformer" for stage in (
-        "surgery", "precision", "engine", "validate")] + [f"manifest:{RECIPE}"]
+def test_checkpoint_builds_and_outside_recipes_get_views_of_their_own(checkpoint_build: dict) -> None:
+    name = checkpoint_build["name"]
+    assert name.startswith("transformer-only-") and name != view_name(str(RECIPE_FILE))
+    assert view_name("a10-fp16") == "a10-fp16" and view_name("a10-fp16", str(checkpoint_build["checkpoint"])) != "a10-fp16"
 
 
-def test_clean_removes_outputs(checkpoint_build: dict[str, Path]) -> None:
-    run_doit(["clean", *checkpoint_build["args"][1:]], checkpoint_build["artifacts"], checkpoint_build["db"])
-    assert not (checkpoint_build["recipe"] / "manifest.json").exists()
-    assert not (checkpoint_build["recipe"] / "transformer" / "export").exists()
-    assert checkpoint_build["checkpoint"].exists(), "clean must never touch the user's checkpoint"
+def test_tolerance_change_reruns_only_validation_and_gates(checkpoint_build: dict) -> None:
+    build, name = checkpoint_build, checkpoint_build["name"]
+    tight = ["components.transformer.validate.tolerances.sample.atol=1e-9",
+             "components.transformer.validate.tolerances.sample.rtol=1e-9"]
+    result = run_doit([*build["args"], *tight], build["artifacts"], build["db"], check=False)
+    assert result.returncode != 0
+    assert executed_tasks(result.stdout) == [f"validate:{name}/transformer"]
+    assert "onnxruntime sample" in result.stderr and "would pass with atol >=" in result.stderr
+    manifest = json.loads((build["recipe"] / "manifest.json").read_text())
+    assert manifest["components"]["transformer"]["validation"]["passed"] is False
+    assert manifest["recipe"]["overrides"]["components.transformer.validate.tolerances.sample.atol"] == 1e-9
+    repeat = run_doit([*build["args"], *tight], build["artifacts"], build["db"], check=False)
+    assert repeat.returncode != 0 and built_tasks(repeat.stderr) == [], "a recorded failure is reused, still failing"
+    assert reused_tasks(repeat.stderr) == [f"validate:{name}/transformer"]
+    again = run_doit(build["args"], build["artifacts"], build["db"])
+    assert executed_tasks(again.stdout) == [f"validate:{name}/transformer", f"manifest:{name}"]
+    assert built_tasks(again.stderr) == [], "the passing validation's entry still exists"
+
+
+def test_surgery_change_does_not_reexport(checkpoint_build: dict) -> None:
+    build, name = checkpoint_build, checkpoint_build["name"]
+    result = run_doit([*build["args"], "components.transformer.surgery.passes=[fold_constants, infer_shapes, freeze_text_branch]"],
+                      build["artifacts"], build["db"])
+    assert executed_tasks(result.stdout) == [f"{stage}:{name}/transformer" for stage in (
+        "surgery", "precision", "engine", "validate")] + [f"manifest:{name}"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -204,24 +203,28 @@ def test_settings_are_checked_before_any_model_loads(tmp_path: Path) -> None:
     check_static_shape(Path("model.onnx"), "input_ids", ["batch", 98], (2, 98))
 
 
-def test_from_recipe_without_a_section_names_the_key() -> None:
+def test_from_recipe_without_a_section_names_the_key(tmp_path: Path) -> None:
+    from stages.inputs import StageInputs
     from stages.pipeline_check import from_recipe
+    from stages.recipe import load_recipe
 
-    loaded = SimpleNamespace(source="recipes/x.yaml", recipe=SimpleNamespace())
-    with pytest.raises(ForgeError, match="recipes/x.yaml: pipeline_check: the recipe has no pipeline_check section"):
-        from_recipe(loaded, None)
+    loaded = load_recipe("a10-fp16", {"pipeline_check": "null"})
+    with pytest.raises(ForgeError, match="a10-fp16.yaml: pipeline_check: the recipe has no pipeline_check section"):
+        from_recipe(loaded, None, StageInputs(tmp_path, {}, tmp_path))
 
 
-def test_from_recipe_points_at_the_built_graphs() -> None:
-    """Components the recipe builds run on their precision-stage ONNX; the others stay PyTorch."""
-    from stages import artifacts
+def test_from_recipe_points_at_the_built_graphs(tmp_path: Path) -> None:
+    """Components the recipe builds run on their precision-stage ONNX (from the store); the others stay PyTorch."""
+    from stages.inputs import StageInputs
     from stages.pipeline_check import from_recipe
+    from stages.recipe import load_recipe
+    from stages.registry import Ref
 
-    target = SimpleNamespace(compute_capability=(8, 6), backend="tensorrt-rtx")
-    recipe = SimpleNamespace(pipeline_check=SETTINGS, components={"transformer": None}, text_length=256,
-                             target=target, model=SimpleNamespace(is_tiny=True))
-    check = from_recipe(SimpleNamespace(name="r", source="recipes/r.yaml", recipe=recipe), None)
-    assert check.onnx_paths == {"transformer": artifacts.ARTIFACTS_DIR / "r/transformer/precision/model.onnx"}
-    assert check.engine_paths == {"transformer": artifacts.ARTIFACTS_DIR / "r/transformer/engine/engine.plan"}
-    assert check.checkpoint_dir == artifacts.ARTIFACTS_DIR / "r/checkpoint"
-    assert (check.text_length, check.settings, check.compute_capability) == (256, SETTINGS, (8, 6))
+    loaded = load_recipe("a10-fp16", {"components.text_encoder": "null", "components.vae_decoder": "null"})
+    dirs = {Ref("precision", "transformer"): tmp_path / "p", Ref("engine", "transformer"): tmp_path / "e"}
+    check = from_recipe(loaded, None, StageInputs(tmp_path / "ckpt", dirs, tmp_path))
+    assert check.onnx_paths == {"transformer": tmp_path / "p" / "model.onnx"}
+    assert check.engine_paths == {"transformer": tmp_path / "e" / "engine.plan"}
+    assert check.checkpoint_dir == tmp_path / "ckpt" and check.display_root == tmp_path
+    assert (check.text_length, check.compute_capability) == (256, (8, 6))
+    assert check.settings == loaded.recipe.pipeline_check

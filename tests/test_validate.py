@@ -22,10 +22,7 @@ SMALL = {"components.transformer.validate.sizes": "[[512, 512], [512, 768]]",
 
 
 def test_fp16_graph_passes_and_report_is_honest(tiny_checkpoint: Path, fp16_output: tuple[Path, dict],
-                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import stages.artifacts
-
-    monkeypatch.setattr(stages.artifacts, "ARTIFACTS_DIR", fp16_output[0].parent.parent)
+                                                 tmp_path: Path) -> None:
     report = validator(tiny_checkpoint, fp16_output[0], SMALL)(tmp_path)
     assert report["passed"]
     assert report["engine"]["ran"] is False and "no CUDA GPU" in report["engine"]["skipped_because"]
@@ -36,10 +33,7 @@ def test_fp16_graph_passes_and_report_is_honest(tiny_checkpoint: Path, fp16_outp
 
 
 def test_too_tight_tolerance_fails_with_what_would_pass(tiny_checkpoint: Path, fp16_output: tuple[Path, dict],
-                                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import stages.artifacts
-
-    monkeypatch.setattr(stages.artifacts, "ARTIFACTS_DIR", fp16_output[0].parent.parent)
+                                                         tmp_path: Path) -> None:
     tight = {**SMALL, "components.transformer.validate.tolerances.sample.atol": "1e-7",
              "components.transformer.validate.tolerances.sample.rtol": "1e-7"}
     report = validator(tiny_checkpoint, fp16_output[0], tight)(tmp_path)
