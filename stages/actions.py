@@ -144,7 +144,7 @@ def write_manifest_action(build: Build, quiet: bool = False) -> TaskFailed | Non
 def clean_action(build: Build) -> None:
     count, freed = views.clean(build.store, build.name)
     print(f"clean {build.name}: removed its view and {count} store entries no other recipe uses "
-          f"({freed / 1e6:.1f} MB freed)", file=sys.stderr)
+          f"({freed / 1e6:.1f} MB freed)")  # doit clean shows an action's stdout only
 
 
 def gc_action(root: Path) -> None:

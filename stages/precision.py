@@ -35,7 +35,7 @@ class ConvertPrecision:
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         import onnx
 
-        from stages.surgery import save_model
+        from stages.onnx_io import save_model
 
         excluded = self.excluded_nodes()
         if self.dtype == "fp32":

@@ -126,7 +126,7 @@ class QuantizePrecision:
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         import onnx
 
-        from stages.surgery import save_model
+        from stages.onnx_io import save_model
 
         self.check_settings()
         graph = onnx.load(str(self.source), load_external_data=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.errors import fail
+from stages.onnx_io import save_model
 from stages.inputs import StageInputs
 from stages.recipe import LoadedRecipe
 
@@ -43,17 +44,6 @@ class GraphSurgery:
         save_model(model, out_dir / MODEL_FILE)
         return {"component": self.component, "model_file": MODEL_FILE, "passes": reports, "frozen_nodes": frozen,
                 "nodes": len(model.graph.node)}
-
-
-def save_model(model: Any, path: Path) -> None:
-    """Save with external data past protobuf's 2 GB limit."""
-    import onnx
-
-    try:
-        external = model.ByteSize() > 2 * 1024**3 - 1024**2
-    except ValueError:
-        external = True
-    onnx.save_model(model, str(path), save_as_external_data=external, location=f"{path.name}.data")
 
 
 def fold_constants(stage: GraphSurgery, model: Any) -> tuple[Any, dict[str, Any]]:

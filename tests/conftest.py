@@ -14,13 +14,18 @@ DOIT = [sys.executable, "-m", "doit"]
 DOIT_COMMANDS = ("run", "clean", "list", "forget", "info")
 
 
-def run_doit(args: list[str], artifacts: Path, db: Path, env: dict[str, str] | None = None,
-             check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run doit as a user would, with outputs redirected into a test's own artifacts dir."""
+def doit_command(args: list[str], artifacts: Path, db: Path,
+                 env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     full_env = {**os.environ, "FORGE_ARTIFACTS": str(artifacts), **(env or {})}
     command, rest = (args[0], args[1:]) if args[0] in DOIT_COMMANDS else ("run", args)
-    result = subprocess.run([*DOIT, command, "--db-file", str(db), *rest], cwd=REPO, env=full_env,
-                            capture_output=True, text=True, timeout=900)
+    return [*DOIT, command, "--db-file", str(db), *rest], full_env
+
+
+def run_doit(args: list[str], artifacts: Path, db: Path, env: dict[str, str] | None = None,
+             check: bool = True, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    """Run doit as a user would, with outputs redirected into a test's own artifacts dir."""
+    command, full_env = doit_command(args, artifacts, db, env)
+    result = subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"doit {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -70,6 +75,32 @@ def built(shared_artifacts: dict[str, Path]) -> dict[str, Path]:
     artifacts, db = shared_artifacts["artifacts"], shared_artifacts["db"]
     run_doit(["build", "recipe=a10-fp16"], artifacts, db)
     return {"artifacts": artifacts, "db": db, "recipe": artifacts / "a10-fp16"}
+
+
+SMALL_RECIPE = REPO / "tests" / "recipes" / "transformer-only.yaml"
+SMALL_ARGS = ["build", f"recipe={SMALL_RECIPE}", "components.transformer.validate.timesteps=[1.0, 0.4]",
+              "components.transformer.validate.sizes=[[512, 512], [512, 768]]"]
+
+
+@pytest.fixture(scope="session")
+def small(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A transformer-only build in a root of its own, for tests that damage, edit or clean (they leave it built)."""
+    root = tmp_path_factory.mktemp("small")
+    artifacts, db = root / "artifacts", root / "doit.db"
+    run_doit(SMALL_ARGS, artifacts, db)
+    name = view_name(str(SMALL_RECIPE))
+    return {"artifacts": artifacts, "db": db, "args": SMALL_ARGS, "name": name, "view": artifacts / name}
+
+
+def verify_manifest(view: Path) -> dict:
+    """Every digest the manifest lists matches the file in the view, recomputed here."""
+    import hashlib
+    import json
+
+    manifest = json.loads((view / "manifest.json").read_text())
+    for path, sha in artifact_digests(manifest).items():
+        assert hashlib.sha256((view / path).read_bytes()).hexdigest() == sha, path
+    return manifest
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,16 @@
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from stages import artifacts
-from stages.calibration import CaptureCalibration, calibration_digest, load_feeds, shared_dir
+from stages.calibration import CaptureCalibration, load_feeds
 from stages.errors import ForgeError
 from stages.models import qwen_tokenizer
-from stages.recipe import CalibrationSettings
+from stages.recipe import CalibrationSettings, load_recipe
+from stages.registry import STAGES
 
 PROMPTS = ['A shop sign reading "OPEN"', "一只猫坐在窗台上"]
 
@@ -23,12 +22,6 @@ def prompts_file(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture()
-def isolated_artifacts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setattr(artifacts, "ARTIFACTS_DIR", tmp_path / "artifacts")
-    return tmp_path / "artifacts"
-
-
 def settings(prompts: Path, **changes: object) -> CalibrationSettings:
     values = {"prompts": str(prompts), "sizes": [[256, 256]], "num_inference_steps": 3, "steps": [0, 2],
               "samples": 100, "true_cfg_scale": 4.0}
@@ -36,11 +29,10 @@ def settings(prompts: Path, **changes: object) -> CalibrationSettings:
 
 
 def test_transformer_inputs_are_captured_per_prompt_step_and_cfg_branch(
-        tiny_checkpoint: Path, prompts_file: Path, isolated_artifacts: Path, tmp_path: Path) -> None:
+        tiny_checkpoint: Path, prompts_file: Path, tmp_path: Path) -> None:
     chosen = settings(prompts_file)
-    digest = calibration_digest("transformer", {"path": "tiny", "seed": 0}, chosen, 64)
-    report = CaptureCalibration("transformer", tiny_checkpoint, chosen, 64, digest)(tmp_path)
-    feeds = load_feeds(digest)
+    report = CaptureCalibration("transformer", tiny_checkpoint, chosen, 64)(tmp_path)
+    feeds = load_feeds(tmp_path)
     assert report["samples"] == len(feeds) == len(PROMPTS) * 2 * 2  # prompts x steps x (cond, uncond)
     timesteps = sorted({float(f["timestep"][0]) for f in feeds}, reverse=True)
     assert len(timesteps) == 2 and 0 < timesteps[1] < timesteps[0] <= 1
@@ -52,47 +44,42 @@ def test_transformer_inputs_are_captured_per_prompt_step_and_cfg_branch(
     assert all(f["encoder_hidden_states"].shape == (1, 64, 16) for f in feeds)
 
 
-def test_identical_settings_share_one_capture(tiny_checkpoint: Path, prompts_file: Path,
-                                              isolated_artifacts: Path, tmp_path: Path) -> None:
-    chosen = settings(prompts_file, sizes=[[128, 128]], steps=[1], samples=3)
-    digest = calibration_digest("transformer", {"path": "tiny", "seed": 0}, chosen, 32)
-    first = CaptureCalibration("transformer", tiny_checkpoint, chosen, 32, digest)(tmp_path)
-    stamp = os.stat(shared_dir(digest) / "index.json").st_mtime_ns
-    second = CaptureCalibration("transformer", tiny_checkpoint, chosen, 32, digest)(tmp_path)
-    assert not first["reused"] and second["reused"] and second["samples"] == 3
-    assert os.stat(shared_dir(digest) / "index.json").st_mtime_ns == stamp
+def calibration_key_settings(prompts: Path, text_length: int = 256, **changes: object) -> dict:
+    """What the calibration task's store key takes from the recipe (see stages.registry)."""
+    overrides = {f"components.transformer.precision.calibration.{k}": str(v) for k, v in changes.items()}
+    overrides["components.transformer.precision.calibration.prompts"] = str(prompts)
+    overrides["text_length"] = str(text_length)
+    loaded = load_recipe("l40s-fp8", overrides)
+    return STAGES["calibration"].settings(loaded, "transformer")
 
 
-def test_digest_follows_what_determines_the_data(prompts_file: Path) -> None:
-    model = {"path": "tiny", "seed": 0}
-    base = calibration_digest("transformer", model, settings(prompts_file), 64)
-    assert calibration_digest("transformer", model, settings(prompts_file, method="entropy"), 64) == base
-    for changed in ({"samples": 5}, {"steps": [1]}, {"sizes": [[512, 512]]}, {"num_inference_steps": 4}):
-        assert calibration_digest("transformer", model, settings(prompts_file, **changed), 64) != base, changed
-    assert calibration_digest("transformer", {"path": "tiny", "seed": 1}, settings(prompts_file), 64) != base
-    assert calibration_digest("transformer", model, settings(prompts_file), 65) != base
+def test_key_follows_what_determines_the_data(prompts_file: Path) -> None:
+    base = calibration_key_settings(prompts_file)
+    for changed in ({"samples": 5}, {"steps": "[1]"}, {"sizes": "[[512, 512]]"}, {"num_inference_steps": 4}):
+        assert calibration_key_settings(prompts_file, **changed) != base, changed
+    assert calibration_key_settings(prompts_file, text_length=255) != base
+    copy = prompts_file.with_name("same-prompts.yaml")
+    copy.write_bytes(prompts_file.read_bytes())
+    assert calibration_key_settings(copy) == base, "the prompt file enters by content, not by path"
     prompts_file.write_text(yaml.safe_dump(PROMPTS + ["one more"], allow_unicode=True))
-    assert calibration_digest("transformer", model, settings(prompts_file), 64) != base
+    assert calibration_key_settings(prompts_file) != base
 
 
 def test_text_encoder_calibrates_on_tokenized_prompts(tiny_checkpoint: Path, prompts_file: Path,
-                                                      isolated_artifacts: Path, tmp_path: Path) -> None:
+                                                      tmp_path: Path) -> None:
     chosen = settings(prompts_file)
-    digest = calibration_digest("text_encoder", {"path": "tiny", "seed": 0}, chosen, 64)
-    CaptureCalibration("text_encoder", tiny_checkpoint, chosen, 64, digest)(tmp_path)
-    feeds = load_feeds(digest)
+    CaptureCalibration("text_encoder", tiny_checkpoint, chosen, 64)(tmp_path)
+    feeds = load_feeds(tmp_path)
     tokenizer = qwen_tokenizer.load_tokenizer(tiny_checkpoint)
     ids, mask, _ = qwen_tokenizer.tokenize_prompts(tokenizer, PROMPTS, 64)
     np.testing.assert_array_equal(np.concatenate([f["input_ids"] for f in feeds]), ids.numpy())
     np.testing.assert_array_equal(np.concatenate([f["attention_mask"] for f in feeds]), mask.numpy())
 
 
-def test_tampered_calibration_file_is_refused(tiny_checkpoint: Path, prompts_file: Path,
-                                              isolated_artifacts: Path, tmp_path: Path) -> None:
+def test_tampered_calibration_file_is_refused(tiny_checkpoint: Path, prompts_file: Path, tmp_path: Path) -> None:
     chosen = settings(prompts_file)
-    digest = calibration_digest("text_encoder", {"path": "tiny", "seed": 0}, chosen, 16)
-    CaptureCalibration("text_encoder", tiny_checkpoint, chosen, 16, digest)(tmp_path)
-    victim = shared_dir(digest) / "feed_0000.npz"
+    CaptureCalibration("text_encoder", tiny_checkpoint, chosen, 16)(tmp_path)
+    victim = tmp_path / "feed_0000.npz"
     np.savez(victim, input_ids=np.zeros((1, 50), np.int64), attention_mask=np.zeros((1, 50), np.int64))
     with pytest.raises(ForgeError, match="sha256 mismatch"):
-        load_feeds(digest)
+        load_feeds(tmp_path)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from stages.manifest import summary_lines
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def manifest_of(built: dict[str, Path]) -> dict:
     return json.loads((built["recipe"] / "manifest.json").read_text())
@@ -43,7 +45,7 @@ def test_manifest_names_sources_versions_and_validation(built: dict[str, Path]) 
 
 
 def test_summary_is_loud_about_tiny_and_skipped_engine(built: dict[str, Path]) -> None:
-    lines = summary_lines(manifest_of(built))
+    lines = summary_lines(manifest_of(built), "artifacts/a10-fp16/manifest.json")
     assert any(line.startswith("*** TINY") for line in lines)
     assert any("validation PASSED on ONNX Runtime; engine NOT run" in line for line in lines)
 
@@ -64,3 +66,25 @@ def test_all_three_components_and_the_pipeline_check_are_recorded(built: dict[st
     assert languages.count("en") >= 2 and languages.count("zh") >= 2
     images = [e for e in check["artifacts"] if e["path"].endswith(".png")]
     assert len(images) == len(check["prompts"])
+
+
+def test_manifest_is_portable_and_points_into_the_store(built: dict[str, Path]) -> None:
+    """No absolute path of this machine anywhere; the recipe by repo path and digest; views link to the store."""
+    text = (built["recipe"] / "manifest.json").read_text()
+    manifest = json.loads(text)
+
+    def strings(node: object) -> list[str]:
+        if isinstance(node, dict):
+            return [s for value in node.values() for s in strings(value)]
+        if isinstance(node, list):
+            return [s for value in node for s in strings(value)]
+        return [node] if isinstance(node, str) else []
+
+    absolute = [s for s in strings(manifest) if s.startswith("/")]
+    assert absolute == [] and str(built["artifacts"]) not in text and str(REPO) not in text
+    recipe = manifest["recipe"]
+    assert recipe["file"] == "recipes/a10-fp16.yaml"
+    assert recipe["file_sha256"] == hashlib.sha256((REPO / "recipes" / "a10-fp16.yaml").read_bytes()).hexdigest()
+    for label, entry in manifest["store"].items():
+        assert (built["recipe"] / label).resolve() == (built["artifacts"] / entry).resolve()
+        assert json.loads((built["artifacts"] / entry / "record.json").read_text())["key"] == Path(entry).name

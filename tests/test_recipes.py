@@ -1,7 +1,8 @@
 """Every shipped recipe TensorRT-RTX can build here is built; the one it cannot (h100-fp8) is refused.
 
 Builds run with lighter validation and pipeline-check settings (fewer sizes, steps and samples) so the suite
-fits the CI budget; every stage, the quantizer and the engine build run exactly as the recipe says.
+fits the CI budget; every stage, the quantizer and the engine build run exactly as the recipe says. All four
+share the session's store, as they would on one machine: work they have in common is done once.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import executed_tasks, run_doit
+from tests.conftest import built_tasks, executed_tasks, reused_tasks, run_doit
 
 LIGHT = [
     "components.transformer.validate.timesteps=[1.0, 0.3]",
@@ -29,17 +30,21 @@ LIGHT_CALIBRATION = [
 ]
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("recipes")
-    return {"artifacts": root / "artifacts", "db": root / "doit.db"}
+ORDER = ("a10-int8", "l40s-fp8", "rtx5090-fp8")
 
 
-def build(workspace: dict[str, Path], recipe: str, *extra: str) -> tuple[dict, list[str]]:
+def build(workspace: dict[str, Path], recipe: str, *extra: str) -> tuple[dict, list[str], str]:
     calibration = LIGHT_CALIBRATION if "fp8" in recipe else []
     result = run_doit(["build", f"recipe={recipe}", *LIGHT, *calibration, *extra], workspace["artifacts"], workspace["db"])
     manifest = json.loads((workspace["artifacts"] / recipe / "manifest.json").read_text())
-    return manifest, executed_tasks(result.stdout)
+    return manifest, executed_tasks(result.stdout), result.stderr
+
+
+@pytest.fixture(scope="module")
+def workspace(built: dict[str, Path]) -> dict:
+    """After the session's a10-fp16 build, the other three RTX recipes in turn, into the same store."""
+    shared = {"artifacts": built["artifacts"], "db": built["db"]}
+    return {**shared, "builds": {recipe: build(shared, recipe) for recipe in ORDER}}
 
 
 def surgery_frozen(workspace: dict[str, Path], recipe: str) -> int:
@@ -47,14 +52,14 @@ def surgery_frozen(workspace: dict[str, Path], recipe: str) -> int:
     return len(record["report"]["frozen_nodes"])
 
 
-def test_l40s_fp8_quantizes_transformer_and_keeps_text_branch(workspace: dict[str, Path]) -> None:
-    manifest, _ = build(workspace, "l40s-fp8")
+def test_l40s_fp8_quantizes_transformer_and_keeps_text_branch(workspace: dict) -> None:
+    manifest, _, _ = workspace["builds"]["l40s-fp8"]
     transformer = manifest["components"]["transformer"]
     precision = transformer["precision"]
     assert precision["mode"] == "fp8" and precision["activations"] == "fp8"
     assert precision["quantized_nodes"].get("MatMul", 0) > 0
     assert precision["excluded"]["frozen_text_branch"] == surgery_frozen(workspace, "l40s-fp8") > 0
-    assert transformer["calibration"]["samples"] == 8 and not transformer["calibration"]["reused"]
+    assert transformer["calibration"]["samples"] == 8
     validation = transformer["validation"]
     assert validation["passed"]
     measured = {(row["runner"], row["against"]) for row in validation["measured_against_comparison_graphs"]}
@@ -65,27 +70,43 @@ def test_l40s_fp8_quantizes_transformer_and_keeps_text_branch(workspace: dict[st
     assert manifest["target"]["compute_capability"] == "8.9" and manifest["pipeline_check"]["passed"]
 
 
-def test_rtx5090_fp8_reuses_identical_calibration(workspace: dict[str, Path]) -> None:
-    manifest, ran = build(workspace, "rtx5090-fp8")
-    first = json.loads((workspace["artifacts"] / "l40s-fp8" / "manifest.json").read_text())
+def test_rtx5090_fp8_reuses_identical_calibration(workspace: dict) -> None:
+    manifest, _, log = workspace["builds"]["rtx5090-fp8"]
+    first, _, _ = workspace["builds"]["l40s-fp8"]
     calibration = manifest["components"]["transformer"]["calibration"]
-    assert calibration["reused"] and calibration["digest"] == first["components"]["transformer"]["calibration"]["digest"]
+    assert calibration["entry"] == first["components"]["transformer"]["calibration"]["entry"]
+    assert "reused calibration:rtx5090-fp8/transformer" in log and "built calibration:" not in log
     assert manifest["target"]["compute_capability"] == "12.0"
     engines = [json.loads((workspace["artifacts"] / r / "manifest.json").read_text())
                ["components"]["transformer"]["artifacts"]["engine"] for r in ("l40s-fp8", "rtx5090-fp8")]
     assert engines[0][0]["sha256"] != engines[1][0]["sha256"]
 
 
-def test_build_settings_do_not_recalibrate_but_samples_do(workspace: dict[str, Path]) -> None:
-    _, ran = build(workspace, "l40s-fp8", "components.transformer.build.optimization_level=1")
-    assert "engine:l40s-fp8/transformer" in ran
-    assert not [task for task in ran if task.startswith(("calibration:", "precision:", "export:"))]
-    _, ran = build(workspace, "l40s-fp8", "components.transformer.precision.calibration.samples=6")
-    assert ran[:2] == ["calibration:l40s-fp8/transformer", "precision:l40s-fp8/transformer"]
+def test_identical_work_is_done_once_across_recipes(workspace: dict) -> None:
+    """a10-int8 after a10-fp16: the checkpoint, every export and surgery, and the text encoder's and VAE's
+    precision and engines are reused; rtx5090-fp8 after l40s-fp8 also reuses the calibration and quantization."""
+    _, _, log = workspace["builds"]["a10-int8"]
+    shared = {"checkpoint:a10-int8", *(f"{s}:a10-int8/{c}" for s in ("export", "surgery")
+                                        for c in ("text_encoder", "transformer", "vae_decoder")),
+              *(f"{s}:a10-int8/{c}" for s in ("precision", "engine") for c in ("text_encoder", "vae_decoder"))}
+    assert shared <= set(reused_tasks(log)) and not shared & set(built_tasks(log))
+    assert {"precision:a10-int8/transformer", "engine:a10-int8/transformer"} <= set(built_tasks(log))
+    _, _, log = workspace["builds"]["rtx5090-fp8"]
+    assert "precision:rtx5090-fp8/transformer" in reused_tasks(log)
+    assert not [task for task in built_tasks(log) if task.startswith(("checkpoint:", "export:", "surgery:", "calibration:"))]
 
 
-def test_a10_int8_is_weight_only(workspace: dict[str, Path]) -> None:
-    manifest, ran = build(workspace, "a10-int8")
+def test_build_settings_do_not_recalibrate_but_samples_do(workspace: dict) -> None:
+    _, ran, log = build(workspace, "l40s-fp8", "components.transformer.build.optimization_level=1")
+    assert "engine:l40s-fp8/transformer" in built_tasks(log)
+    assert not [task for task in built_tasks(log) if task.startswith(("calibration:", "precision:", "export:"))]
+    _, ran, log = build(workspace, "l40s-fp8", "components.transformer.precision.calibration.samples=6")
+    assert built_tasks(log)[:2] == ["calibration:l40s-fp8/transformer", "precision:l40s-fp8/transformer"]
+    build(workspace, "l40s-fp8")
+
+
+def test_a10_int8_is_weight_only(workspace: dict) -> None:
+    manifest, ran, _ = workspace["builds"]["a10-int8"]
     precision = manifest["components"]["transformer"]["precision"]
     assert precision["mode"] == "int8_weight_only" and precision["weights"] == "int8"
     assert precision["activations"] == "fp16"
@@ -93,11 +114,11 @@ def test_a10_int8_is_weight_only(workspace: dict[str, Path]) -> None:
     assert manifest["components"]["transformer"]["validation"]["passed"]
 
 
-def test_h100_fp8_needs_full_tensorrt(workspace: dict[str, Path]) -> None:
+def test_h100_fp8_needs_full_tensorrt(tmp_path: Path) -> None:
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        result = run_doit(["build", "recipe=h100-fp8"], workspace["artifacts"], workspace["db"], check=False)
+        result = run_doit(["build", "recipe=h100-fp8"], tmp_path / "artifacts", tmp_path / "db", check=False)
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert "h100-fp8.yaml: target.backend: tensorrt needs the Python package `tensorrt`" in result.stderr
     else:

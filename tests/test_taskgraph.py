@@ -1,3 +1,5 @@
+"""The task graph and store keys: which settings reach which task, without running any stage."""
+
 from __future__ import annotations
 
 import subprocess
@@ -5,86 +7,99 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stages import taskgraph
+from stages import fingerprint, registry, taskgraph
 from stages.recipe import load_recipe
+from stages.registry import Ref
+from stages.resolve import Build
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def tasks(overrides: dict[str, str] | None = None, model: str | None = None,
-          recipe: str = "a10-fp16") -> dict[str, dict[str, Any]]:
-    loaded = load_recipe(recipe, overrides, model)
-    graph = {}
-    for stage in taskgraph.STAGES:
-        for task in taskgraph.stage_tasks(loaded, stage):
-            graph[f"{stage}:{task['name']}"] = task
-    manifest = taskgraph.manifest_task(loaded)
-    graph[f"manifest:{manifest['name']}"] = manifest
-    return graph
-
-
-def fingerprint(task: dict[str, Any]) -> str:
-    return task["uptodate"][0]._calc_digest()
+def graph(recipe: str = "a10-fp16", root: Path = Path("/nonexistent"), **overrides: str) -> dict[str, dict[str, Any]]:
+    build = Build(load_recipe(recipe, overrides), root)
+    tasks = {}
+    for stage in registry.STAGES:
+        for task in taskgraph.stage_tasks(build, stage):
+            tasks[f"{stage}:{task['name']}"] = task
+    manifest = taskgraph.manifest_task(build)
+    tasks[f"manifest:{manifest['name']}"] = manifest
+    return tasks
 
 
 def test_one_task_per_recipe_component_stage() -> None:
     per_component = [f"{stage}:a10-fp16/{component}" for stage in ("export", "surgery", "precision", "engine", "validate")
                      for component in ("text_encoder", "transformer", "vae_decoder")]
     expected = ["checkpoint:a10-fp16", "pipeline_check:a10-fp16", "manifest:a10-fp16", *per_component]
-    assert sorted(tasks()) == sorted(expected)
-    quantized = tasks(recipe="l40s-fp8")
+    assert sorted(graph()) == sorted(expected)
+    quantized = graph("l40s-fp8")
     assert [name for name in quantized if name.startswith("calibration:")] == ["calibration:l40s-fp8/transformer"]
 
 
 def test_dependencies_follow_the_pipeline() -> None:
-    graph = tasks()
-    assert graph["surgery:a10-fp16/transformer"]["file_dep"] == [
-        graph["export:a10-fp16/transformer"]["targets"][0]]
-    assert any(dep.endswith("a10-fp16/checkpoint/record.json") for dep in graph["export:a10-fp16/transformer"]["file_dep"])
-    check = graph["pipeline_check:a10-fp16"]["file_dep"]
-    assert {dep.split("/a10-fp16/")[1] for dep in check} == {"checkpoint/record.json"} | {
-        f"{c}/{s}/record.json" for c in ("text_encoder", "transformer", "vae_decoder") for s in ("precision", "engine")}
-    assert len(graph["manifest:a10-fp16"]["file_dep"]) == len(graph) - 1
-    quantized = tasks(recipe="l40s-fp8")
-    assert quantized["calibration:l40s-fp8/transformer"]["targets"][0] in quantized[
-        "precision:l40s-fp8/transformer"]["file_dep"]
+    tasks = graph()
+    assert tasks["surgery:a10-fp16/transformer"]["task_dep"] == ["export:a10-fp16/transformer"]
+    assert tasks["export:a10-fp16/transformer"]["task_dep"] == ["checkpoint:a10-fp16"]
+    check = tasks["pipeline_check:a10-fp16"]["task_dep"]
+    assert sorted(check) == sorted(["checkpoint:a10-fp16"] + [
+        f"{s}:a10-fp16/{c}" for c in ("text_encoder", "transformer", "vae_decoder") for s in ("precision", "engine")])
+    assert len(tasks["manifest:a10-fp16"]["task_dep"]) == len(tasks) - 1
+    assert "calibration:l40s-fp8/transformer" in graph("l40s-fp8")["precision:l40s-fp8/transformer"]["task_dep"]
 
 
-def test_tolerance_change_touches_only_validation() -> None:
-    before = tasks()
-    after = tasks({"components.transformer.validate.tolerances.sample.atol": "0.01"})
-    changed = {name for name in before if fingerprint(before[name]) != fingerprint(after[name])}
-    assert changed == {"validate:a10-fp16/transformer", "manifest:a10-fp16"}
+def keys(built: dict[str, Path], recipe: str = "a10-fp16", **overrides: str) -> dict[str, str | None]:
+    """Every task's store key against the session build's store (None: an upstream entry would be new)."""
+    build = Build(load_recipe(recipe, overrides), built["artifacts"])
+    return {ref.label: build.key(ref) for ref in build.refs()}
 
 
-def test_surgery_change_does_not_touch_export() -> None:
-    before = tasks()
-    after = tasks({"components.transformer.surgery.passes": "[fold_constants, freeze_text_branch]"})
-    changed = {name for name in before if fingerprint(before[name]) != fingerprint(after[name])}
-    assert changed == {"surgery:a10-fp16/transformer", "manifest:a10-fp16"}
+def test_keys_of_an_unchanged_recipe_are_the_built_entries(built: dict[str, Path]) -> None:
+    current = keys(built)
+    assert None not in current.values()
+    for label, key in current.items():
+        stage = label.split("/")[-1]
+        assert (built["recipe"] / label).resolve() == built["artifacts"] / "store" / stage / key
 
 
-def test_build_settings_change_touches_only_the_engine() -> None:
-    before = tasks(recipe="l40s-fp8")
-    after = tasks({"components.transformer.build.optimization_level": "1"}, recipe="l40s-fp8")
-    changed = {name for name in before if fingerprint(before[name]) != fingerprint(after[name])}
-    assert changed == {"engine:l40s-fp8/transformer", "manifest:l40s-fp8"}
+def test_tolerance_change_touches_only_validation(built: dict[str, Path]) -> None:
+    before, after = keys(built), keys(built, **{"components.transformer.validate.tolerances.sample.atol": "0.01"})
+    assert {label for label in before if before[label] != after[label]} == {"transformer/validate"}
 
 
-def test_checkpoint_dir_model_has_no_checkpoint_task(tmp_path: Path) -> None:
-    for folder in ("transformer", "text_encoder", "tokenizer", "vae"):
-        (tmp_path / folder).mkdir()
-        (tmp_path / folder / "config.json").write_text("{}")
-        (tmp_path / folder / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
-    graph = tasks(model=str(tmp_path))
-    assert "checkpoint:a10-fp16" not in graph
-    assert graph["export:a10-fp16/transformer"]["file_dep"] == []
+def test_build_settings_change_touches_the_engine_and_what_reads_it(built: dict[str, Path]) -> None:
+    before, after = keys(built), keys(built, **{"components.transformer.build.optimization_level": "1"})
+    changed = {label for label in before if before[label] != after[label]}
+    assert changed == {"transformer/engine", "transformer/validate", "pipeline_check"}
+    assert after["transformer/engine"] is not None and after["transformer/validate"] is None, \
+        "validation's key waits for the new engine's bytes"
+
+
+def test_recipe_name_is_not_part_of_any_key(built: dict[str, Path]) -> None:
+    """a10-int8 shares everything but the transformer's precision (and what follows) with a10-fp16."""
+    fp16, int8 = keys(built), keys(built, "a10-int8")
+    same = {label for label in fp16 if fp16[label] == int8.get(label)}
+    assert same == {"checkpoint", *(f"{c}/{s}" for c in ("text_encoder", "vae_decoder")
+                                    for s in ("export", "surgery", "precision", "engine", "validate")),
+                    "transformer/export", "transformer/surgery"}
+
+
+def test_key_material_names_everything_that_changes_the_output(built: dict[str, Path]) -> None:
+    build = Build(load_recipe("a10-fp16"), built["artifacts"])
+    material = build.inputs(Ref("validate", "transformer"))
+    assert material is not None
+    assert set(material) == {"schema", "stage", "component", "settings", "model", "upstream", "versions", "code"}
+    assert set(material["upstream"]) == {"transformer/precision", "transformer/engine"}
+    assert material["model"] and all(name.startswith("transformer/") for name in material["model"])
+    assert material["versions"]["torch"] and material["settings"]["validate"]["batch"] == 2
+    closure = {str(p.relative_to(REPO)) for p in fingerprint.module_closure(registry.code_roots(build.loaded, Ref("validate", "transformer")))}
+    assert {"stages/validate.py", "stages/models/qwen_image.py", "stages/quantize.py"} <= closure
+    assert "stages/export.py" not in closure and "stages/models/qwen_vae.py" not in closure
 
 
 def test_building_the_graph_imports_nothing_heavy() -> None:
     code = ("import sys; from doit.doit_cmd import DoitMain;"
             "DoitMain().run(['list', '--all', 'recipe=l40s-fp8']);"
-            "heavy=[m for m in ('torch','onnx','onnxruntime','diffusers','modelopt','tensorrt_rtx') if m in sys.modules];"
+            "heavy=[m for m in ('torch','numpy','onnx','onnxruntime','diffusers','modelopt','tensorrt_rtx','polygraphy')"
+            " if m in sys.modules];"
             "print('HEAVY', heavy)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "HEAVY []" in result.stdout, result.stdout + result.stderr
