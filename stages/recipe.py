@@ -316,7 +316,7 @@ def load_recipe(recipe: str, overrides: dict[str, str] | None = None, model: str
     """Load, merge, override and validate a recipe; raises ForgeError with a one-line message."""
     path = resolve_recipe_path(recipe)
     merged = _load_with_extends(path, seen=())
-    parsed_overrides = {key: _parse_value(value) for key, value in (overrides or {}).items()}
+    parsed_overrides = {key: _parse_value(key, value) for key, value in (overrides or {}).items()}
     for key, value in parsed_overrides.items():
         _set_dotted(merged, key, value)
     if model is not None:
@@ -431,12 +431,15 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(key: str, text: str) -> Any:
     """YAML semantics for command-line values, plus `1e-9` as a float (YAML 1.1 reads it as a string)."""
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    except (RecursionError, ValueError, TypeError, OverflowError):
+        raise fail("command line", key, "not a usable value (nested too deeply or malformed)") from None
+    _check_shape(Path(f"command line: {key}"), value)
     if isinstance(value, str):
         try:
             return float(value)
