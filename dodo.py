@@ -1,28 +1,35 @@
 """Qwen-Image engine forge: `doit build recipe=a10-fp16` turns a recipe into validated TensorRT engines.
 
 Command-line variables: `recipe=` (a name in recipes/ or a path to a YAML file, default a10-fp16),
+`recipes=a,b` (comma-separated, for `doit audit`; default the `recipe=` one),
 `model=` (`tiny` or a diffusers checkpoint directory), `verify=1` (rehash every output instead of the cheap
-size/mtime/inode check), and any dotted `key.path=value` recipe override.
+size/mtime/inode check), `remote=<url>` (overrides FORGE_REMOTE: a store mirror shared by CI runners),
+`remote_required=1`, and any dotted `key.path=value` recipe override. Exit codes: stages/ci.py and the README.
 """
 
 import signal
 import sys
 
+from stages import log
+from stages.ci import ForgeReporter
 from stages.errors import ForgeError
-from stages.taskgraph import (build_task, command_line_vars, gc_task, load_from_command_line, manifest_task,
-                              stage_tasks)
+from stages.taskgraph import (audit_request, audit_task, build_task, command_line_vars, gc_task,
+                              load_from_command_line, manifest_task, publish_task, stage_tasks)
 
 DOIT_CONFIG = {
     "backend": "sqlite3",
     "dep_file": ".doit.db",
     "default_tasks": ["build"],
     "verbosity": 2,
+    "reporter": ForgeReporter,  # the summary line and distinct exit codes (validation failed vs stage failed)
 }
 
 signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops a build as Ctrl-C does
+log.configure()
 
 try:
     BUILD = load_from_command_line(command_line_vars())
+    AUDIT = audit_request(command_line_vars(), BUILD)
 except ForgeError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
@@ -76,6 +83,16 @@ def task_manifest():
 def task_build():
     """Build, validate and record everything the recipe describes (`doit clean` removes the recipe's view)."""
     return build_task(BUILD)
+
+
+def task_publish():
+    """Put every store entry of the recipe on the remote (FORGE_REMOTE / remote=), e.g. ones built before it was set."""
+    return publish_task(BUILD)
+
+
+def task_audit():
+    """Audit `recipes=a,b` (building what is missing): artifacts/audit/<a+b>/report.html with charts, images, OCR."""
+    return audit_task(AUDIT)
 
 
 def task_gc():

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stages.models import qwen_vae  # noqa: E402
+from stages.families.qwen_image import vae as qwen_vae  # noqa: E402
 from stages.precision import node_output_dtypes  # noqa: E402
 
 # The released VAE's layout (diffusers defaults: 96 base channels, 16 latent channels, 8x, 2 res blocks and the
@@ -230,7 +230,7 @@ def benchmark(name: str, model: Any, sizes: list[list[int]], batch: int, seed: i
     calibration = work / "calibration.npz"
     np.savez(calibration, **feeds[-1])
 
-    rows: list[tuple[str, str, Any]] = [("onnx fp32 (ORT)", precision_counts(onnx.load(str(fp32_path))), fp32_path)]
+    rows: list[tuple[str, str, Any]] = [("onnx fp32 (ORT)", precision_counts(onnx.load(str(fp32_path), load_external_data=False)), fp32_path)]
     for dtype in ("fp16", "bf16"):
         converted = autocast(fp32_path, dtype, work / f"{dtype}.onnx")
         counts = precision_counts(converted)

@@ -7,19 +7,20 @@ doit's own state database is only a cache. Failures become one line unless FORGE
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from doit.exceptions import TaskFailed
 
-from stages import registry, views
+from stages import isolation, junit, log, registry, views
+from stages.ci import TALLY, ValidationFailed
 from stages.errors import ForgeError
 from stages.registry import Ref
 from stages.resolve import Build
 from stages.store import crashpoint
+
+LOG = log.get()
 
 
 def task_name(build: Build, ref: Ref) -> str:
@@ -60,23 +61,35 @@ def run_stage(build: Build, ref: Ref) -> TaskFailed | None:
         from stages.fingerprint import digest
 
         key = digest(material)
+        fetched = built = False
         with store.lock(key, announce=where):
             entry = store.lookup(ref.stage, key, deep=build.deep)
             if entry is None and store.exists(ref.stage, key):
                 reason = store.damage(ref.stage, key, deep=True)
-                print(f"damaged {where}: {reason}; rebuilding", file=sys.stderr)
+                LOG.warning(f"damaged {where}: {reason}; rebuilding")
                 store.discard(ref.stage, key)
                 build.invalidate()
+            if entry is None and store.remote is not None:  # verified, placed atomically, or None
+                entry = store.remote.fetch(store, ref.stage, key, material, where, store.remote.weights(build))
+                fetched = entry is not None
+                build.invalidate()
             if entry is None:
-                configured = _configure(build, ref)
+                inputs, checkpoint = _inputs(build, ref), build.checkpoint_dir()
+                isolate = isolation.component_bytes(build.loaded, ref, checkpoint) >= isolation.threshold()
                 with store.scratch(key) as scratch:
-                    report = configured(scratch)
+                    report = isolation.run(registry.STAGES[ref.stage].module, build.loaded, ref, inputs, scratch,
+                                           isolate)
                     crashpoint(f"{ref.stage}:outputs")
                     entry = store.commit(scratch, ref.stage, key, material, report)
                 build.invalidate()
-                print(f"built {where} -> {store.relative(entry.path)}", file=sys.stderr)
-            else:
-                print(f"reused {where} <- {store.relative(entry.path)}", file=sys.stderr)
+                LOG.info(f"built {where} -> {store.relative(entry.path)}")
+                built = True
+                TALLY.built += 1
+            elif not fetched:
+                LOG.info(f"reused {where} <- {store.relative(entry.path)}")
+                TALLY.reused += 1
+        if built and store.remote is not None:
+            store.remote.publish(entry, where, store.remote.weights(build))  # outside the lock: entry is immutable
         crashpoint(f"{ref.stage}:committed")
         with store.lock(views.view_lock(build.name)):
             views.link(store, build.name, ref.label, entry.path)
@@ -84,18 +97,15 @@ def run_stage(build: Build, ref: Ref) -> TaskFailed | None:
         return _one_line(where, error)
     if entry.report.get("passed") is False:
         write_manifest_action(build, quiet=True)
-        return TaskFailed(f"{where}: {entry.report.get('failure', 'failed')}")
+        return ValidationFailed(f"{where}: {entry.report.get('failure', 'failed')}")
     return None
 
 
-def _configure(build: Build, ref: Ref) -> Any:
-    """The stage's callable, configured from its recipe section and its upstream entries."""
+def _inputs(build: Build, ref: Ref) -> Any:
+    """Where the stage reads: its upstream store entries and the checkpoint."""
     from stages.inputs import StageInputs
 
-    module = importlib.import_module(registry.STAGES[ref.stage].module)
-    checkpoint = build.checkpoint_dir()
-    inputs = StageInputs(checkpoint=checkpoint, dirs=build.upstream_dirs(ref), root=build.root)
-    return module.from_recipe(build.loaded, ref.component, inputs)
+    return StageInputs(checkpoint=build.checkpoint_dir(), dirs=build.upstream_dirs(ref), root=build.root)
 
 
 def expected_links(build: Build) -> dict[str, Path] | None:
@@ -133,11 +143,12 @@ def write_manifest_action(build: Build, quiet: bool = False) -> TaskFailed | Non
             views.prune(store, build.name, set(expected))
             manifest = build_manifest(build)
             path = views.write_manifest(store, build.name, manifest)
+            junit.write(store, build.name, manifest)
     except Exception as error:  # noqa: BLE001
         return _one_line(f"manifest:{build.name}", error)
     if not quiet:
         for line in summary_lines(manifest, os.path.relpath(path)):
-            print(line, file=sys.stderr)
+            LOG.info(line)
     return None
 
 
@@ -151,5 +162,5 @@ def gc_action(root: Path) -> None:
     from stages.store import Store
 
     count, freed, swept = views.collect_garbage(Store(root))
-    print(f"gc: removed {count} unreferenced store entries and {swept} scratch leftovers; "
-          f"{freed / 1e6:.1f} MB freed", file=sys.stderr)
+    LOG.info(f"gc: removed {count} unreferenced store entries and {swept} scratch leftovers; "
+             f"{freed / 1e6:.1f} MB freed")

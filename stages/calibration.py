@@ -7,7 +7,6 @@ and rtx5090-fp8) share that one entry instead of running the pipeline again.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +14,14 @@ from typing import Any
 
 import yaml
 
+from stages import log
 from stages.errors import fail
+from stages.families import DEFAULT_FAMILY
 from stages.inputs import StageInputs
 from stages.recipe import CalibrationSettings, LoadedRecipe
 from stages.store import sha256_file
+
+LOG = log.get("calibration")
 
 INDEX_FILE = "index.json"
 
@@ -37,19 +40,22 @@ class CaptureCalibration:
     checkpoint_dir: Path
     settings: CalibrationSettings
     text_length: int
+    family: str = DEFAULT_FAMILY
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         import json
 
         import numpy as np
 
-        from stages.models.qwen_calibration import CAPTURE
+        from stages.families import FAMILIES
+
+        capture = FAMILIES[self.family].hook(FAMILIES[self.family].calibration)
 
         prompts = load_prompts(self.settings)
         started = time.perf_counter()
-        print(f"[calibration] capturing {self.component} inputs: {len(prompts)} prompts, sizes {self.settings.sizes}, "
-              f"{self.settings.num_inference_steps} steps ({self.settings.steps})", file=sys.stderr)
-        feeds = CAPTURE[self.component](self.checkpoint_dir, prompts, self.settings, self.text_length)
+        LOG.info(f"capturing {self.component} inputs: {len(prompts)} prompts, sizes {self.settings.sizes}, "
+              f"{self.settings.num_inference_steps} steps ({self.settings.steps})")
+        feeds = capture[self.component](self.checkpoint_dir, prompts, self.settings, self.text_length)
         files = {}
         for number, feed in enumerate(feeds):
             name = f"feed_{number:04d}.npz"
@@ -59,7 +65,7 @@ class CaptureCalibration:
                  "settings": self.settings.model_dump(mode="json", exclude={"method"}),
                  "inputs": {k: list(v.shape) for k, v in feeds[0].items()} if feeds else {}}
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n")
-        print(f"[calibration] {len(feeds)} feeds in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+        LOG.info(f"{len(feeds)} feeds in {time.perf_counter() - started:.1f}s")
         return index
 
 
@@ -83,4 +89,4 @@ def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs
     assert component is not None
     settings = loaded.recipe.components[component].precision.calibration
     assert settings is not None
-    return CaptureCalibration(component, inputs.weights, settings, loaded.recipe.text_length)
+    return CaptureCalibration(component, inputs.weights, settings, loaded.recipe.text_length, loaded.recipe.family)

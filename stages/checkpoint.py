@@ -6,13 +6,16 @@ weights through the same `from_pretrained` path a real Qwen-Image checkpoint tak
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages import log
+from stages.families import DEFAULT_FAMILY
 from stages.inputs import StageInputs
 from stages.recipe import LoadedRecipe
+
+LOG = log.get("checkpoint")
 
 TINY_BANNER = "TINY MODEL: random weights (seed {seed}), not Qwen-Image; numbers say nothing about the real model"
 
@@ -20,13 +23,15 @@ TINY_BANNER = "TINY MODEL: random weights (seed {seed}), not Qwen-Image; numbers
 @dataclass(frozen=True)
 class SaveTinyCheckpoint:
     seed: int
+    family: str = DEFAULT_FAMILY
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
-        from stages.models.qwen_pipeline import save_tiny_checkpoint
+        from stages.families import FAMILIES
 
-        print(TINY_BANNER.format(seed=self.seed), file=sys.stderr)
+        save_tiny_checkpoint = FAMILIES[self.family].hook(FAMILIES[self.family].tiny_checkpoint)
+        LOG.warning(TINY_BANNER.format(seed=self.seed))
         return {"model": "tiny", "seed": self.seed, **save_tiny_checkpoint(self.seed, out_dir)}
 
 
 def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs) -> SaveTinyCheckpoint:
-    return SaveTinyCheckpoint(seed=loaded.recipe.model.seed)
+    return SaveTinyCheckpoint(seed=loaded.recipe.model.seed, family=loaded.recipe.family)

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages import capabilities
+from stages import log
+from stages.backends import BACKENDS
 from stages.errors import fail
 from stages.inputs import StageInputs
 from stages.recipe import LoadedRecipe
 
 ENGINE_FILE = "engine.plan"
+LOG = log.get("engine")
 
 
 @dataclass(frozen=True)
@@ -31,28 +32,31 @@ class BuildEngine:
     shapes: dict[str, list[tuple[int, ...]]]
     optimization_level: int
     timing_cache: Path | None = None
+    weight_streaming_budget_gib: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
-        trt, polygraphy_trt, config = self._loaders()
-        profile = polygraphy_trt.Profile()
-        for name, (low, opt, high) in self.shapes.items():
-            profile.add(name, low, opt, high)
-        cache = self._usable_timing_cache()
-        create_config = config(
-            profiles=[profile],
-            builder_optimization_level=self.optimization_level,
-            load_timing_cache=str(cache) if cache and cache.exists() else None,
-            progress_monitor=make_progress_monitor(trt),
-        )
-        network = polygraphy_trt.NetworkFromOnnxPath(str(self.onnx_path), strongly_typed=True)
-        started = time.perf_counter()
-        print(f"[engine] building {self.component} for sm_{self.sm} "
-              f"with {self.backend}", file=sys.stderr)
-        engine = self._build(polygraphy_trt, network, create_config, cache, out_dir / ".timing.cache")
+        backend = BACKENDS[self.backend]
+        with backend.polygraphy() as polygraphy_trt:
+            profile = polygraphy_trt.Profile()
+            for name, (low, opt, high) in self.shapes.items():
+                profile.add(name, low, opt, high)
+            cache = self._usable_timing_cache()
+            create_config = backend.create_config(
+                polygraphy_trt, self.compute_capability,
+                profiles=[profile],
+                builder_optimization_level=self.optimization_level,
+                load_timing_cache=str(cache) if cache and cache.exists() else None,
+                progress_monitor=make_progress_monitor(),
+                weight_streaming=self.weight_streaming_budget_gib is not None,
+            )
+            network = polygraphy_trt.NetworkFromOnnxPath(str(self.onnx_path), strongly_typed=True)
+            started = time.perf_counter()
+            LOG.info("building %s for sm_%s with %s", self.component, self.sm, self.backend)
+            engine = self._build(polygraphy_trt, network, create_config, cache, out_dir / ".timing.cache")
         (out_dir / ENGINE_FILE).write_bytes(memoryview(engine))
         seconds = time.perf_counter() - started
-        print(f"[engine] {ENGINE_FILE}: {engine.nbytes / 1e6:.1f} MB in {seconds:.1f}s", file=sys.stderr)
+        LOG.info("%s: %.1f MB in %.1fs", ENGINE_FILE, engine.nbytes / 1e6, seconds)
         return {
             "component": self.component,
             "engine_file": ENGINE_FILE,
@@ -63,6 +67,9 @@ class BuildEngine:
             "timing_cache": str(cache) if cache else self._timing_cache_note(),
             "profile": {name: {"min": s[0], "opt": s[1], "max": s[2]} for name, s in self.shapes.items()},
             "build_seconds": round(seconds, 3),
+            "weight_streaming": None if self.weight_streaming_budget_gib is None else {
+                "budget_gib": self.weight_streaming_budget_gib,
+                "note": "set the runtime's weight streaming budget (IEngine.weight_streaming_budget_v2) to this"},
             **self.extra,
         }
 
@@ -89,36 +96,19 @@ class BuildEngine:
         return "".join(map(str, self.compute_capability))
 
     def _usable_timing_cache(self) -> Path | None:
-        return self.timing_cache if self.timing_cache and self.backend == "tensorrt" else None
+        return self.timing_cache if self.timing_cache and BACKENDS[self.backend].timing_cache_works else None
 
     def _timing_cache_note(self) -> str:
-        if self.timing_cache and self.backend == "tensorrt-rtx":
-            return "not used: timing-cache operations are no-ops in TensorRT-RTX (deprecated since 1.2)"
+        if self.timing_cache and not BACKENDS[self.backend].timing_cache_works:
+            return f"not used: {BACKENDS[self.backend].timing_cache_note}"
         return "disabled by the recipe"
 
-    def _loaders(self) -> tuple[Any, Any, Any]:
-        """Import the backend's TensorRT flavour and Polygraphy's matching config loader."""
-        from polygraphy import config as polygraphy_config
 
-        rtx = self.backend == "tensorrt-rtx"
-        capabilities.activate_backend(self.backend)
-        polygraphy_config.USE_TENSORRT_RTX = rtx
-        from polygraphy.backend import trt as polygraphy_trt
-        from polygraphy.mod.trt_importer import lazy_import_trt
+def make_progress_monitor() -> Any:
+    """Log builder phases as they start and finish; long builds otherwise look hung."""
+    from polygraphy.mod.trt_importer import lazy_import_trt
 
-        trt = lazy_import_trt()
-        if trt.__name__ != ("tensorrt_rtx" if rtx else "tensorrt"):
-            raise fail(self.onnx_path, "target.backend", f"Polygraphy already loaded {trt.__name__} in this process; "
-                       f"run {self.backend} builds in a separate doit invocation")
-        if not rtx:
-            return trt, polygraphy_trt, polygraphy_trt.CreateConfig
-        from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
-
-        return trt, polygraphy_trt, lambda **kw: CreateConfigRTX(compute_capabilities=[self.compute_capability], **kw)
-
-
-def make_progress_monitor(trt: Any) -> Any:
-    """Print builder phases as they start and finish; long builds otherwise look hung."""
+    trt = lazy_import_trt()
 
     class PhasePrinter(trt.IProgressMonitor):
         def __init__(self) -> None:
@@ -128,7 +118,7 @@ def make_progress_monitor(trt: Any) -> Any:
         def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
             self.started[phase_name] = time.perf_counter()
             depth = 0 if parent_phase is None else 1
-            print(f"[engine] {'  ' * depth}{phase_name} ({num_steps} steps)", file=sys.stderr)
+            (LOG.info if depth == 0 else LOG.debug)("%s%s (%d steps)", "  " * depth, phase_name, num_steps)
 
         def step_complete(self, phase_name: str, step: int) -> bool:
             return True
@@ -136,19 +126,17 @@ def make_progress_monitor(trt: Any) -> Any:
         def phase_finish(self, phase_name: str) -> None:
             took = time.perf_counter() - self.started.pop(phase_name, time.perf_counter())
             if took > 1.0:
-                print(f"[engine] {phase_name} done in {took:.1f}s", file=sys.stderr)
+                LOG.info("%s done in %.1fs", phase_name, took)
 
     return PhasePrinter()
 
 
 def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs) -> BuildEngine:
-    from stages.models import component_module
-
     assert component is not None
     settings = loaded.recipe.components[component]
     target = loaded.recipe.target
-    config = model_config(inputs.weights, component)
-    shapes = component_module(component).profile_shapes(settings.profile, loaded.recipe.text_length, config)
+    config = model_config(inputs.weights, loaded.family.components[component].config_folder)
+    shapes = loaded.family.module(component).profile_shapes(settings.profile, loaded.recipe.text_length, config)
     cc = target.compute_capability
     cache = inputs.root / "cache" / "timing" / f"{target.backend}-sm{cc[0]}{cc[1]}.cache"
     return BuildEngine(
@@ -159,11 +147,10 @@ def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs
         shapes=shapes,
         optimization_level=settings.build.optimization_level,
         timing_cache=cache if settings.build.timing_cache else None,
+        weight_streaming_budget_gib=settings.build.weight_streaming.budget_gib if settings.build.weight_streaming else None,
         extra={"text_length": loaded.recipe.text_length, "gpu": target.gpu},
     )
 
 
-def model_config(checkpoint: Path, component: str) -> dict[str, Any]:
-    from stages.models import COMPONENTS
-
-    return json.loads((checkpoint / COMPONENTS[component].config_folder / "config.json").read_text())
+def model_config(checkpoint: Path, config_folder: str) -> dict[str, Any]:
+    return json.loads((checkpoint / config_folder / "config.json").read_text())

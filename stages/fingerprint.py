@@ -10,12 +10,15 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+LOG = logging.getLogger("forge.identity")
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 PROJECT_PACKAGE = "stages"
@@ -135,7 +138,7 @@ class FileDigests:
             if self.rehash or known is None or known[:3] != signature:
                 started = time.perf_counter()
                 if stat.st_size >= self.PROGRESS_BYTES:
-                    print(f"[identity] hashing {name} ({stat.st_size / 1e9:.2f} GB)", file=sys.stderr)
+                    LOG.info(f"hashing {name} ({stat.st_size / 1e9:.2f} GB)")
                 from stages.store import sha256_file
 
                 known = [*signature, sha256_file(path)]
@@ -143,7 +146,7 @@ class FileDigests:
                 self._dirty = True
                 if stat.st_size >= self.PROGRESS_BYTES:
                     took = time.perf_counter() - started
-                    print(f"[identity] {name}: {stat.st_size / 1e9 / max(took, 1e-9):.2f} GB/s", file=sys.stderr)
+                    LOG.info(f"{name}: {stat.st_size / 1e9 / max(took, 1e-9):.2f} GB/s")
             result[name] = known[3]
         self.save()
         return result

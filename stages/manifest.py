@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from stages import fingerprint
-from stages.models import COMPONENTS
+from stages.ci import REPRODUCIBILITY
 from stages.recipe import REPO_DIR
-from stages.registry import BACKEND_PACKAGES, MANIFEST_PACKAGES, STAGES, Ref, stage_instances
+from stages.backends import BACKENDS
+from stages.registry import MANIFEST_PACKAGES, STAGES, Ref, stage_instances
+from stages.reports import ValidationReport
 from stages.resolve import Build
 
 SCHEMA_VERSION = 2
@@ -22,7 +24,7 @@ TINY_WARNING = "TINY RANDOM-WEIGHT MODEL: not Qwen-Image; accuracy numbers do no
 
 
 def manifest_versions(build: Build) -> dict[str, str | None]:
-    backend = BACKEND_PACKAGES[build.loaded.recipe.target.backend]
+    backend = BACKENDS[build.loaded.recipe.target.backend].package
     return fingerprint.tool_versions((*MANIFEST_PACKAGES, backend, "onnxscript"))
 
 
@@ -76,6 +78,7 @@ def build_manifest(build: Build) -> dict[str, Any]:
         "store": {label: build.store.relative(entry.path) for label, entry in entries.items() if entry},
         "components": {name: _component_entry(build, name) for name in recipe.components},
         "pipeline_check": _pipeline_check_entry(build),
+        "reproducibility": REPRODUCIBILITY,
     }
 
 
@@ -96,10 +99,10 @@ def _component_entry(build: Build, component: str) -> dict[str, Any]:
     stages = [spec.name for spec in STAGES.values() if component in stage_instances(loaded, spec)]
     reports = {stage: _report(build, Ref(stage, component)) for stage in stages}
     engine = reports.get("engine") or {}
-    validation = reports.get("validate")
+    validation = ValidationReport.model_validate(reports["validate"]) if reports.get("validate") else None
     return {
         "artifacts": {stage: _stage_outputs(build, Ref(stage, component)) for stage in stages},
-        "feed_function": COMPONENTS[component].feed_function,
+        "feed_function": loaded.family.components[component].feed_function,
         "text_length": loaded.recipe.text_length,
         "tokenizer": _tokenizer_entry(component, reports.get("export") or {}),
         "profile": engine.get("profile"),
@@ -111,14 +114,18 @@ def _component_entry(build: Build, component: str) -> dict[str, Any]:
         "surgery": [{k: v for k, v in p.items() if k != "frozen_nodes"}
                     for p in (reports.get("surgery") or {}).get("passes", [])],
         "validation": None if validation is None else {
-            "passed": validation["passed"],
-            "metrics": validation["comparisons"],
-            "measured_against_comparison_graphs": validation.get("measured_against_comparison_graphs", []),
-            "freezing_effect": validation.get("freezing_effect"),
-            "engine_run": validation["engine"],
-            "onnxruntime_run": validation["onnxruntime"],
-            "cases": validation["cases"],
-            "results": f"{component}/validate/{validation['results_file']}",
+            "passed": validation.passed,
+            "failure": validation.failure,
+            "metrics": [row.dump() for row in validation.comparisons],
+            "measured_against_comparison_graphs": [row.dump() for row in validation.measured_against_comparison_graphs],
+            "freezing_effect": validation.freezing_effect and {
+                output: effect.dump() for output, effect in validation.freezing_effect.items()},
+            "engine_run": validation.engine.dump(),
+            "onnxruntime_run": validation.onnxruntime.dump(),
+            "cases": validation.cases,
+            "blockwise": validation.blockwise,
+            "blocks": validation.blocks and [block.dump() for block in validation.blocks],
+            "results": f"{component}/validate/{validation.results_file}",
         },
     }
 

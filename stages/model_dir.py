@@ -14,12 +14,12 @@ from typing import Any
 from stages.errors import ForgeError, fail
 
 MAX_HEADER_BYTES = 100 << 20
-PIPELINE_PARTS = ("model_index.json", "scheduler")
 
 
 def check_checkpoint(source: Path | str, key: str, directory: str, folders: dict[str, str],
-                     config_folders: tuple[str, ...], pipeline: bool) -> None:
-    """`folders`: folder -> the component needing it; `pipeline`: the whole diffusers pipeline is loaded too."""
+                     config_folders: tuple[str, ...], pipeline_parts: tuple[str, ...]) -> None:
+    """`folders`: folder -> the component needing it; `pipeline_parts`: files and folders the whole pipeline
+    reads when it is loaded (the pipeline check, calibration), else empty."""
     root = Path(directory)
 
     def error(message: str) -> ForgeError:
@@ -30,23 +30,22 @@ def check_checkpoint(source: Path | str, key: str, directory: str, folders: dict
     if not root.is_dir():
         raise error("is a file, not a checkpoint directory (use `tiny` or a diffusers checkpoint directory)")
     needed = dict(folders)
-    if pipeline:
-        needed.update({part: "the pipeline check / calibration" for part in PIPELINE_PARTS})
+    needed.update({part: "the pipeline check / calibration" for part in pipeline_parts})
     for name, user in needed.items():
         path = root / name
         if name.endswith(".json"):
-            _json_object(path, error, f"needed by {user}")
+            _json_object(path, error, f"needed by {user}", root)
         elif not path.exists():
             raise error(f"missing {name}/ (needed by {user}); not a diffusers Qwen-Image checkpoint")
         elif not path.is_dir():
             raise error(f"{name} is a file, not a folder (needed by {user})")
     for folder in config_folders:
-        _json_object(root / folder / "config.json", error, f"the {folder} config")
+        _json_object(root / folder / "config.json", error, f"the {folder} config", root)
         check_weights(root / folder, error)
 
 
-def _json_object(path: Path, error: Any, what: str) -> dict[str, Any]:
-    relative = f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+def _json_object(path: Path, error: Any, what: str, root: Path | None = None) -> dict[str, Any]:
+    relative = str(path.relative_to(root)) if root else f"{path.parent.name}/{path.name}"
     if not path.is_file():
         raise error(f"missing {relative} ({what})")
     try:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +31,16 @@ from typing import Any
 
 import numpy as np
 
+from stages import log
 from stages.errors import fail
 from stages.prompts import check_settings, prompt_language
-from stages.validate import ORT, REFERENCE, TRT  # one name per runner in every report
+from stages.families import DEFAULT_FAMILY, FAMILIES
+from stages.runners import EngineRunner, OnnxRuntimeRunner, RunnerName, engine_unrunnable_reason
 
-GRAPH_COMPONENTS = ("text_encoder", "transformer", "vae_decoder")
+REFERENCE, ORT, TRT = RunnerName.REFERENCE.value, RunnerName.ONNXRUNTIME.value, RunnerName.ENGINE.value
+
 METRICS_FILE = "metrics.json"
+LOG = log.get("pipeline_check")
 
 # Two English and two Chinese prompts, three of them asking for rendered text (English, mixed, Chinese).
 DEFAULT_PROMPTS = (
@@ -93,12 +96,23 @@ class PipelineCheck:
     compute_capability: tuple[int, int] | None = None
     backend: str = "tensorrt-rtx"
     display_root: Path | None = None  # reports name graphs relative to it (the artifacts root): portable
+    family: str = DEFAULT_FAMILY
+
+    @property
+    def hooks(self) -> Any:
+        """The family's pipeline adapters (loading the stock pipeline, running it on graphs)."""
+        return FAMILIES[self.family].pipeline_module()
+
+    @property
+    def graph_components(self) -> tuple[str, ...]:
+        return tuple(FAMILIES[self.family].components)
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         check_configuration(self)
         settings = self.settings
-        print(f"[pipeline_check] {len(settings.prompts)} prompts, {settings.height}x{settings.width}, "
-              f"{settings.num_inference_steps} steps, CFG {settings.true_cfg_scale}: PyTorch fp32 reference", file=sys.stderr)
+        LOG.info("%d prompts, %dx%d, %d steps, CFG %s: PyTorch fp32 reference, then the built graphs",
+                 len(settings.prompts), settings.height, settings.width, settings.num_inference_steps,
+                 settings.true_cfg_scale)
         latents, references, scheduler_report, tokenizer = self._reference_runs()
         runs = {ORT: self._graph_runs(ORT, latents, tokenizer)}
         engine = self._engine_status()
@@ -109,99 +123,49 @@ class PipelineCheck:
         (out_dir / METRICS_FILE).write_text(json.dumps({"thresholds": report["thresholds"], "prompts": prompts},
                                                        indent=2, ensure_ascii=False) + "\n")
         for line in report["summary"]:
-            print(f"[pipeline_check] {line}", file=sys.stderr)
+            LOG.info("%s", line)
         return report
 
     # -- runs -----------------------------------------------------------------------------------------------
 
     def _reference_runs(self) -> tuple[Any, list[RunResult], dict[str, Any], Any]:
-        """All prompts through the stock pipeline; the model is freed before any graph session is opened."""
-        from stages.models import qwen_pipeline
-
-        pipeline = qwen_pipeline.load_pipeline(self.checkpoint_dir)
-        pipeline.set_progress_bar_config(disable=True)
-        s = self.settings
-        latents = qwen_pipeline.initial_latents(pipeline, s.height, s.width, s.seed)
-        results = []
-        for prompt in s.prompts:
-            with capture_steps() as (callback, steps):
-                images = pipeline(prompt=prompt, negative_prompt=s.negative_prompt, **self._common_call(latents, callback),
-                                  output_type="pil").images
-            results.append(RunResult(np.asarray(images[0].convert("RGB")), list(steps)))
-        differences = qwen_pipeline.scheduler_differences(pipeline.scheduler)
-        scheduler_report = {"class": type(pipeline.scheduler).__name__, "matches_released": not differences,
-                            "differences_from_released": differences}
-        tokenizer = pipeline.tokenizer
-        del pipeline
-        return latents, results, scheduler_report, tokenizer
+        """All prompts through the family's stock pipeline; the model is freed before any graph session opens."""
+        latents, runs, scheduler_report, tokenizer = self.hooks.reference_runs(
+            self.checkpoint_dir, self.settings, self.text_length, capture_steps)
+        return latents, [RunResult(image, steps) for image, steps in runs], scheduler_report, tokenizer
 
     def _graph_runs(self, runner: str, latents: Any, tokenizer: Any) -> dict[str, Any]:
         """All prompts with every component that has a graph replaced by it (ONNX Runtime or the engine)."""
-        from stages.models import qwen_pipeline
-
         with contextlib.ExitStack() as stack:
             components, kinds = self._component_runs(runner, stack)
-            print(f"[pipeline_check] {runner}: " + ", ".join(f"{c} on {k}" for c, k in kinds.items()), file=sys.stderr)
-            config = qwen_pipeline.component_config(self.checkpoint_dir, "transformer")
-            adapter = qwen_pipeline.TransformerRunAdapter(components["transformer"], config)
-            pipeline = qwen_pipeline.graph_pipeline(self.checkpoint_dir, adapter, tokenizer)
-            s = self.settings
-            negative, negative_mask, negative_cut = qwen_pipeline.prompt_embeds_with(
-                components["text_encoder"], pipeline.tokenizer, s.negative_prompt, self.text_length)
-            results = []
-            for prompt in s.prompts:
-                embeds, mask, cut = qwen_pipeline.prompt_embeds_with(
-                    components["text_encoder"], pipeline.tokenizer, prompt, self.text_length)
-                calls_before = adapter.calls
-                with capture_steps() as (callback, steps):
-                    final = pipeline(prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=negative,
-                                     negative_prompt_embeds_mask=negative_mask, **self._common_call(latents, callback),
-                                     output_type="latent").images
-                image = qwen_pipeline.decode_with(components["vae_decoder"], pipeline, final, s.height, s.width)[0]
-                results.append(RunResult(np.asarray(image.convert("RGB")), list(steps), cut, adapter.calls - calls_before))
+            LOG.debug("%s: %s", runner, ", ".join(f"{c} on {k}" for c, k in kinds.items()))
+            runs, negative_cut = self.hooks.graph_runs(self.checkpoint_dir, components, self.settings,
+                                                       self.text_length, latents, tokenizer, capture_steps)
+        results = [RunResult(image, steps, cut, calls) for image, steps, cut, calls in runs]
         return {"components": kinds, "results": results, "negative_prompt_truncated": negative_cut}
 
-    def _common_call(self, latents: Any, callback: Any) -> dict[str, Any]:
-        """Arguments both runs share: same seed, a copy of the same initial latents, same text length."""
-        import torch
-
-        s = self.settings
-        return {
-            "true_cfg_scale": s.true_cfg_scale,
-            "height": s.height,
-            "width": s.width,
-            "num_inference_steps": s.num_inference_steps,
-            "generator": torch.Generator().manual_seed(s.seed),
-            "latents": latents.clone(),
-            "max_sequence_length": self.text_length,
-            "callback_on_step_end": callback,
-        }
-
     def _component_runs(self, runner: str, stack: contextlib.ExitStack) -> tuple[dict[str, Any], dict[str, str]]:
-        from stages.models import qwen_pipeline
-
+        hooks = self.hooks
         runs, kinds = {}, {}
-        for component in GRAPH_COMPONENTS:
-            config = _feed_config(self.checkpoint_dir, component)
+        for component in self.graph_components:
+            config = hooks.feed_config(self.checkpoint_dir, component)
             if runner == TRT and component in self.engine_paths:
-                session = stack.enter_context(engine_session(self.engine_paths[component], self.backend))
-                runs[component], kinds[component] = qwen_pipeline.graph_component_run(component, session, config), TRT
+                session = stack.enter_context(EngineRunner(self.engine_paths[component], self.backend))
+                runs[component], kinds[component] = hooks.graph_component_run(component, session.infer, config), TRT
             elif component in self.onnx_paths:
-                session = onnxruntime_session(self.onnx_paths[component])
-                runs[component], kinds[component] = qwen_pipeline.graph_component_run(component, session, config), ORT
+                session = stack.enter_context(OnnxRuntimeRunner(self.onnx_paths[component]))
+                runs[component], kinds[component] = hooks.graph_component_run(component, session.infer, config), ORT
             else:
-                runs[component] = qwen_pipeline.torch_component_run(component, self.checkpoint_dir)
+                runs[component] = hooks.torch_component_run(component, self.checkpoint_dir)
                 kinds[component] = f"{REFERENCE} (no graph built for it)"
         return runs, kinds
 
     def _engine_status(self) -> dict[str, Any]:
         if not self.engine_paths or self.compute_capability is None:
             return {"ran": False, "skipped_because": "no engines configured for this check"}
-        from stages.validate import engine_unrunnable_reason
-
         reason = engine_unrunnable_reason(self.compute_capability)
         if reason:
-            print(f"[pipeline_check] engine run SKIPPED: {reason}", file=sys.stderr)
+            LOG.debug("engine run skipped: %s", reason)
             return {"ran": False, "skipped_because": reason}
         missing = {c: str(p) for c, p in self.engine_paths.items() if not Path(p).is_file()}
         if missing:
@@ -272,62 +236,6 @@ def capture_steps() -> Iterator[tuple[Any, list[np.ndarray]]]:
         return {}
 
     yield callback, steps
-
-
-def onnxruntime_session(onnx_path: Path) -> Any:
-    """A CPU ONNX Runtime session as `feed -> outputs`; inputs cast to the graph's declared dtypes (fp16 graphs)."""
-    from stages.quantize import onnxruntime_session as cpu_session
-
-    session = cpu_session(onnx_path)
-    types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-             "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
-    inputs = {i.name: types.get(i.type) for i in session.get_inputs()}
-    shapes = {i.name: i.shape for i in session.get_inputs()}
-    outputs = [o.name for o in session.get_outputs()]
-
-    def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = sorted(set(inputs) - set(feed))
-        if missing:
-            raise fail(onnx_path, "inputs", f"the graph needs {missing}, which the feed function does not provide "
-                       f"(it provides {sorted(feed)})")
-        arrays = {name: np.ascontiguousarray(feed[name], dtype=dtype) for name, dtype in inputs.items()}
-        for name, array in arrays.items():
-            check_static_shape(onnx_path, name, shapes[name], array.shape)
-        values = session.run(outputs, arrays)
-        return {name: _as_float32(value) for name, value in zip(outputs, values)}
-
-    return run
-
-
-@contextlib.contextmanager
-def engine_session(engine_path: Path, backend: str) -> Iterator[Any]:
-    """A TensorRT(-RTX) engine through Polygraphy's TrtRunner as `feed -> outputs`, active inside the block."""
-    from stages import capabilities
-
-    capabilities.activate_backend(backend)
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-
-    with TrtRunner(EngineFromBytes(Path(engine_path).read_bytes()), name=TRT) as runner:
-        yield lambda feed: {name: _as_float32(value) for name, value in runner.infer(feed).items()}
-
-
-def check_static_shape(onnx_path: Path, name: str, declared: Sequence[Any], actual: Sequence[int]) -> None:
-    """A fixed graph dimension the feed does not match is almost always a different text_length at export."""
-    fixed = [(axis, dim) for axis, dim in enumerate(declared) if isinstance(dim, int)]
-    if len(declared) != len(actual) or any(actual[axis] != dim for axis, dim in fixed):
-        raise fail(onnx_path, name, f"the graph declares shape {list(declared)}, the feed has {list(actual)} "
-                   "(was the graph built with another text_length than the check's?)")
-
-
-def _as_float32(value: Any) -> np.ndarray:
-    array = np.asarray(value)
-    return array.astype(np.float32) if np.issubdtype(array.dtype, np.floating) else array
-
-
-def _feed_config(checkpoint_dir: Path, component: str) -> dict[str, Any]:
-    from stages.models import qwen_pipeline
-
-    return qwen_pipeline.component_config(checkpoint_dir, component) if component == "transformer" else {}
 
 
 def step_cosines(reference: Sequence[np.ndarray], graphs: Sequence[np.ndarray]) -> list[float]:
@@ -413,11 +321,12 @@ def _short(prompt: str, limit: int = 40) -> str:
 def check_configuration(check: PipelineCheck) -> None:
     """Everything the run needs, checked before loading any model; raises ForgeError naming the key."""
     check_settings(check.settings, check.text_length)
-    unknown = sorted(set(check.onnx_paths) - set(GRAPH_COMPONENTS))
+    components = check.graph_components
+    unknown = sorted(set(check.onnx_paths) - set(components))
     if unknown:
-        raise fail("pipeline_check", "onnx_paths", f"unknown components {unknown}; allowed: {', '.join(GRAPH_COMPONENTS)}")
+        raise fail("pipeline_check", "onnx_paths", f"unknown components {unknown}; allowed: {', '.join(components)}")
     if not check.onnx_paths:
-        raise fail("pipeline_check", "onnx_paths", f"needs at least one built graph of {', '.join(GRAPH_COMPONENTS)}")
+        raise fail("pipeline_check", "onnx_paths", f"needs at least one built graph of {', '.join(components)}")
     for component, path in check.onnx_paths.items():
         if not Path(path).is_file():
             raise fail(path, component, "built graph not found (run the precision stage first)")
@@ -431,7 +340,7 @@ def from_recipe(loaded: Any, component: str | None, inputs: Any) -> PipelineChec
     if section is None:
         raise fail(loaded.source, "pipeline_check", "the recipe has no pipeline_check section (prompts, negative_prompt, "
                    "height, width, num_inference_steps, true_cfg_scale, seed, thresholds)")
-    built = [c for c in GRAPH_COMPONENTS if c in loaded.recipe.components]
+    built = [c for c in loaded.family.components if c in loaded.recipe.components]
     return PipelineCheck(
         checkpoint_dir=inputs.weights,
         onnx_paths={c: inputs.dir("precision", c) / "model.onnx" for c in built},
@@ -441,4 +350,5 @@ def from_recipe(loaded: Any, component: str | None, inputs: Any) -> PipelineChec
         compute_capability=loaded.recipe.target.compute_capability,
         backend=loaded.recipe.target.backend,
         display_root=inputs.root,
+        family=loaded.recipe.family,
     )

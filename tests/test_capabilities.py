@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
@@ -18,9 +17,11 @@ def test_precisions_follow_compute_capability() -> None:
     assert "fp4" in capabilities.precisions_for((12, 0))
 
 
-def test_rtx_cannot_target_hopper_but_tensorrt_can() -> None:
-    assert (9, 0) not in capabilities.BACKEND_COMPUTE_CAPABILITIES["tensorrt-rtx"]
-    assert (9, 0) in capabilities.BACKEND_COMPUTE_CAPABILITIES["tensorrt"]
+def test_rtx_cannot_target_hopper_and_says_which_backend_can() -> None:
+    with pytest.raises(ForgeError, match=r"target\.backend: tensorrt-rtx cannot build for h100 \(compute capability "
+                                         r"9\.0\); it supports 7\.5, 8\.0, 8\.6, 8\.9, 12\.0; use backend tensorrt"):
+        load_recipe("a10-fp16", {"target.gpu": "h100"})
+    assert capabilities.backend_refusal("tensorrt-rtx", "a10", (8, 6)) is None
 
 
 def test_missing_backend_package_is_refused_before_work() -> None:
@@ -35,14 +36,16 @@ def test_missing_backend_package_is_refused_before_work() -> None:
         pytest.skip("tensorrt is installed here")
 
 
-def test_activate_backend_sets_polygraphy_switch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("POLYGRAPHY_USE_TENSORRT_RTX", raising=False)
-    capabilities.activate_backend("tensorrt-rtx")
-    import os
+def test_backend_context_restores_polygraphy_mode() -> None:
+    """A backend switches Polygraphy's TensorRT flavour only inside its block: no global state left behind."""
+    from polygraphy import config
 
-    assert os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] == "1"
-    capabilities.activate_backend("tensorrt")
-    assert os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] == "0"
+    from stages.backends import BACKENDS
+
+    before = config.USE_TENSORRT_RTX
+    with BACKENDS["tensorrt-rtx"].polygraphy() as polygraphy_trt:
+        assert config.USE_TENSORRT_RTX is True and hasattr(polygraphy_trt, "engine_bytes_from_network")
+    assert config.USE_TENSORRT_RTX == before
 
 
 @pytest.mark.parametrize(("backend", "gpu", "cc", "dtype", "weight_only", "expected"), [

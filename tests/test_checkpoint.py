@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from stages.checkpoint import SaveTinyCheckpoint
-from stages.models import qwen_image
+from stages.families.qwen_image import transformer as qwen_image
 
 
 def test_saved_tiny_checkpoint_reloads_the_exact_weights(tmp_path: Path) -> None:

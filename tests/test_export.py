@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stages.export import name_nodes_by_module
-from stages.models import qwen_image
+from stages.families.qwen_image import transformer as qwen_image
 
 
 @pytest.fixture(scope="module")

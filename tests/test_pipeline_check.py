@@ -19,15 +19,15 @@ from PIL import Image
 
 from stages.errors import ForgeError
 from stages.export import ExportOnnx
-from stages.models import qwen_image
-from stages.models.qwen_pipeline import initial_latents, load_pipeline, save_tiny_checkpoint
+from stages.families.qwen_image import transformer as qwen_image
+from stages.families.qwen_image.pipeline import initial_latents, load_pipeline, save_tiny_checkpoint
+from stages.runners import check_static_shape
 from stages.pipeline_check import (
     DEFAULT_PROMPTS,
     PipelineCheck,
     PipelineCheckSettings,
     Thresholds,
     check_settings,
-    check_static_shape,
     image_metrics,
     prompt_language,
     step_cosines,
@@ -144,7 +144,7 @@ def test_transformer_from_other_weights_fails_naming_the_metric(build: dict[str,
 
 def test_transformer_adapter_is_transparent_to_the_pipeline_call(build: dict[str, Any]) -> None:
     """The adapter over the PyTorch fallback run gives the stock module's output for the pipeline's call shape."""
-    from stages.models.qwen_pipeline import TransformerRunAdapter, component_config, torch_component_run
+    from stages.families.qwen_image.pipeline import TransformerRunAdapter, component_config, torch_component_run
 
     adapter = TransformerRunAdapter(torch_component_run("transformer", build["checkpoint"]),
                                     component_config(build["checkpoint"], "transformer"))

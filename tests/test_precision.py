@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from stages.models import qwen_image
+from stages.families.qwen_image import transformer as qwen_image
 from stages.precision import ConvertPrecision, node_output_dtypes
 
 
@@ -20,7 +20,7 @@ def test_fp16_keeps_frozen_text_branch_in_fp32(fp16_output: tuple[Path, dict], s
     import onnx
 
     path, report = fp16_output
-    dtypes = node_output_dtypes(onnx.load(str(path)))
+    dtypes = node_output_dtypes(onnx.load(str(path), load_external_data=False))
     frozen = surgery_output[1]["frozen_nodes"]
     frozen_float = [name for name in frozen if name in dtypes]
     assert frozen_float and all(dtypes[name] == "fp32" for name in frozen_float)
@@ -47,7 +47,7 @@ def test_recipe_patterns_are_excluded_too(surgery_output: tuple[Path, dict], tmp
     source, surgery = surgery_output
     report = ConvertPrecision("transformer", source, "fp16", "fp32", tuple(surgery["frozen_nodes"]),
                               (r"/img_mlp/",))(tmp_path)
-    dtypes = node_output_dtypes(onnx.load(str(tmp_path / "model.onnx")))
+    dtypes = node_output_dtypes(onnx.load(str(tmp_path / "model.onnx"), load_external_data=False))
     mlp = [n for n in dtypes if "/img_mlp/" in n]
     assert mlp and all(dtypes[n] == "fp32" for n in mlp)
     assert report["excluded"]["matched_by_patterns"] == len([n for n in report["excluded_nodes"] if "/img_mlp/" in n])
@@ -74,11 +74,11 @@ def test_quantized_plan_writes_the_graphs_it_is_measured_against(surgery_output:
                                            "freezing_off": "comparisons/freezing_off/model.onnx"}
 
     def dequantized_frozen(path: Path) -> set[str]:
-        graph = onnx.load(str(path)).graph
+        graph = onnx.load(str(path), load_external_data=False).graph
         dq_outputs = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
         return {node.name for node in graph.node if node.name in frozen and set(node.input) & dq_outputs}
 
     assert dequantized_frozen(tmp_path / "model.onnx") == set()
     assert any("/txt_mlp/" in name for name in dequantized_frozen(tmp_path / report["comparison_graphs"]["freezing_off"]))
-    fp16 = node_output_dtypes(onnx.load(str(tmp_path / report["comparison_graphs"]["fp16_graph"])))
+    fp16 = node_output_dtypes(onnx.load(str(tmp_path / report["comparison_graphs"]["fp16_graph"]), load_external_data=False))
     assert "fp16" in set(fp16.values())

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,14 +19,12 @@ import onnxruntime as ort
 import pytest
 
 from stages.errors import ForgeError
-from stages.models import qwen_image
-from stages.quantize import (
-    QuantizePrecision,
-    onnxruntime_session,
-    qdq_violations,
-    read_calibration_cache,
-    rtx_build_report,
-)
+from stages.families.qwen_image import transformer as qwen_image
+from stages.backends.rtx_inspect import rtx_build_report
+from stages.qdq import qdq_violations, read_calibration_cache
+from stages.quantize import QuantizePrecision
+from stages.runners import onnxruntime_session
+from stages.weights import load_with_weights
 from stages.recipe import PixelRange, Profile, Range, ValidateSettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,35 +37,30 @@ EXCLUDE = r"img_mlp/net/2/"
 
 
 @pytest.fixture(scope="session")
-def surgery(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    """The surgery stage's output for recipe a10-fp16, built by the real task graph into a temporary dir."""
-    root = tmp_path_factory.mktemp("forge")
-    env = {**os.environ, "FORGE_ARTIFACTS": str(root / "artifacts")}
-    subprocess.run([sys.executable, "-m", "doit", "--db-file", str(root / "doit.db"), "surgery", "recipe=a10-fp16"],
-                   cwd=REPO, env=env, check=True, capture_output=True)
-    recipe = root / "artifacts" / "a10-fp16"
+def surgery(built: dict[str, Path]) -> SimpleNamespace:
+    """The surgery stage's transformer output of the session's a10-fp16 build, and the real tiny transformer."""
+    recipe = built["recipe"]
     record = json.loads((recipe / "transformer" / "surgery" / "record.json").read_text())
     config = json.loads((recipe / "checkpoint" / "transformer" / "config.json").read_text())
-    return SimpleNamespace(onnx=recipe / "transformer" / "surgery" / "model.onnx",
-                           frozen=tuple(record["report"]["frozen_nodes"]), config=config)
+    return SimpleNamespace(onnx=recipe / "transformer" / "surgery" / "model.onnx", config=config,
+                           frozen=tuple(record["report"]["frozen_nodes"]), model=qwen_image.load(recipe / "checkpoint"))
 
 
-def make_feeds(config: dict[str, Any], seed: int, sizes: list[list[int]], timesteps: list[float]) -> list[dict]:
+def make_feeds(model: Any, seed: int, sizes: list[list[int]], timesteps: list[float]) -> list[dict]:
     settings = ValidateSettings(sizes=sizes, batch=2, timesteps=timesteps, text_tokens=[37, 180], seed=seed,
-                                tolerances={"": {"atol": 1, "rtol": 1, "cosine": 0.5}})
-    holder = SimpleNamespace(config=SimpleNamespace(**config))
-    return [case["feed"] for case in qwen_image.validation_cases(holder, settings, TEXT_LENGTH)]
+                                tolerances={"sample": {"atol": 1, "rtol": 1, "cosine": 0.5}})
+    return [case["feed"] for case in qwen_image.validation_cases(model, settings, TEXT_LENGTH)]
 
 
 @pytest.fixture(scope="session")
 def calibration(surgery: SimpleNamespace) -> list[dict]:
-    return make_feeds(surgery.config, 0, [[256, 256], [384, 512]], [1.0, 0.3])
+    return make_feeds(surgery.model, 0, [[256, 256], [384, 512]], [1.0, 0.3])
 
 
 @pytest.fixture(scope="session")
 def evaluation(surgery: SimpleNamespace) -> list[dict]:
     """Held-out feeds: other sizes, timesteps and noise than calibration."""
-    return make_feeds(surgery.config, 7, [[256, 384], [512, 256]], [0.7, 0.1])
+    return make_feeds(surgery.model, 7, [[256, 384], [512, 256]], [0.7, 0.1])
 
 
 def quantize(surgery: SimpleNamespace, out: Path, mode: str, method: str, high: str, feeds: list[dict],
@@ -80,7 +69,7 @@ def quantize(surgery: SimpleNamespace, out: Path, mode: str, method: str, high: 
     stage = QuantizePrecision("transformer", surgery.onnx, mode, method, high, surgery.frozen, patterns, feeds, cache)
     report = stage(out)
     return SimpleNamespace(dir=out, path=out / "model.onnx", report=report, stage=stage,
-                           model=onnx.load(str(out / "model.onnx")),
+                           model=load_with_weights(out / "model.onnx"),
                            ranges=json.loads((out / "calibration.json").read_text()))
 
 
@@ -123,7 +112,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def observed_max(source: Path, tensors: list[str], feeds: list[dict]) -> dict[str, float]:
     """max |x| of each tensor over the feeds, measured on the fp32 graph."""
-    model = onnx.load(str(source))
+    model = load_with_weights(source)
     inputs = {i.name for i in model.graph.input}
     for name in tensors:
         if name not in inputs:

@@ -40,7 +40,7 @@ def test_extends_merges_parent_and_child(tmp_path: Path) -> None:
     child = write(tmp_path, "child.yaml", {"extends": "a10-fp16", "text_length": 200,
                                           "components": {"transformer": {"build": {"optimization_level": 1}}}})
     loaded = load_recipe(str(child))
-    assert loaded.name == "child"
+    assert loaded.name.startswith("child-") and loaded.name != "child", "outside recipes/ gets a view of its own"
     assert loaded.recipe.text_length == 200
     assert loaded.recipe.components["transformer"].build.optimization_level == 1
     assert loaded.recipe.components["transformer"].profile.width.max == 1024
@@ -89,7 +89,10 @@ def test_missing_model_directory(tmp_path: Path) -> None:
     assert "missing text_encoder/ (needed by component text_encoder)" in error_of("a10-fp16", model=str(tmp_path / "ckpt"))
     for folder in ("text_encoder", "tokenizer", "vae"):
         (tmp_path / "ckpt" / folder).mkdir()
-    assert "text_encoder/config.json" in error_of("a10-fp16", model=str(tmp_path / "ckpt"))
+    assert "missing model_index.json (needed by the pipeline check" in error_of("a10-fp16", model=str(tmp_path / "ckpt"))
+    (tmp_path / "ckpt" / "model_index.json").write_text("{}")
+    (tmp_path / "ckpt" / "scheduler").mkdir()
+    assert "missing text_encoder/config.json" in error_of("a10-fp16", model=str(tmp_path / "ckpt"))
 
 
 def test_malformed_yaml_and_unknown_recipe(tmp_path: Path) -> None:

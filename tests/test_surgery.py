@@ -8,7 +8,7 @@ import pytest
 from onnx import helper
 
 from stages.errors import ForgeError
-from stages.models import qwen_image
+from stages.families.qwen_image import transformer as qwen_image
 from stages.surgery import GraphSurgery, fix_text_padding, freeze_text_branch
 
 

@@ -91,8 +91,8 @@ def test_key_material_names_everything_that_changes_the_output(built: dict[str, 
     assert material["model"] and all(name.startswith("transformer/") for name in material["model"])
     assert material["versions"]["torch"] and material["settings"]["validate"]["batch"] == 2
     closure = {str(p.relative_to(REPO)) for p in fingerprint.module_closure(registry.code_roots(build.loaded, Ref("validate", "transformer")))}
-    assert {"stages/validate.py", "stages/models/qwen_image.py", "stages/quantize.py"} <= closure
-    assert "stages/export.py" not in closure and "stages/models/qwen_vae.py" not in closure
+    assert {"stages/validate.py", "stages/families/qwen_image/transformer.py", "stages/runners.py"} <= closure
+    assert "stages/export.py" not in closure and "stages/families/qwen_image/vae.py" not in closure
 
 
 def test_building_the_graph_imports_nothing_heavy() -> None:
@@ -104,3 +104,15 @@ def test_building_the_graph_imports_nothing_heavy() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "HEAVY []" in result.stdout, result.stdout + result.stderr
     assert "calibration:l40s-fp8/transformer" in result.stdout
+
+
+def test_family_code_run_through_hooks_is_in_the_key() -> None:
+    """Family code reached by name (tiny checkpoint, calibration capture, pipeline adapters) counts as imported."""
+    loaded = load_recipe("l40s-fp8")
+    for ref, module in ((Ref("checkpoint"), "pipeline.py"), (Ref("calibration", "transformer"), "calibration.py"),
+                        (Ref("pipeline_check"), "pipeline.py")):
+        closure = {p.name for p in fingerprint.module_closure(registry.code_roots(loaded, ref))}
+        assert module in closure, ref
+    export = {str(p.relative_to(REPO)) for p in fingerprint.module_closure(
+        registry.code_roots(loaded, Ref("export", "transformer")))}
+    assert "stages/families/qwen_image/calibration.py" not in export

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 
 from stages.recipe import load_recipe
-from stages.validate import ValidateAgainstPytorch, engine_unrunnable_reason, format_line
+from stages.reports import Comparison, Tolerances, WouldPass
+from stages.validate import ValidateAgainstPytorch, format_line
 
 
 def validator(checkpoint: Path, onnx_path: Path, overrides: dict[str, str]) -> ValidateAgainstPytorch:
@@ -44,36 +44,27 @@ def test_too_tight_tolerance_fails_with_what_would_pass(tiny_checkpoint: Path, f
     assert f"atol >= {row['max_abs_diff']:.3g}" in report["failure"]
 
 
+def row(runner: str, against: str, diff: float, cosine: float, passed: bool = True) -> Comparison:
+    return Comparison(runner=runner, against=against, gated=against == "pytorch-fp32" and ":" not in runner,
+                      output="sample", max_abs_diff=diff, max_rel_diff=diff, mean_abs_diff=diff / 10,
+                      min_cosine_similarity=cosine, tolerance=Tolerances(atol=0.1, rtol=0.1, cosine=0.99),
+                      elementwise_passed=passed, cosine_passed=passed, would_pass_with=WouldPass(atol=diff, cosine=cosine),
+                      passed=passed)
+
+
 def test_format_line_names_output_diff_and_tolerance() -> None:
-    row = {"runner": "onnxruntime", "output": "sample", "max_abs_diff": 0.25, "min_cosine_similarity": 0.98,
-           "tolerance": {"atol": 0.1, "rtol": 0.1, "cosine": 0.99}, "passed": False,
-           "would_pass_with": {"atol": 0.25, "cosine": 0.98}}
-    line = format_line(row)
+    line = format_line(row("onnxruntime", "pytorch-fp32", 0.25, 0.98, passed=False))
     assert line.startswith("onnxruntime sample: max|diff| 0.25 (atol 0.1") and "FAIL" in line and "0.980000" in line
-
-
-def test_engine_not_run_without_matching_gpu() -> None:
-    import torch
-
-    reason = engine_unrunnable_reason((8, 6))
-    if not torch.cuda.is_available():
-        assert reason is not None and "no CUDA GPU" in reason
-    else:
-        assert (reason is None) == (torch.cuda.get_device_capability() == (8, 6))
+    measured = format_line(row("onnxruntime", "onnxruntime:fp16_graph", 0.2, 0.5))
+    assert "vs onnxruntime:fp16_graph" in measured and measured.endswith("(measured, not gated)")
 
 
 def test_freezing_effect_is_the_difference_of_the_two_graphs() -> None:
     from stages.validate import freezing_effect
 
-    rows = [
-        {"runner": "onnxruntime", "against": "pytorch-fp32", "output": "sample", "max_abs_diff": 0.1,
-         "min_cosine_similarity": 0.999},
-        {"runner": "onnxruntime:freezing_off", "against": "pytorch-fp32", "output": "sample", "max_abs_diff": 0.3,
-         "min_cosine_similarity": 0.990},
-        {"runner": "onnxruntime", "against": "onnxruntime:fp16_graph", "output": "sample", "max_abs_diff": 0.2,
-         "min_cosine_similarity": 0.5},
-    ]
+    rows = [row("onnxruntime", "pytorch-fp32", 0.1, 0.999), row("onnxruntime:freezing_off", "pytorch-fp32", 0.3, 0.990),
+            row("onnxruntime", "onnxruntime:fp16_graph", 0.2, 0.5)]
     effect = freezing_effect(rows)["sample"]
-    assert effect["max_abs_diff_frozen"] == 0.1 and effect["max_abs_diff_unfrozen"] == 0.3
-    assert abs(effect["cosine_gain_from_freezing"] - 0.009) < 1e-12
+    assert effect.max_abs_diff_frozen == 0.1 and effect.max_abs_diff_unfrozen == 0.3
+    assert abs(effect.cosine_gain_from_freezing - 0.009) < 1e-12
     assert freezing_effect(rows[:1]) is None

@@ -73,12 +73,26 @@ def make_tiny_transformer(seed: int) -> QwenImageTransformer2DModel:
     return QwenImageTransformer2DModel(**TINY_TRANSFORMER_CONFIG).eval()
 
 
+def load_meta(checkpoint_dir: str | Path) -> QwenImageTransformer2DModel:
+    """The model's structure and config without its weights (no memory): enough to make validation cases."""
+    config = QwenImageTransformer2DModel.load_config(str(Path(checkpoint_dir) / "transformer"))
+    with torch.device("meta"):
+        return QwenImageTransformer2DModel.from_config(config).eval()
+
+
 def load(checkpoint_dir: str | Path) -> QwenImageTransformer2DModel:
     """Load `transformer/` of a diffusers-layout checkpoint offline, in fp32 (the reference precision)."""
     model = QwenImageTransformer2DModel.from_pretrained(
         checkpoint_dir, subfolder="transformer", torch_dtype=torch.float32, local_files_only=True
     )
     return model.eval()
+
+
+def architecture(checkpoint_dir: str | Path) -> QwenImageTransformer2DModel:
+    """The class built from `transformer/config.json` in fp32, no weights read (the export stage calls this with
+    parameters on the meta device and references the checkpoint's tensors in place)."""
+    config = QwenImageTransformer2DModel.load_config(checkpoint_dir, subfolder="transformer", local_files_only=True)
+    return QwenImageTransformer2DModel.from_config(config).float().eval()
 
 
 _ROPE_CACHE: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
@@ -311,3 +325,67 @@ def reference_outputs(model: QwenImageTransformer2DModel, case: dict[str, Any]) 
     with torch.no_grad():
         sample = model(**case["call"], return_dict=False)[0]
     return {"sample": sample.numpy()}
+
+
+# -- block-wise validation at scale (see stages/blockwise.py) ---------------------------------------------------
+
+def blockwise_reference(checkpoint_dir: str | Path, case: dict[str, Any]) -> tuple[list[dict[str, np.ndarray]],
+                                                                                  dict[str, np.ndarray]]:
+    """The stock diffusers forward in fp32 with one block's weights in memory at a time.
+
+    The model is built on the meta device; the small modules around the blocks are loaded up front, and each
+    block is loaded from the safetensors shards just before it runs and dropped right after. Returns every
+    block's (text, image) hidden states and the final output, exactly as `reference_outputs` computes them.
+    """
+    folder = Path(checkpoint_dir) / "transformer"
+    model = load_meta(checkpoint_dir)
+    model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(model.config.axes_dims_rope), scale_rope=True)
+    reader = _ShardReader(folder)
+    for name, child in model.named_children():
+        if name not in ("transformer_blocks", "pos_embed"):
+            reader.load(child, f"{name}.")
+    captured: list[dict[str, np.ndarray]] = []
+    handles = []
+    for index, block in enumerate(model.transformer_blocks):
+        prefix = f"transformer_blocks.{index}."
+        handles.append(block.register_forward_pre_hook(lambda module, args, p=prefix: reader.load(module, p)))
+        handles.append(block.register_forward_hook(_capture_and_release(captured)))
+    try:
+        with torch.no_grad():
+            sample = model(**case["call"], return_dict=False)[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured, {"sample": sample.numpy()}
+
+
+def _capture_and_release(captured: list[dict[str, np.ndarray]]) -> Any:
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        text, image = output
+        captured.append({"text": text.float().numpy().copy(), "image": image.float().numpy().copy()})
+        module.to("meta")
+
+    return hook
+
+
+class _ShardReader:
+    """Tensors by name from a folder's safetensors shards, read one module at a time, as fp32."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        self.where: dict[str, Path] = {}
+        for shard in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(shard), framework="pt") as handle:
+                self.where.update({key: shard for key in handle.keys()})
+
+    def load(self, module: nn.Module, prefix: str) -> None:
+        from safetensors import safe_open
+
+        wanted = [key for key in self.where if key.startswith(prefix)]
+        state = {}
+        for shard in sorted({self.where[key] for key in wanted}):
+            with safe_open(str(shard), framework="pt") as handle:
+                state.update({key[len(prefix):]: handle.get_tensor(key).float()
+                              for key in wanted if self.where[key] == shard})
+        module.load_state_dict(state, strict=True, assign=True)

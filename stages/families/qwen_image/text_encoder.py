@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-from stages.models import qwen_tokenizer
+from stages.families.qwen_image import tokenizer as qwen_tokenizer
 
 TEXT_ENCODER_SUBFOLDER = "text_encoder"
 
@@ -92,6 +92,23 @@ def load(checkpoint_dir: str | Path) -> Qwen2_5_VLForConditionalGeneration:
     )
     setattr(model, _CHECKPOINT_ATTRIBUTE, Path(checkpoint_dir))
     return model.eval()
+
+
+def architecture(checkpoint_dir: str | Path) -> Qwen2_5_VLForConditionalGeneration:
+    """The class built from `text_encoder/config.json` in fp32, no weights read (see the export stage)."""
+    config = Qwen2_5_VLConfig.from_pretrained(Path(checkpoint_dir) / TEXT_ENCODER_SUBFOLDER, local_files_only=True)
+    return Qwen2_5_VLForConditionalGeneration(config).float().eval()
+
+
+def checkpoint_keys(model: Qwen2_5_VLForConditionalGeneration) -> dict[str, str]:
+    """{parameter name: safetensors key}: transformers loads the released layout (`model.layers.*`) into
+    `model.language_model.*` and saves it back the same way; its own reverse mapping says which key is which."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    saved = revert_weight_conversion(model, dict(parameters))
+    by_id = {id(tensor): key for key, tensor in saved.items()}
+    return {name: by_id.get(id(tensor), name) for name, tensor in parameters.items()}
 
 
 def tokenizer_for(model: Qwen2_5_VLForConditionalGeneration) -> Qwen2Tokenizer:
@@ -310,8 +327,8 @@ def export_extras(checkpoint_dir: str | Path, out_dir: Path, text_length: int) -
         "pad_token": tokenizer.pad_token,
         "prompt_template": qwen_tokenizer.PROMPT_TEMPLATE,
         "prompt_template_drop": qwen_tokenizer.PROMPT_TEMPLATE_DROP,
-        "tokenize_function": "stages.models.qwen_tokenizer:tokenize_prompts",
-        "embeds_function": "stages.models.qwen_text_encoder:prompt_embeds_from_hidden_states",
+        "tokenize_function": "stages.families.qwen_image.tokenizer:tokenize_prompts",
+        "embeds_function": "stages.families.qwen_image.text_encoder:prompt_embeds_from_hidden_states",
     }
     (out_dir / "tokenizer" / "forge_padding.json").write_text(json.dumps(padding, indent=2) + "\n")
     return {"tokenizer": "tokenizer", "padding": padding}

@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-from stages.models import qwen_text_encoder as te
-from stages.models import qwen_tokenizer as qt
-from stages.models.qwen_image import TINY_TRANSFORMER_CONFIG
+from stages.families.qwen_image import text_encoder as te
+from stages.families.qwen_image import tokenizer as qt
+from stages.families.qwen_image.transformer import TINY_TRANSFORMER_CONFIG
 
 TEXT_LENGTH = 32
 LENGTH = TEXT_LENGTH + 34

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Qwen2Tokenizer
 
-from stages.models import qwen_tokenizer as qt
+from stages.families.qwen_image import tokenizer as qt
 
 TEXT_LENGTH = 32
 

@@ -16,7 +16,11 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
 
-from stages.models import COMPONENTS, component_module, qwen_image, qwen_text_encoder, qwen_tokenizer, qwen_vae
+from stages.families.qwen_image import FAMILY
+from stages.families.qwen_image import text_encoder as qwen_text_encoder
+from stages.families.qwen_image import tokenizer as qwen_tokenizer
+from stages.families.qwen_image import transformer as qwen_image
+from stages.families.qwen_image import vae as qwen_vae
 
 # scheduler/scheduler_config.json of the released Qwen/Qwen-Image checkpoint (see NOTES).
 RELEASED_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -84,12 +88,17 @@ TRANSFORMER_CALL_KEYS = frozenset({
 })
 
 
+def feed_config(checkpoint_dir: str | Path, component: str) -> dict[str, Any]:
+    """What a component's feed function needs from the checkpoint: the transformer's config, nothing else."""
+    return component_config(checkpoint_dir, component) if component == "transformer" else {}
+
+
 def component_config(checkpoint_dir: str | Path, component: str) -> dict[str, Any]:
     """The component's config.json with the class defaults filled in, as `from_pretrained` would see it."""
     import inspect
 
     classes = {"transformer": QwenImageTransformer2DModel, "vae_decoder": AutoencoderKLQwenImage}
-    folder = COMPONENTS[component].config_folder
+    folder = FAMILY.components[component].config_folder
     loaded = dict(classes[component].load_config(str(checkpoint_dir), subfolder=folder, local_files_only=True))
     defaults = {
         name: parameter.default
@@ -101,7 +110,7 @@ def component_config(checkpoint_dir: str | Path, component: str) -> dict[str, An
 
 def engine_feed(component: str, call: dict[str, Any], config: dict[str, Any]) -> dict[str, np.ndarray]:
     """A diffusers-level call -> the engine's input dict, through the registry's feed function."""
-    module_name, function_name = COMPONENTS[component].feed_function.split(":")
+    module_name, function_name = FAMILY.components[component].feed_function.split(":")
     feed_function = getattr(importlib.import_module(module_name), function_name)
     if component == "transformer":
         return feed_function(**call, axes_dims_rope=tuple(config["axes_dims_rope"]))
@@ -119,7 +128,7 @@ def graph_component_run(component: str, session: SessionRun, config: dict[str, A
 
 def torch_component_run(component: str, checkpoint_dir: str | Path) -> ComponentRun:
     """The stock PyTorch module in fp32 as a component run (for a component the recipe builds no graph for)."""
-    spec = component_module(component)
+    spec = FAMILY.module(component)
     model = spec.load(checkpoint_dir)
 
     def run(call: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -251,3 +260,59 @@ def decode_with(vae_decoder: ComponentRun, pipeline: QwenImagePipeline, latents:
     unpacked = pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
     image = np.asarray(vae_decoder({"latents": unpacked.float()})["image"], dtype=np.float32)
     return pipeline.image_processor.postprocess(torch.from_numpy(image), output_type="pil")
+
+
+# -- the pipeline check's runs (see stages.pipeline_check) ---------------------------------------------------
+
+
+def _common_call(settings: Any, text_length: int, latents: Any, callback: Any) -> dict[str, Any]:
+    """Arguments both runs share: same seed, a copy of the same initial latents, same text length."""
+    return {
+        "true_cfg_scale": settings.true_cfg_scale,
+        "height": settings.height,
+        "width": settings.width,
+        "num_inference_steps": settings.num_inference_steps,
+        "generator": torch.Generator().manual_seed(settings.seed),
+        "latents": latents.clone(),
+        "max_sequence_length": text_length,
+        "callback_on_step_end": callback,
+    }
+
+
+def reference_runs(checkpoint_dir: str | Path, settings: Any, text_length: int,
+                   capture: Any) -> tuple[Any, list[tuple[np.ndarray, list[np.ndarray]]], dict[str, Any], Any]:
+    """Every prompt through the stock QwenImagePipeline: (latents, [(image, step latents)], scheduler, tokenizer)."""
+    pipeline = load_pipeline(checkpoint_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    latents = initial_latents(pipeline, settings.height, settings.width, settings.seed)
+    results = []
+    for prompt in settings.prompts:
+        with capture() as (callback, steps):
+            images = pipeline(prompt=prompt, negative_prompt=settings.negative_prompt,
+                              **_common_call(settings, text_length, latents, callback), output_type="pil").images
+        results.append((np.asarray(images[0].convert("RGB")), list(steps)))
+    differences = scheduler_differences(pipeline.scheduler)
+    scheduler_report = {"class": type(pipeline.scheduler).__name__, "matches_released": not differences,
+                        "differences_from_released": differences}
+    return latents, results, scheduler_report, pipeline.tokenizer
+
+
+def graph_runs(checkpoint_dir: str | Path, components: dict[str, Any], settings: Any, text_length: int, latents: Any,
+               tokenizer: Any, capture: Any) -> tuple[list[tuple[np.ndarray, list[np.ndarray], int, int]], int]:
+    """Every prompt with the components replaced by their runs: ([(image, steps, truncated, transformer calls)],
+    negative prompt truncation)."""
+    adapter = TransformerRunAdapter(components["transformer"], component_config(checkpoint_dir, "transformer"))
+    pipeline = graph_pipeline(checkpoint_dir, adapter, tokenizer)
+    negative, negative_mask, negative_cut = prompt_embeds_with(
+        components["text_encoder"], pipeline.tokenizer, settings.negative_prompt, text_length)
+    results = []
+    for prompt in settings.prompts:
+        embeds, mask, cut = prompt_embeds_with(components["text_encoder"], pipeline.tokenizer, prompt, text_length)
+        calls_before = adapter.calls
+        with capture() as (callback, steps):
+            final = pipeline(prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=negative,
+                             negative_prompt_embeds_mask=negative_mask,
+                             **_common_call(settings, text_length, latents, callback), output_type="latent").images
+        image = decode_with(components["vae_decoder"], pipeline, final, settings.height, settings.width)[0]
+        results.append((np.asarray(image.convert("RGB")), list(steps), cut, adapter.calls - calls_before))
+    return results, negative_cut

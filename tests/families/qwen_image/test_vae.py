@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.models import qwen_vae
+from stages.families.qwen_image import vae as qwen_vae
 
 ATOL = 1e-4
 
@@ -28,14 +28,11 @@ def tiny_vae() -> Any:
 
 @pytest.fixture(scope="module")
 def onnx_path(tiny_vae: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Exported the way stages/export.py exports a component (dynamo, the module's dynamic shapes)."""
+    """Exported by the export stage's own tracing function (the one path every component takes)."""
+    from stages.export import export_program
+
     path = tmp_path_factory.mktemp("vae_export") / "model.onnx"
-    inputs = qwen_vae.example_inputs(tiny_vae, text_length=256)
-    with qwen_vae.export_wrapper(tiny_vae) as wrapper, torch.no_grad():
-        program = torch.onnx.export(
-            wrapper, args=(), kwargs=inputs, input_names=list(inputs), output_names=qwen_vae.OUTPUT_NAMES,
-            dynamic_shapes=qwen_vae.dynamic_shapes(), opset_version=20, dynamo=True, verbose=False,
-        )
+    program, _ = export_program(qwen_vae, tiny_vae, text_length=256, opset=20)
     program.save(str(path))
     return path
 
@@ -98,7 +95,7 @@ def test_engine_reproduces_the_pipeline_image(tiny_vae: Any, session: Any) -> No
     """Packed loop latents -> feed -> graph -> postprocess equals QwenImagePipeline's own image output."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
-    from stages.models.qwen_image import make_tiny_transformer
+    from stages.families.qwen_image.transformer import make_tiny_transformer
 
     pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=tiny_vae, text_encoder=None,
                              tokenizer=None, transformer=make_tiny_transformer(0))

@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.models import qwen_image, qwen_text_encoder, qwen_tokenizer
-from stages.models.qwen_pipeline import load_pipeline
+from stages.families.qwen_image import text_encoder as qwen_text_encoder
+from stages.families.qwen_image import tokenizer as qwen_tokenizer
+from stages.families.qwen_image import transformer as qwen_image
+from stages.families.qwen_image.pipeline import load_pipeline
 
 Feed = dict[str, np.ndarray]
 

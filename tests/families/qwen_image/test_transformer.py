@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import diffusers.models.transformers.transformer_qwenimage as stock
-from stages.models import qwen_image
+from stages.families.qwen_image import transformer as qwen_image
 
 
 @pytest.fixture(scope="module")

@@ -99,6 +99,12 @@ def load(checkpoint_dir: str | Path) -> AutoencoderKLQwenImage:
     return model.eval()
 
 
+def architecture(checkpoint_dir: str | Path) -> AutoencoderKLQwenImage:
+    """The class built from `vae/config.json` in fp32, no weights read (see the export stage: meta parameters)."""
+    config = AutoencoderKLQwenImage.load_config(checkpoint_dir, subfolder=CHECKPOINT_SUBFOLDER, local_files_only=True)
+    return AutoencoderKLQwenImage.from_config(config).float().eval()
+
+
 def spatial_compression(config: Mapping[str, Any]) -> int:
     """Pixels per latent along each side; the pipeline derives its `vae_scale_factor` the same way."""
     return 2 ** len(config["temperal_downsample"])

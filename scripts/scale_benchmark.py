@@ -1,0 +1,95 @@
+"""Scale benchmark: every task of a build in its own process, with wall time, peak RSS and bytes written, each
+also as a ratio to the component's checkpoint weight bytes.
+
+Use with a real-width synthetic checkpoint (scripts/synthetic_checkpoint.py --layers N), e.g.
+    .venv/bin/python scripts/synthetic_checkpoint.py --out /tmp/ckpt-2 --layers 2 --text-layers 1
+    .venv/bin/python scripts/scale_benchmark.py --model /tmp/ckpt-2 --recipe a10-fp16 --stages export,surgery,precision
+Bytes written count new disk blocks of the task's store entry: hardlinks to the checkpoint (weights referenced
+in place) count zero. The engine row's peak RSS is the builder's (the engine task runs nothing else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FOLDERS = {"transformer": "transformer", "text_encoder": "text_encoder", "vae_decoder": "vae"}
+
+
+def run_task(task: str, args: list[str], env: dict[str, str], db: Path) -> tuple[float, float, int, str]:
+    """(wall s, peak RSS GB, exit code, last line) of one `doit run <task>` in its own process."""
+    code = ("import resource, sys; from doit.doit_cmd import DoitMain; rc = DoitMain().run(sys.argv[1:]);"
+            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+            " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(rc)")
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code, "run", "--db-file", str(db), task, *args], cwd=REPO,
+                            env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    peak = max((max(int(v) for v in line.split()[1:]) for line in result.stderr.splitlines()
+                if line.startswith("PEAK_RSS_KB")), default=0)
+    last = (result.stderr.strip().splitlines() or [""])[-1] if result.returncode else ""
+    return wall, peak / 1e6, result.returncode, last
+
+
+def new_bytes(folder: Path) -> int:
+    """Disk bytes the entry added: files hardlinked from elsewhere (the checkpoint's shards) count zero."""
+    total = 0
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            stat = path.stat()
+            total += 0 if stat.st_nlink > 1 else stat.st_blocks * 512
+    return total
+
+
+def weight_bytes(model: Path, component: str) -> int:
+    return sum(p.stat().st_size for p in (model / FOLDERS[component]).glob("*.safetensors"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    parser.add_argument("--recipe", default="a10-fp16")
+    parser.add_argument("--stages", default="export,surgery,precision,engine,validate")
+    parser.add_argument("--components", default="transformer,text_encoder,vae_decoder")
+    parser.add_argument("overrides", nargs="*", help="key.path=value recipe overrides")
+    options = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="forge-scale-"))
+    env = {**os.environ, "FORGE_ARTIFACTS": str(workdir / "artifacts")}
+    args = [f"recipe={options.recipe}", f"model={options.model}", *options.overrides]
+    from stages.recipe import load_recipe
+
+    name = load_recipe(options.recipe, model=str(options.model)).name
+    components = [c.strip() for c in options.components.split(",") if c.strip()]
+    print(f"{options.recipe} on {options.model}; artifacts in {workdir}; {os.cpu_count()} CPUs")
+    print(f"{'task':<28}{'wall s':>8}{'peak GB':>9}{'x weights':>10}{'written GB':>11}{'x weights':>10}")
+    rows = []
+    for component in components:
+        weights = weight_bytes(options.model, component)
+        for stage in [s.strip() for s in options.stages.split(",") if s.strip()]:
+            task = f"{stage}:{name}/{component}"
+            wall, peak, code, last = run_task(task, args, env, workdir / "doit.db")
+            entry = (workdir / "artifacts" / name / component / stage).resolve()
+            written = new_bytes(entry) if code == 0 and entry.is_dir() else 0
+            row = {"task": task, "wall_s": round(wall, 2), "peak_rss_gb": round(peak, 3),
+                   "peak_over_weights": round(peak * 1e9 / weights, 3), "written_gb": round(written / 1e9, 4),
+                   "written_over_weights": round(written / weights, 4), "weights_gb": round(weights / 1e9, 3),
+                   "ok": code == 0}
+            rows.append(row)
+            print(f"{stage + '/' + component:<28}{wall:>8.1f}{peak:>9.2f}{row['peak_over_weights']:>10.2f}"
+                  f"{written / 1e9:>11.3f}{row['written_over_weights']:>10.3f}" + ("" if code == 0 else f"  FAILED {last}"))
+            if code != 0:
+                break
+    (workdir / "scale_benchmark.json").write_text(json.dumps(rows, indent=2))
+    print(f"rows in {workdir / 'scale_benchmark.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

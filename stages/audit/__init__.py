@@ -1,0 +1,174 @@
+"""Numerical accuracy audits people can read: `doit audit recipes=a10-fp16,a10-int8`.
+
+Reads each recipe's build (its manifest and the records of its view; recipes never built in this artifacts
+root are built first) and writes `artifacts/audit/<name>/`:
+
+* `report.html`: one self-contained page (charts as SVG and images as PNG data URIs; opens offline);
+* `report.json`: every figure the page shows (schema below);
+* `images/<recipe>/<prompt>_<run>.png`: each pipeline-check prompt's reference, built and amplified-difference
+  images; `charts/*.svg`: every chart.
+
+`<name>` is the audited views joined by `+` (a digest is appended past 64 characters). `audit` is a reserved
+recipe name, so an audit folder can never be taken for a recipe's view.
+
+report.json (``schema_version`` 1)::
+
+    {"schema_version", "name", "passed", "failures": [line], "tools": {package: version},
+     "recipes": {view: {
+        "built_by_audit", "manifest_key", "recipe": {name, file, file_sha256, overrides}, "target",
+        "model": {source, seed | identity, warning}, "versions",
+        "components": {component: {
+            "precision", "validation_passed", "engine_run",
+            "errors": [validate rows: runner, against, output, gated, max_abs_diff, max_rel_diff, mean_abs_diff,
+                       min_cosine_similarity, tolerance {atol, rtol, cosine}, would_pass_with {atol, cosine},
+                       passed],
+            "freezing": {output: {max_abs_diff_frozen, max_abs_diff_unfrozen, cosine_frozen,
+                                  cosine_unfrozen, cosine_gain_from_freezing}} | null,
+            "blocks": [BLOCK_ROW] | null, "blocks_status": "measured" | "not measured", "charts"}},
+        "pipeline_check": null | {passed, runners, reference, thresholds, settings, engine, charts,
+            "prompts": [{index, prompt, language, quoted_text,
+                         "runs": {runner: {step_cosine: [...], min_step_cosine, psnr_db, ssim, identical,
+                                           max_pixel_diff, passed}},
+                         "images": {run or "difference:<runner>": file},
+                         "differences": {runner: {gain, max_pixel_diff}},
+                         "ocr": {run: {text, lines, characters, accuracy_vs_prompt,
+                                       agreement_with_reference (graph runs)}}}]},
+        "audit_thresholds": {min_ocr_agreement, min_text_accuracy}, "passed", "failures"}},
+     "cross_recipe": {"components": [rows], "pipeline": [rows], "charts"}}
+
+BLOCK_ROW, the per-block error of block-wise validation (the validate report's ``blocks``, copied by the
+manifest to ``components.<c>.validation.blocks``; the manifest's copy is read first), worst over the cases::
+
+    {"block": int | str (graph order), "max_abs_diff": float, "cosine": float (the image stream),
+     "text_max_abs_diff": float | None, "text_cosine": float | None (optional: the text stream),
+     "runner": str (optional, default the built graph), "output": str (optional)}
+
+Until block-wise validation exists the report says "not measured".
+
+This module is light (the task graph imports it): recipes are checked here, before doit runs anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stages.errors import ForgeError, fail
+
+AUDIT_DIR = "audit"
+VARIABLE = "recipes"
+MAX_NAME = 64
+
+
+@dataclass(frozen=True)
+class AuditRequest:
+    """What `doit audit` was asked: recipes as given (to build what is missing) and their view names."""
+
+    sources: tuple[str, ...]
+    views: tuple[str, ...]
+    overrides: tuple[tuple[str, str], ...]
+    model: str | None
+    root: Path
+    thresholds: dict[str, dict[str, float | None]]  # view -> the recipe's `audit` section
+    build_vars: tuple[tuple[str, str], ...] = ()  # other command-line variables a build of a missing recipe gets
+
+    @property
+    def name(self) -> str:
+        joined = "+".join(self.views)
+        if len(joined) <= MAX_NAME:
+            return joined
+        return f"{self.views[0][:40]}+{len(self.views) - 1}-more-{hashlib.sha256(joined.encode()).hexdigest()[:8]}"
+
+    @property
+    def out_dir(self) -> Path:
+        return self.root / AUDIT_DIR / self.name
+
+
+def available_recipes() -> list[str]:
+    from stages.recipe import RECIPES_DIR
+
+    return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+
+
+def _bad(message: str) -> ForgeError:
+    return fail(f"{VARIABLE}=", None, f"{message}; allowed: comma-separated recipe names "
+                f"({', '.join(available_recipes())}) or paths to .yaml recipe files")
+
+
+def recipe_names(value: str | None) -> list[str]:
+    """The recipes `recipes=` names (comma-separated, duplicates dropped), each one a shipped recipe or a file.
+
+    Raises ForgeError, one line naming `recipes=` and the allowed values.
+    """
+    from stages.recipe import RECIPES_DIR
+
+    items = [item.strip() for item in (value or "").split(",")]
+    if not any(items):
+        raise _bad("is empty")
+    if not all(items):
+        raise _bad(f"has an empty name in {value!r}")
+    names: list[str] = []
+    for item in items:
+        if item.endswith((".yaml", ".yml")):
+            if not Path(item).is_file():
+                raise _bad(f"recipe file {item!r} not found")
+        elif not (RECIPES_DIR / f"{item}.yaml").is_file():
+            raise _bad(f"no recipe named {item!r}")
+        if item not in names:
+            names.append(item)
+    return names
+
+
+def parse_request(sources: list[str], overrides: dict[str, str], model: str | None, root: Path,
+                  build_vars: tuple[tuple[str, str], ...] = ()) -> AuditRequest:
+    """Load every recipe (with the command line's overrides) before anything runs: bad input is one line."""
+    from stages.recipe import load_recipe
+
+    kept: list[str] = []
+    views: list[str] = []
+    thresholds: dict[str, dict[str, float | None]] = {}
+    for source in sources:
+        loaded = load_recipe(source, overrides=overrides, model=model)
+        if loaded.name in views:  # a path to a shipped recipe and its name are one view
+            continue
+        kept.append(source)
+        views.append(loaded.name)
+        thresholds[loaded.name] = audit_thresholds(loaded)
+    return AuditRequest(tuple(kept), tuple(views), tuple(sorted(overrides.items())), model, root, thresholds,
+                        build_vars)
+
+
+def audit_thresholds(loaded: Any) -> dict[str, float | None]:
+    """The recipe's optional `audit:` section (stages.recipe.AuditThresholds) as a plain dict."""
+    section = getattr(loaded.recipe, "audit", None)
+    return section.model_dump() if section is not None else {}
+
+
+def audit_action(request: AuditRequest) -> Any:
+    """doit action: run the audit; every failure is one line (FORGE_DEBUG=1 shows tracebacks)."""
+    import os
+    import sys
+
+    from doit.exceptions import TaskFailed
+
+    try:
+        from stages.audit.run import Audit
+
+        report = Audit(request)()
+    except ForgeError as error:
+        return TaskFailed(f"audit: {error}")
+    except Exception as error:  # noqa: BLE001 - one readable line, as for the stages
+        if os.environ.get("FORGE_DEBUG") == "1":
+            raise
+        first = (str(error).strip().splitlines() or [""])[0]
+        return TaskFailed(f"audit: {type(error).__name__}: {first} (FORGE_DEBUG=1 shows the traceback)")
+    where = os.path.relpath(request.out_dir / "report.html")
+    for name, figures in report["recipes"].items():
+        print(f"audit: {name}: {'PASSED' if figures['passed'] else 'FAILED'}", file=sys.stderr)
+    print(f"audit report: {where} (figures in report.json beside it)", file=sys.stderr)
+    if not report["passed"]:
+        more = f" (+{len(report['failures']) - 1} more)" if len(report["failures"]) > 1 else ""
+        return TaskFailed(f"audit FAILED: {report['failures'][0]}{more}; see {where}")
+    return None

@@ -1,0 +1,143 @@
+"""What a CI system reads from a build besides the artifacts: the exit code and one summary line.
+
+doit itself exits 1 for any failed task and 2 for an action that raised, which would collide with the forge's
+"bad input" code. `ForgeReporter` (set in dodo.py's DOIT_CONFIG, so the command stays `doit build`) tells a
+failed validation from a failed stage and ends the run with the documented code once doit has saved its state.
+Light on purpose: imported while the task graph is built.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from doit.exceptions import BaseFail, TaskFailed, UnmetDependency
+from doit.reporter import ConsoleReporter
+
+EXIT_OK = 0  # built, validated, manifest and junit.xml written
+EXIT_STAGE_FAILED = 1  # a stage could not produce its output (or a required remote was unreachable)
+EXIT_BAD_INPUT = 2  # recipe, override, checkpoint or remote setting refused before anything ran (dodo.py)
+EXIT_DOIT_USAGE = 3  # doit's own code for an unknown task or option: the reporter never runs
+EXIT_VALIDATION_FAILED = 4  # everything built, but a validation or pipeline check is outside its thresholds
+
+
+class ValidationFailed(TaskFailed):
+    """A stage that ran to the end and measured a failure (its entry is kept and reused; junit.xml names it)."""
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} GB"
+
+
+@dataclass
+class Tally:
+    """Counts for the summary line of one doit process (stage actions and the remote report here)."""
+
+    built: int = 0
+    reused: int = 0
+    fetched: int = 0
+    published: int = 0
+    up_to_date: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    seconds_down: float = 0.0
+    seconds_up: float = 0.0
+    remote: str | None = None
+    remote_note: str | None = None
+    stage_tasks: set[str] = field(default_factory=set)
+
+    def line(self) -> str:
+        parts = [f"{self.built} built", f"{self.fetched} fetched", f"{self.reused} reused", f"{self.up_to_date} up to date"]
+        text = "summary: " + ", ".join(parts)
+        if self.remote is None:
+            return text + "; no remote"
+        down = _rate(self.bytes_down, self.seconds_down)
+        up = _rate(self.bytes_up, self.seconds_up)
+        text += f"; {self.published} published; {human_bytes(self.bytes_down)} down{down}, {human_bytes(self.bytes_up)} up{up}"
+        return text + f"; remote {self.remote}" + (f" ({self.remote_note})" if self.remote_note else "")
+
+
+def _rate(count: int, seconds: float) -> str:
+    return f" ({human_bytes(count / seconds)}/s)" if count and seconds > 0 else ""
+
+
+TALLY = Tally()
+
+
+class ForgeReporter(ConsoleReporter):
+    """doit's console output, plus the summary line and the forge's exit codes."""
+
+    desc = "console output, forge summary line and exit codes"
+
+    def __init__(self, outstream: Any, options: dict[str, Any]) -> None:
+        super().__init__(outstream, options)
+        self.validation_failures = 0
+        self.stage_failures = 0
+        self.started = time.perf_counter()
+
+    def skip_uptodate(self, task: Any) -> None:
+        super().skip_uptodate(task)
+        if _is_stage_task(task.name):
+            TALLY.up_to_date += 1
+
+    def execute_task(self, task: Any) -> None:
+        super().execute_task(task)
+        if _is_stage_task(task.name):
+            TALLY.stage_tasks.add(task.name)
+
+    def add_failure(self, task: Any, fail: BaseFail) -> None:
+        super().add_failure(task, fail)
+        if isinstance(fail, ValidationFailed):
+            self.validation_failures += 1
+        elif not isinstance(fail, UnmetDependency):  # tasks after a failed one: not failures of their own
+            self.stage_failures += 1
+
+    def runtime_error(self, msg: str) -> None:
+        super().runtime_error(msg)
+        self.stage_failures += 1
+
+    def complete_run(self) -> None:
+        super().complete_run()
+        if TALLY.stage_tasks or TALLY.up_to_date:
+            from stages import log
+
+            log.get().info(f"{TALLY.line()}; {time.perf_counter() - self.started:.1f} s")
+        sys.stderr.flush()
+        code = self.exit_code()
+        if code != EXIT_OK:
+            # Called by doit's runner after it saved its state; the runner would return 1 or 2 (2 is bad input here).
+            raise SystemExit(code)
+
+    def exit_code(self) -> int:
+        if self.stage_failures:
+            return EXIT_STAGE_FAILED
+        return EXIT_VALIDATION_FAILED if self.validation_failures else EXIT_OK
+
+
+def _is_stage_task(name: str) -> bool:
+    from stages.registry import STAGES
+
+    return name.split(":", 1)[0] in STAGES and ":" in name
+
+
+# What two clean builds of identical inputs gave here (scripts/remote_benchmark.py --determinism); the manifest
+# carries it, the README explains it.
+REPRODUCIBILITY: dict[str, Any] = {
+    "byte_identical": "every file the forge writes for identical inputs: checkpoint, ONNX graphs (canonical node "
+                      "order), calibration data, record.json (stage timings kept out of it, in a local .timings.json), "
+                      "validation results, manifest.json, junit.xml, pipeline-check images and metrics; except:",
+    "not_bit_reproducible": {
+        "engine": "TensorRT-RTX 1.7.1 ahead-of-time builds: two builds of the same ONNX gave different VAE-decoder "
+                  "engines for all three targets of the four RTX recipes (sm86, sm89, sm120; same size or 8 bytes "
+                  "apart), while all 8 text-encoder and transformer engines (fp16, INT8 weight-only, FP8) were "
+                  "identical; validate and pipeline_check keys downstream of a differing engine differ too",
+    },
+    "across_runners": "runners sharing a remote (FORGE_REMOTE) fetch the published entry, verified by sha256, instead "
+                      "of rebuilding it: they agree on engine bytes without trusting each other's tools",
+}

@@ -1,0 +1,28 @@
+"""The GPUs recipes can target, by compute capability. Stdlib only: recipe checks and backends share it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+GPUS: dict[str, tuple[int, int]] = {
+    "t4": (7, 5),
+    "a100": (8, 0),
+    "a10": (8, 6),
+    "rtx3090": (8, 6),
+    "l4": (8, 9),
+    "l40s": (8, 9),
+    "rtx4090": (8, 9),
+    "h100": (9, 0),
+    "rtx5090": (12, 0),
+}
+
+
+def format_cc(cc: tuple[int, int]) -> str:
+    return f"{cc[0]}.{cc[1]}"
+
+
+def gpus_with(minimum: tuple[int, int], among: Iterable[tuple[int, int]]) -> str:
+    """Known GPUs at or above `minimum` whose compute capability is in `among` (a backend's targets)."""
+    allowed = set(among)
+    names = [gpu for gpu, cc in GPUS.items() if cc >= minimum and cc in allowed]
+    return ", ".join(names) or "none known"

@@ -1,0 +1,121 @@
+"""Logging: quiet by default (a line per task and progress on long work), detail on request.
+
+`FORGE_LOG=debug` shows every stage's detail and the third-party tools' own messages; the default `info`
+keeps the task lines, progress and results. Known third-party noise (Polygraphy's info lines, ModelOpt and
+transformers warnings, diffusers deprecations, progress bars) is silenced only around a stage's work by
+`quiet_tools()`, which restores every setting it touches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+
+LOGGER_NAME = "forge"
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def get(stage: str | None = None) -> logging.Logger:
+    """The forge's logger, or a stage's child logger (its records print as `[stage] message`)."""
+    return logging.getLogger(f"{LOGGER_NAME}.{stage}" if stage else LOGGER_NAME)
+
+
+class _StageFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stage = record.name.removeprefix(LOGGER_NAME).lstrip(".")
+        message = record.getMessage()
+        return f"[{stage}] {message}" if stage else message
+
+
+def level() -> int:
+    """The level asked for in FORGE_LOG (default info); an unknown value falls back to info."""
+    return LEVELS.get(os.environ.get("FORGE_LOG", "info").lower(), logging.INFO)
+
+
+def tool_level() -> int:
+    """The level handed to tools that configure their own logging (ModelOpt): errors only, unless debugging."""
+    return logging.DEBUG if level() <= logging.DEBUG else logging.ERROR
+
+
+def configure() -> None:
+    """One stderr handler for the forge's logger (idempotent); third-party loggers are left alone."""
+    logger = get()
+    logger.setLevel(level())
+    logger.propagate = False
+    if not any(getattr(h, "_forge", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_StageFormatter())
+        handler._forge = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+
+
+NOISY_LOGGERS = ("modelopt", "modelopt.onnx", "root", "onnxscript", "onnx_ir", "torch.onnx", "transformers",
+                 "diffusers", "accelerate", "huggingface_hub")
+NOISY_WARNINGS = (FutureWarning, DeprecationWarning, UserWarning)
+
+
+@contextlib.contextmanager
+def quiet_tools() -> Iterator[None]:
+    """Third-party chatter off for the block (unless FORGE_LOG=debug); every setting restored afterwards."""
+    if level() <= logging.DEBUG:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(warnings.catch_warnings())
+        for category in NOISY_WARNINGS:
+            warnings.simplefilter("ignore", category)
+        for name in NOISY_LOGGERS:
+            logger = logging.getLogger() if name == "root" else logging.getLogger(name)
+            stack.callback(logger.setLevel, logger.level)
+            logger.setLevel(logging.ERROR)
+        previous = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"
+        stack.callback(_restore_env, "TQDM_DISABLE", previous)
+        stack.enter_context(_polygraphy_quiet())
+        stack.enter_context(_hf_progress_bars_off())
+        yield
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+@contextlib.contextmanager
+def _polygraphy_quiet() -> Iterator[None]:
+    try:
+        from polygraphy.logger import G_LOGGER
+    except ImportError:
+        yield
+        return
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):
+        yield
+
+
+@contextlib.contextmanager
+def _hf_progress_bars_off() -> Iterator[None]:
+    """transformers' and diffusers' progress bars and info logs, off for the block, then as they were."""
+    restore = []
+    for module in ("transformers.utils.logging", "diffusers.utils.logging"):
+        try:
+            hf = __import__(module, fromlist=["logging"])
+        except ImportError:
+            continue
+        enabled = hf.is_progress_bar_enabled()
+        verbosity = hf.get_verbosity()
+        hf.disable_progress_bar()
+        hf.set_verbosity_error()
+        restore.append((hf, enabled, verbosity))
+    try:
+        yield
+    finally:
+        for hf, enabled, verbosity in restore:
+            hf.set_verbosity(verbosity)
+            if enabled:
+                hf.enable_progress_bar()
