@@ -55,7 +55,7 @@ def test_audit_writes_report_json_html_and_image_files(audited: dict) -> None:
     folder, report = audited["folder"], audited["report"]
     assert report["schema_version"] == 1 and report["name"] == NAME and report["passed"] is True
     assert list(report["recipes"]) == list(RECIPES)
-    assert f"audit report: " in audited["stderr"] and "report.html" in audited["stderr"]
+    assert "audit report: " in audited["stderr"] and "report.html" in audited["stderr"]
     named = [path for figures in report["recipes"].values() for prompt in figures["pipeline_check"]["prompts"]
              for path in prompt["images"].values()]
     named += [path for figures in report["recipes"].values() for path in figures["pipeline_check"]["charts"].values()]
@@ -306,15 +306,9 @@ def test_per_block_error_chart_when_blockwise_validation_exists(built: dict[str,
 
 
 def test_the_audit_task_graph_imports_nothing_heavy() -> None:
-    import sys
+    from tests.conftest import modules_loaded_by_doit
 
-    from tests.conftest import REPO
-
-    code = ("import sys; from doit.doit_cmd import DoitMain;"
-            "DoitMain().run(['list', 'recipes=a10-fp16,a10-int8', 'audit.min_ocr_agreement=0.5']);"
-            "heavy=[m for m in ('numpy','matplotlib','PIL','cv2','rapidocr_onnxruntime','onnxruntime','torch')"
-            " if m in sys.modules];"
-            "print('HEAVY', heavy)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert "HEAVY []" in result.stdout, result.stdout + result.stderr
-    assert re.search(r"^audit\s+Audit `recipes=a,b`", result.stdout, re.M), result.stdout
+    heavy, output = modules_loaded_by_doit(["list", "recipes=a10-fp16,a10-int8", "audit.min_ocr_agreement=0.5"], (
+        "numpy", "matplotlib", "PIL", "cv2", "rapidocr_onnxruntime", "onnxruntime", "torch"))
+    assert heavy == [], heavy
+    assert re.search(r"^audit\s+Audit `recipes=a,b`", output, re.M), output
