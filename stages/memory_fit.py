@@ -52,14 +52,6 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2":
                "I8": 1, "U8": 1, "BOOL": 1}
 PLAN_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
-# What each engine takes from the checkpoint: (folder, include regexes, exclude regexes) on tensor names.
-COMPONENT_WEIGHTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
-    "transformer": ("transformer", (), ()),
-    # Released Qwen2.5-VL keys are `model.layers.*`/`visual.*`/`lm_head.*`; transformers 5 modules are
-    # `model.language_model.*`/`model.visual.*`: exclude the vision tower and the LM head in either layout.
-    "text_encoder": ("text_encoder", (), (r"(^|\.)visual\.", r"^lm_head\.")),
-    "vae_decoder": ("vae", (r"^decoder\.", r"^post_quant_conv\."), ()),
-}
 
 
 @dataclass(frozen=True)
@@ -171,10 +163,10 @@ def weight_bytes(tensors: Iterable[TensorInfo], plan: PrecisionPlan) -> WeightEs
     return estimate
 
 
-def component_weight_bytes(checkpoint_dir: str | Path, component: str, plan: PrecisionPlan) -> WeightEstimate:
-    """:func:`weight_bytes` over the tensors the component's engine holds (see :data:`COMPONENT_WEIGHTS`)."""
-    folder, include, exclude = COMPONENT_WEIGHTS[component]
-    return weight_bytes(checkpoint_tensors(Path(checkpoint_dir) / folder, include, exclude), plan)
+def folder_weight_bytes(folder: str | Path, include: Sequence[str], exclude: Sequence[str],
+                        plan: PrecisionPlan) -> WeightEstimate:
+    """:func:`weight_bytes` over the tensors of one checkpoint folder an engine holds (a family says which)."""
+    return weight_bytes(checkpoint_tensors(Path(folder), include, exclude), plan)
 
 
 # --- activations -------------------------------------------------------------------------------------------------------

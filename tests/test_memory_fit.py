@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from stages import memory_fit
+from stages.families.qwen_image.fit import engine_weight_bytes
 from stages.memory_fit import GIB, PrecisionPlan
 
 
@@ -64,7 +65,7 @@ def test_headers_are_read_from_every_shard(tmp_path: Path, transformer_dir: dict
 @pytest.mark.parametrize("dtype, width", [("fp16", 2), ("bf16", 2), ("fp32", 4)])
 def test_float_plans_price_every_float_at_the_plan_width(tmp_path: Path, transformer_dir: dict[str, torch.Tensor],
                                                         dtype: str, width: int) -> None:
-    estimate = memory_fit.component_weight_bytes(tmp_path, "transformer", PrecisionPlan(dtype=dtype))
+    estimate = engine_weight_bytes(tmp_path, "transformer", PrecisionPlan(dtype=dtype))
     expected = sum(t.numel() * width for t in floats(transformer_dir).values()) + 10 * 8  # + the int64 buffer
     assert estimate.total == expected
     assert estimate.parameters == sum(t.numel() for t in transformer_dir.values())
@@ -75,10 +76,10 @@ def test_int8_weight_only_and_fp8(tmp_path: Path, transformer_dir: dict[str, tor
     gemm_params = sum(transformer_dir[name].numel() for name in gemms)
     rest = sum(t.numel() for name, t in floats(transformer_dir).items() if name not in gemms)
     scales = sum(transformer_dir[name].shape[0] for name in gemms) * 4
-    int8 = memory_fit.component_weight_bytes(tmp_path, "transformer", PrecisionPlan(dtype="int8", weight_only=True))
+    int8 = engine_weight_bytes(tmp_path, "transformer", PrecisionPlan(dtype="int8", weight_only=True))
     assert int8.total == gemm_params * 1 + scales + rest * 2 + 80
     assert int8.by_kind["int8 GEMM weights"] == gemm_params
-    fp8 = memory_fit.component_weight_bytes(tmp_path, "transformer", PrecisionPlan(dtype="fp8"))
+    fp8 = engine_weight_bytes(tmp_path, "transformer", PrecisionPlan(dtype="fp8"))
     assert fp8.total == gemm_params + rest * 2 + 80
     # the conv kernel (4-D) is not a GEMM: it stays at 2 bytes in both plans
     assert fp8.by_kind["fp16"] == rest * 2
@@ -88,7 +89,7 @@ def test_exclusions_and_fp32_islands(tmp_path: Path, transformer_dir: dict[str, 
     """A frozen fp32 text branch (the transformer's own TEXT_BRANCH pattern style) and a GEMM kept out of fp8."""
     text = r"(^|[/.])txt_mlp([/.]|$)"
     plan = PrecisionPlan(dtype="fp8", fp32_islands=(text,), quantize_exclude=(r"^proj_out\.",))
-    estimate = memory_fit.component_weight_bytes(tmp_path, "transformer", plan)
+    estimate = engine_weight_bytes(tmp_path, "transformer", plan)
     text_params = transformer_dir["blocks.0.txt_mlp.net.0.proj.weight"].numel()
     q = transformer_dir["blocks.0.attn.to_q.weight"].numel()
     others = sum(t.numel() for t in floats(transformer_dir).values()) - text_params - q
@@ -103,10 +104,10 @@ def test_text_encoder_engine_excludes_vision_and_lm_head(tmp_path: Path) -> None
     model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config)).to(torch.bfloat16)
     model.save_pretrained(tmp_path / "text_encoder")
     language_model = sum(p.numel() for p in model.model.language_model.parameters())
-    estimate = memory_fit.component_weight_bytes(tmp_path, "text_encoder", PrecisionPlan(dtype="fp16"))
+    estimate = engine_weight_bytes(tmp_path, "text_encoder", PrecisionPlan(dtype="fp16"))
     assert estimate.total == 2 * language_model
     # int8: the embedding table is a Gather, not a GEMM, so it is not quantized
-    int8 = memory_fit.component_weight_bytes(tmp_path, "text_encoder", PrecisionPlan(dtype="int8", weight_only=True))
+    int8 = engine_weight_bytes(tmp_path, "text_encoder", PrecisionPlan(dtype="int8", weight_only=True))
     embed = model.model.language_model.embed_tokens.weight.numel()
     assert int8.by_kind["fp16"] >= 2 * embed
 
@@ -117,7 +118,7 @@ def test_vae_engine_is_the_decoder(tmp_path: Path) -> None:
     vae = AutoencoderKLQwenImage(**family_module("vae", "qwen_vae").TINY_VAE_CONFIG)
     vae.save_pretrained(tmp_path / "vae")
     decoder = sum(p.numel() for p in vae.decoder.parameters()) + sum(p.numel() for p in vae.post_quant_conv.parameters())
-    assert memory_fit.component_weight_bytes(tmp_path, "vae_decoder", PrecisionPlan()).total == 2 * decoder
+    assert engine_weight_bytes(tmp_path, "vae_decoder", PrecisionPlan()).total == 2 * decoder
 
 
 def test_transformer_activation_formula() -> None:

@@ -46,6 +46,7 @@ class Family:
     tiny_checkpoint: str  # `module:function(seed, out_dir) -> report`: the built-in random-weight checkpoint
     calibration: str  # `module:mapping` component -> capture(checkpoint_dir, prompts, settings, text_length)
     pipeline: str  # module with the pipeline check's adapters (see stages.pipeline_check)
+    fit: str  # light module with `engine_weight_bytes` and `activation_bytes` for the GPU fit check (stages.fit)
 
     def module(self, component: str) -> ModuleType:
         return importlib.import_module(self.components[component].module)

@@ -32,4 +32,5 @@ FAMILY = Family(
     tiny_checkpoint=f"{PACKAGE}.pipeline:save_tiny_checkpoint",
     calibration=f"{PACKAGE}.calibration:CAPTURE",
     pipeline=f"{PACKAGE}.pipeline",
+    fit=f"{PACKAGE}.fit",
 )

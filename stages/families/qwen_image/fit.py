@@ -1,0 +1,44 @@
+"""What each Qwen-Image engine holds and how much activation memory it needs: the family's side of the GPU fit
+check (stages/fit.py). Stdlib only: it runs while the recipe is loaded, before any task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from stages import memory_fit
+
+PROMPT_TEMPLATE_TOKENS = 34  # the text encoder sees the pipeline's template prefix before it is dropped
+
+# (folder, include regexes, exclude regexes) on tensor names. Released Qwen2.5-VL keys are
+# `model.layers.*`/`visual.*`/`lm_head.*`, transformers 5 modules `model.language_model.*`/`model.visual.*`:
+# the text-encoder engine holds neither the vision tower nor the LM head; the VAE engine only the decoder.
+ENGINE_WEIGHTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "transformer": ("transformer", (), ()),
+    "text_encoder": ("text_encoder", (), (r"(^|\.)visual\.", r"^lm_head\.")),
+    "vae_decoder": ("vae", (r"^decoder\.", r"^post_quant_conv\."), ()),
+}
+
+
+def engine_weight_bytes(checkpoint: str | Path, component: str, plan: memory_fit.PrecisionPlan) -> memory_fit.WeightEstimate:
+    folder, include, exclude = ENGINE_WEIGHTS[component]
+    return memory_fit.folder_weight_bytes(Path(checkpoint) / folder, include, exclude, plan)
+
+
+def activation_bytes(component: str, section: Any, checkpoint: Path, text_length: int) -> int:
+    """Peak activations at the profile's largest shape (memory_fit's conservative per-block formulas)."""
+    profile = section.profile
+    batch = profile.batch.max
+
+    def config(folder: str) -> dict[str, Any]:
+        return json.loads((checkpoint / folder / "config.json").read_text())
+
+    if component == "transformer":
+        return memory_fit.transformer_activation_bytes(config("transformer"), batch, profile.height.max,
+                                                       profile.width.max, text_length)
+    if component == "text_encoder":
+        loaded = config("text_encoder")
+        return memory_fit.text_encoder_activation_bytes(loaded.get("text_config", loaded), batch,
+                                                        text_length + PROMPT_TEMPLATE_TOKENS)
+    return memory_fit.vae_decoder_activation_bytes(config("vae"), batch, profile.height.max, profile.width.max)
