@@ -82,6 +82,15 @@ COMBOS: dict[str, tuple[str, tuple[str, ...], bool, str | None]] = {
 }
 
 
+def parse_matmul_onnx(trt: Any, network: Any, logger: Any, workdir: Path) -> str | None:
+    """Parse the probe's MatMul ONNX (written once per workdir) into `network`; the parser's error, or None."""
+    onnx_path = workdir / "matmul.onnx"
+    if not onnx_path.exists():
+        write_matmul_onnx(onnx_path, weights_as_inputs=False)
+    parser = trt.OnnxParser(network, logger)
+    return None if parser.parse_from_file(str(onnx_path)) else parser.get_error(0).desc()
+
+
 def write_matmul_onnx(path: Path, weights_as_inputs: bool) -> None:
     """Four fp16 MatMul+Add+Relu layers; weights as initializers (default) or as graph inputs."""
     import numpy as np
@@ -232,12 +241,9 @@ def build_one(name: str, workdir: Path) -> dict[str, Any]:
         if swapped == 0:
             messages.append("no convolution layers found to set to null")
     elif graph == "onnx_matmul_swap":
-        onnx_path = workdir / "matmul.onnx"
-        if not onnx_path.exists():
-            write_matmul_onnx(onnx_path, weights_as_inputs=False)
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(onnx_path)):
-            return {"name": name, "built": False, "error": parser.get_error(0).desc()}
+        error = parse_matmul_onnx(trt, network, logger, workdir)
+        if error:
+            return {"name": name, "built": False, "error": error}
         for index in range(network.num_layers):
             layer = network.get_layer(index)
             if layer.type == trt.LayerType.CONSTANT:
@@ -246,12 +252,9 @@ def build_one(name: str, workdir: Path) -> dict[str, Any]:
                 layer.weights = trt.Weights(trt.float16, 0, int(old_weights.size))
                 weight_names.append(layer.name)
     elif graph == "onnx_matmul_rewire":
-        onnx_path = workdir / "matmul.onnx"
-        if not onnx_path.exists():
-            write_matmul_onnx(onnx_path, weights_as_inputs=False)
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(onnx_path)):
-            return {"name": name, "built": False, "error": parser.get_error(0).desc()}
+        error = parse_matmul_onnx(trt, network, logger, workdir)
+        if error:
+            return {"name": name, "built": False, "error": error}
         names = rewire_constants_to_placeholders(trt, network)
         messages_info["placeholders"] = names
     elif graph == "constant_placeholder":

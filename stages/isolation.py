@@ -35,12 +35,7 @@ def threshold() -> int:
 
 def component_bytes(loaded: Any, ref: Ref, checkpoint: Path | None) -> int:
     """Checkpoint weight bytes behind the task: its component's, or the whole pipeline's for recipe-wide stages."""
-    if checkpoint is None:
-        return 0
-    family = loaded.family
-    folders = [family.components[ref.component].config_folder] if ref.component else [
-        info.config_folder for info in family.components.values()]
-    return sum(p.stat().st_size for folder in folders for p in (checkpoint / folder).glob("*.safetensors"))
+    return 0 if checkpoint is None else loaded.family.weight_bytes(checkpoint, ref.component)
 
 
 def _configure_and_run(module_name: str, loaded: Any, ref: Ref, inputs: StageInputs, scratch: Path) -> dict[str, Any]:

@@ -304,5 +304,4 @@ def use_blockwise(loaded: LoadedRecipe, component: str, checkpoint: Path) -> boo
     choice = loaded.recipe.components[component].validate_.blockwise
     if choice != "auto" or info.block_pattern is None:
         return choice is True
-    weights = sum(p.stat().st_size for p in (checkpoint / info.config_folder).glob("*.safetensors"))
-    return weights > BLOCKWISE_AUTO_BYTES
+    return loaded.family.weight_bytes(checkpoint, component) > BLOCKWISE_AUTO_BYTES

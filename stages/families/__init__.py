@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -57,6 +58,12 @@ class Family:
 
     def pipeline_module(self) -> ModuleType:
         return importlib.import_module(self.pipeline)
+
+    def weight_bytes(self, checkpoint: Path, component: str | None = None) -> int:
+        """Safetensors bytes behind one component (or the whole pipeline): what decides large-model code paths."""
+        folders = [self.components[component].config_folder] if component else [
+            info.config_folder for info in self.components.values()]
+        return sum(p.stat().st_size for folder in folders for p in (checkpoint / folder).glob("*.safetensors"))
 
     def checkpoint_folders(self) -> tuple[str, ...]:
         """Everything the whole pipeline reads: shared files first, then every component's folders."""
