@@ -58,9 +58,12 @@ def main() -> int:
     parser.add_argument("--recipe", default="a10-fp16")
     parser.add_argument("--stages", default="export,surgery,precision,engine,validate")
     parser.add_argument("--components", default="transformer,text_encoder,vae_decoder")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="reuse this folder's artifacts (tasks already up to date are not rerun; default: a new one)")
     parser.add_argument("overrides", nargs="*", help="key.path=value recipe overrides")
     options = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="forge-scale-"))
+    workdir = options.workdir or Path(tempfile.mkdtemp(prefix="forge-scale-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "FORGE_ARTIFACTS": str(workdir / "artifacts")}
     args = [f"recipe={options.recipe}", f"model={options.model}", *options.overrides]
     from stages.recipe import load_recipe

@@ -19,6 +19,15 @@ from typing import Any
 
 from stages.errors import fail
 
+AUTO_BYTES = 4 * 1024**3  # `blockwise: auto` turns on above this many checkpoint weight bytes per component
+
+
+def wanted(choice: str | bool, family: Any, component: str, checkpoint: Path) -> bool:
+    """`true`/`false` as the recipe says; `auto`: when the component's weights would not comfortably fit in memory."""
+    if choice != "auto" or family.components[component].block_pattern is None:
+        return choice is True
+    return family.weight_bytes(checkpoint, component) > AUTO_BYTES
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -72,7 +81,26 @@ def partition(model: Any, block_pattern: str) -> Partition:
             readers = [segment_of[c] for o in node.output for c in consumers.get(o, [])]
             if all(r == epilogue for r in readers):
                 segment_of[position] = epilogue
+    _place_constant_chains(nodes, segment_of, consumers, outputs, {i.name for i in graph.initializer})
     return _segments(nodes, segment_of, blocks, producer, consumers, outputs, {i.name for i in graph.initializer})
+
+
+def _place_constant_chains(nodes: list[Any], segment_of: list[int], consumers: dict[str, list[int]],
+                           graph_outputs: set[str], initializers: set[str]) -> None:
+    """Nodes computed from weights alone (a DequantizeLinear, a Transpose of a weight) join their first reader's
+    segment: left "as early as their inputs allow" they would all land in the prologue, which would then hold
+    and hand over every block's weights."""
+    constant: set[str] = set(initializers) | {""}
+    chains = []
+    for position, node in enumerate(nodes):
+        if all(i in constant for i in node.input):
+            constant.update(node.output)
+            chains.append(position)
+    for position in reversed(chains):
+        outputs = nodes[position].output
+        readers = [segment_of[c] for o in outputs for c in consumers.get(o, [])]
+        if readers and not any(o in graph_outputs for o in outputs):
+            segment_of[position] = max(segment_of[position], min(readers))
 
 
 def _segments(nodes: list[Any], segment_of: list[int], blocks: list[int], producer: dict[str, int],

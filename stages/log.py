@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 
@@ -29,6 +30,21 @@ class _StageFormatter(logging.Formatter):
         stage = record.name.removeprefix(LOGGER_NAME).lstrip(".")
         message = record.getMessage()
         return f"[{stage}] {message}" if stage else message
+
+
+class Steps:
+    """`label: done/total` every few seconds of a long loop, and at its end if it took that long (quick loops
+    stay quiet)."""
+
+    def __init__(self, logger: logging.Logger, label: str, total: int, every_s: float = 5.0) -> None:
+        self.logger, self.label, self.total, self.every_s = logger, label, total, every_s
+        self.started = self.last = time.perf_counter()
+
+    def update(self, done: int, total: int | None = None) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.every_s or (done == (total or self.total) and now - self.started >= self.every_s):
+            self.logger.info(f"{self.label}: {done}/{total or self.total} in {now - self.started:.0f}s")
+            self.last = now
 
 
 def level() -> int:

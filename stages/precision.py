@@ -10,8 +10,10 @@ referenced in place (bf16 for the release: bf16 -> fp16 is exact within fp16's r
 TensorRT folds those Casts into the engine's weights at build time. fp32 islands (the frozen text branch) read
 the same bf16 weights through a Cast to fp32, so they compute in fp32 on exactly the checkpoint's values.
 AutoCast's data-range rule (`data_max`) is off: it needs an fp32 reference run of the whole model with every
-intermediate tensor as an output, which does not fit in memory at release size; exclusions are explicit. INT8/FP8 will slot in here as another converter taking the same
-exclusions (explicit Q/DQ through ModelOpt's ONNX quantizer).
+intermediate tensor as an output, which does not fit in memory at release size; exclusions are explicit.
+With `precision.blockwise`, AutoCast runs one block at a time (stages.segmented): its cleanup scans the whole
+graph per node, so whole-graph time grows with the square of the layer count. INT8/FP8 go through
+stages.quantize with the same exclusions.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages import log
+from stages import blockwise, log
 from stages.inputs import StageInputs
 from stages.runners import ComparisonGraph
 from stages.errors import fail
@@ -42,25 +44,24 @@ class ConvertPrecision:
     high_precision: str
     frozen_nodes: tuple[str, ...]
     exclude_patterns: tuple[str, ...]
+    block_pattern: str | None = None  # set: AutoCast one block at a time
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         import onnx
 
         from stages.onnx_io import save_model
-        from stages.weights import hide_weights, link_upstream_files, restore_weights
+        from stages.weights import link_upstream_files
 
         excluded = self.excluded_nodes()
         model = onnx.load(str(self.source), load_external_data=False)
-        hidden = hide_weights(model)
-        if self.dtype != "fp32":
-            model = self._autocast(model, excluded)
+        if self.dtype != "fp32" and self.block_pattern:
+            model = self._autocast_by_block(model, excluded)
+        elif self.dtype != "fp32":
+            model = self._autocast_weightless(model, excluded)
         dtypes = node_output_dtypes(model)
         leaked = [name for name in excluded if dtypes.get(name) not in (None, self.high_precision)]
         if leaked:
             raise fail(self.source, "precision.exclude", f"{len(leaked)} excluded nodes left {self.high_precision}: {leaked[:3]}")
-        changed = restore_weights(model, hidden)
-        if changed:
-            raise fail(self.source, "precision", f"AutoCast changed the dtype of weight inputs {changed[:3]}")
         link_upstream_files(model, self.source.parent, out_dir)
         save_model(model, out_dir / MODEL_FILE)
         return {
@@ -69,6 +70,7 @@ class ConvertPrecision:
             "dtype": self.dtype,
             "high_precision": self.high_precision,
             "converter": "modelopt.onnx.autocast" if self.dtype != "fp32" else None,
+            "blockwise": bool(self.block_pattern) and self.dtype != "fp32",
             "node_precisions": dict(Counter(dtypes.values())),
             "excluded": {"frozen_text_branch": len(self.frozen_nodes), "recipe_patterns": list(self.exclude_patterns),
                          "matched_by_patterns": len(excluded) - len(self.frozen_nodes)},
@@ -82,6 +84,28 @@ class ConvertPrecision:
         names = [node.name for node in onnx.load(str(self.source), load_external_data=False).graph.node]
         by_pattern = [n for n in names if n not in set(self.frozen_nodes) and any(p.search(n) for p in patterns)]
         return [*self.frozen_nodes, *by_pattern]
+
+    def _autocast_weightless(self, model: Any, excluded: list[str]) -> Any:
+        """AutoCast with every weight hidden as a graph input, then the same references put back."""
+        from stages.weights import hide_weights, restore_weights
+
+        hidden = hide_weights(model)
+        names = {node.name for node in model.graph.node}
+        model = self._autocast(model, [name for name in excluded if name in names])
+        changed = restore_weights(model, hidden)
+        if changed:
+            raise fail(self.source, "precision", f"AutoCast changed the dtype of weight inputs {changed[:3]}")
+        return model
+
+    def _autocast_by_block(self, model: Any, excluded: list[str]) -> Any:
+        from stages.blockwise import partition
+        from stages.segmented import transform_segments
+
+        assert self.block_pattern is not None
+        part = partition(model, self.block_pattern)
+        steps = log.Steps(LOG, f"AutoCast {self.component}, segments", len(part.segments))
+        return transform_segments(model, part, lambda index, segment, piece: self._autocast_weightless(piece, excluded),
+                                  progress=steps.update)
 
     def _autocast(self, weightless: Any, excluded: list[str]) -> Any:
         """AutoCast a graph whose weights are inputs (AutoCast reads a path: a small temporary file)."""
@@ -158,13 +182,15 @@ def from_recipe(loaded: LoadedRecipe, component: str | None,
     frozen = tuple(inputs.report("surgery", component)["frozen_nodes"])
     plan = loaded.recipe.components[component].precision
     source = surgery_dir / MODEL_FILE
+    pattern = loaded.family.components[component].block_pattern \
+        if blockwise.wanted(plan.blockwise, loaded.family, component, inputs.weights) else None
     if not plan.quantized:
-        return ConvertPrecision(component, source, plan.dtype, plan.high_precision, frozen, tuple(plan.exclude))
-    return _quantized_plan(loaded, component, source, frozen, inputs)
+        return ConvertPrecision(component, source, plan.dtype, plan.high_precision, frozen, tuple(plan.exclude), pattern)
+    return _quantized_plan(loaded, component, source, frozen, inputs, pattern)
 
 
 def _quantized_plan(loaded: LoadedRecipe, component: str, source: Path, frozen: tuple[str, ...],
-                    inputs: StageInputs) -> QuantizeWithComparisons:
+                    inputs: StageInputs, pattern: str | None) -> QuantizeWithComparisons:
     from stages.calibration import load_feeds
     from stages.quantize import QuantizePrecision, mode_for
 
@@ -177,10 +203,11 @@ def _quantized_plan(loaded: LoadedRecipe, component: str, source: Path, frozen: 
 
     def quantizer(frozen_nodes: tuple[str, ...]) -> Any:
         return QuantizePrecision(component, source, mode_for(plan.dtype, plan.weight_only), method,
-                                 plan.high_precision, frozen_nodes, tuple(plan.exclude), calibration_feeds=feeds)
+                                 plan.high_precision, frozen_nodes, tuple(plan.exclude), calibration_feeds=feeds,
+                                 block_pattern=pattern)
 
     return QuantizeWithComparisons(
         primary=quantizer(frozen),
-        fp16_plan=ConvertPrecision(component, source, "fp16", "fp32", frozen, tuple(plan.exclude)),
+        fp16_plan=ConvertPrecision(component, source, "fp16", "fp32", frozen, tuple(plan.exclude), pattern),
         freezing_off=quantizer(()) if frozen else None,
     )

@@ -92,6 +92,28 @@ def detach_excluded(model: Any, excluded: set[str]) -> list[dict[str, str]]:
     return detached
 
 
+def unquantized_outputs(model: Any) -> int:
+    """Make every graph output carry its unquantized value again; returns how many were changed.
+
+    ONNX Runtime's quantizer, meeting a graph output it quantizes, renames the producer's tensor and gives the
+    output's name to the DequantizeLinear. For a segment quantized on its own (stages.segmented) that output
+    crosses into the next block, which must see the value every other reader sees: the producer gets the name
+    back and the readers inside the segment read `<name>_DequantizeLinear_Output`, the name the next segment's
+    own Q/DQ of that tensor gets, so the two pairs are one after stitching."""
+    producers = _producers(model)
+    changed = 0
+    for output in [o.name for o in model.graph.output]:
+        raw = _qdq_source(producers, output)
+        if raw is None or raw == output:
+            continue
+        dequantized = f"{output}_DequantizeLinear_Output"
+        for node in model.graph.node:
+            node.input[:] = [dequantized if i == output else output if i == raw else i for i in node.input]
+            node.output[:] = [dequantized if o == output else output if o == raw else o for o in node.output]
+        changed += 1
+    return changed
+
+
 def _qdq_source(producers: Mapping[str, Any], tensor: str) -> str | None:
     dq = producers.get(tensor)
     if dq is None or dq.op_type != "DequantizeLinear":

@@ -41,6 +41,7 @@ from stages.capabilities import CALIBRATION_METHODS, QUANTIZATION_MODES, quantiz
 from stages.errors import fail
 from stages.qdq import (
     GEMM_OPS,
+    QDQ_OPS,
     ONNX_FLOAT8E4M3FN,
     ONNX_INT8,
     calibration_ranges,
@@ -50,6 +51,7 @@ from stages.qdq import (
     qdq_violations,
     quantized_nodes,
     quantizer_skipped,
+    unquantized_outputs,
     write_calibration_cache,
 )
 from stages.runners import onnxruntime_cpu_note
@@ -128,6 +130,7 @@ class QuantizePrecision:
     exclude_patterns: tuple[str, ...]
     calibration_feeds: Callable[[], Sequence[Feed]] | Sequence[Feed] = field(default=(), compare=False, repr=False)
     calibration_cache: Path | None = None
+    block_pattern: str | None = None  # set: calibrate and quantize one block at a time (stages.segmented)
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         import onnx
@@ -141,7 +144,10 @@ class QuantizePrecision:
         feeds = self._feeds()
         LOG.info(f"{self.mode} ({self.calibration_method}, {len(feeds)} feeds), high precision "
               f"{self.high_precision}, {len(exclusions)} nodes excluded")
-        model = run_modelopt(self, sorted(exclusions), feeds)
+        if self.block_pattern:
+            model = run_modelopt_by_block(self, sorted(exclusions), feeds, out_dir)
+        else:
+            model = run_modelopt(self, self.source, sorted(exclusions), feeds)
         # ModelOpt re-imports a cache only if it holds every activation scale it places, detached ones included.
         cache = write_calibration_cache(calibration_ranges(model, self.mode), out_dir / CACHE_FILE) \
             if self.mode == "int8" else None
@@ -213,6 +219,7 @@ class QuantizePrecision:
             "activations": {"int8": "int8", "fp8": "fp8", "int8_weight_only": self.high_precision}[self.mode],
             "high_precision": self.high_precision,
             "quantizer": f"modelopt.onnx.quantization {modelopt.__version__}",
+            "blockwise": bool(self.block_pattern),
             "calibration": {"method": self.calibration_method, "samples": samples, "ranges_file": RANGES_FILE,
                             "cache_file": cache, "activation_tensors": len(ranges["activations"]),
                             "reused_cache": str(self.calibration_cache) if self.calibration_cache else None},
@@ -241,8 +248,8 @@ class QuantizePrecision:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_modelopt(stage: QuantizePrecision, excluded: list[str], feeds: Sequence[Feed]) -> Any:
-    """Quantize in a scratch directory (ModelOpt writes intermediate files beside its input and output).
+def run_modelopt(stage: QuantizePrecision, source: Path, excluded: list[str], feeds: Sequence[Feed]) -> Any:
+    """Quantize `source` in a scratch directory (ModelOpt writes intermediate files beside its input and output).
 
     ModelOpt reads its input with `onnx.load`, which refuses weights in hard-linked shards, so it gets a
     scratch copy with the weights read in. Weights it returns unchanged (excluded, frozen) are referenced in
@@ -253,21 +260,129 @@ def run_modelopt(stage: QuantizePrecision, excluded: list[str], feeds: Sequence[
 
     with tempfile.TemporaryDirectory(prefix="forge-quantize-") as scratch:
         work = Path(scratch)
-        source = _readable_source(stage.source, work, set(excluded))
+        readable = _readable_source(source, work, set(excluded))
         output = work / "quantized.onnx"
         patterns = [f"^{re.escape(name)}$" for name in excluded]
         if stage.mode == "int8_weight_only":
-            _quantize_weight_only(source, output, patterns, excluded)
+            _quantize_weight_only(readable, output, patterns, excluded)
         else:
-            _quantize_qdq(stage, source, output, patterns, feeds)
+            _quantize_qdq(stage, readable, output, patterns, feeds)
         model = onnx.load(str(output))
     if stage.mode == "int8_weight_only" and stage.high_precision != "fp32":
         from modelopt.onnx.autocast import convert_to_f16
 
         model = convert_to_f16(model, low_precision_type=stage.high_precision, keep_io_types=True)
-    referenced = reference_unchanged(model, onnx.load(str(stage.source), load_external_data=False), stage.source.parent)
+    referenced = reference_unchanged(model, onnx.load(str(source), load_external_data=False), source.parent)
     LOG.debug(f"{referenced} unchanged weights referenced in place")
     return model
+
+
+def run_modelopt_by_block(stage: QuantizePrecision, excluded: list[str], feeds: Sequence[Feed], out_dir: Path) -> Any:
+    """Calibrate and quantize one segment (prologue, block, epilogue) at a time: memory holds one block's weights.
+
+    Each segment is quantized with ModelOpt on its own, calibrated on its inputs as the unquantized graph
+    computes them (the segments before it run on every calibration feed, chained), so activation ranges are
+    those a whole-graph calibration would see. The tensors a segment's quantization writes go straight to
+    :data:`QUANTIZED_WEIGHTS` beside the graph; everything else stays referenced in place."""
+    import onnx
+
+    from stages.blockwise import partition, write_segments
+    from stages.segmented import transform_segments
+
+    assert stage.block_pattern is not None
+    graph = onnx.load(str(stage.source), load_external_data=False)
+    part = partition(graph, stage.block_pattern)
+    skip = set(excluded)
+    sink = _WeightFile(out_dir / QUANTIZED_WEIGHTS)
+    steps = log.Steps(LOG, f"quantize {stage.component}, segments", len(part.segments))
+    with tempfile.TemporaryDirectory(prefix="forge-quantize-segments-") as scratch:
+        paths = write_segments(stage.source, part, Path(scratch))
+        chain = _CalibrationInputs(paths, part, feeds)
+
+        def quantize_segment(index: int, segment: Any, piece: Any) -> Any:
+            names = {node.name for node in piece.graph.node}
+            if any(n.op_type in GEMM_OPS and n.name not in skip for n in piece.graph.node):
+                piece = run_modelopt(stage, paths[index], [n for n in excluded if n in names], chain.inputs(index))
+                unquantized_outputs(piece)
+            else:
+                piece = _high_precision_only(stage, piece)
+            sink.take(piece)
+            chain.advance(index)
+            return piece
+
+        return transform_segments(graph, part, quantize_segment, progress=steps.update)
+
+
+QUANTIZED_WEIGHTS = "quantized_weights.bin"
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the graph, as do Q/DQ scales and zero points
+
+
+class _WeightFile:
+    """Tensors a segment's quantization wrote, appended to one external-data file as the segments go by."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def take(self, model: Any) -> None:
+        import onnx
+        from onnx import numpy_helper
+
+        scales = {n.input[i] for n in model.graph.node if n.op_type in QDQ_OPS for i in (1, 2) if i < len(n.input)}
+        with open(self.path, "ab") as handle:
+            for tensor in model.graph.initializer:
+                if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.name in scales:
+                    continue
+                data = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+                if len(data) < EXTERNAL_MIN_BYTES:
+                    continue
+                offset = handle.tell()
+                handle.write(data)
+                for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    tensor.ClearField(name)
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(len(data)))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+
+
+class _CalibrationInputs:
+    """Every calibration feed's values at the current cut: the unquantized segments run one after another."""
+
+    def __init__(self, paths: Sequence[Path], part: Any, feeds: Sequence[Feed]) -> None:
+        self.paths, self.part = paths, part
+        self.values = [dict(feed) for feed in feeds]
+
+    def inputs(self, index: int) -> list[Feed]:
+        names = self.part.segments[index].inputs
+        return [{name: values[name] for name in names} for values in self.values]
+
+    def advance(self, index: int) -> None:
+        from stages.runners import OnnxRuntimeRunner
+
+        if not self.values or index == len(self.part.segments) - 1:
+            return
+        segment = self.part.segments[index]
+        with OnnxRuntimeRunner(self.paths[index], name=segment.name) as runner:
+            for values in self.values:
+                values.update(runner.infer({name: values[name] for name in segment.inputs}))
+        dead = [n for n, last in self.part.last_use.items() if last == index and n not in self.part.graph_outputs]
+        for values in self.values:
+            for name in dead:
+                values.pop(name, None)
+
+
+def _high_precision_only(stage: QuantizePrecision, piece: Any) -> Any:
+    """A segment with nothing to quantize still moves to the high precision, as ModelOpt moves a whole graph."""
+    if stage.high_precision == "fp32":
+        return piece
+    from modelopt.onnx.autocast import convert_to_f16
+
+    from stages.weights import hide_weights, restore_weights
+
+    hidden = hide_weights(piece)
+    piece = convert_to_f16(piece, low_precision_type=stage.high_precision, keep_io_types=True)
+    restore_weights(piece, hidden)
+    return piece
 
 
 def _readable_source(source: Path, work: Path, protected: set[str]) -> Path:

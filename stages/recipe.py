@@ -141,6 +141,9 @@ class PrecisionSettings(Strict):
     high_precision: Dtype = "fp32"
     exclude: list[str] = []
     calibration: CalibrationSettings | None = None
+    # true: AutoCast / quantize one block at a time (time linear in layers, one block's weights in memory);
+    # auto: when the component's checkpoint weights exceed stages.blockwise.AUTO_BYTES.
+    blockwise: Literal["auto"] | bool = "auto"
 
     _regexes = field_validator("exclude")(_check_regexes)
 
@@ -197,7 +200,7 @@ class ValidateSettings(Strict):
     seed: int = 0
     tolerances: dict[str, Tolerance]
     # true: run the reference and the graph block by block (one block's weights in memory; per-block errors);
-    # auto: when the component's checkpoint weights exceed stages.validate.BLOCKWISE_AUTO_BYTES.
+    # auto: when the component's checkpoint weights exceed stages.blockwise.AUTO_BYTES.
     blockwise: Literal["auto"] | bool = "auto"
 
 
@@ -252,9 +255,10 @@ def check_component(name: str, component: Component, text_length: int, family: F
     too_long = [n for n in v.text_tokens if n > text_length]
     if too_long:
         raise ValueError(f"{prefix}.validate.text_tokens: {too_long} exceed text_length {text_length}")
-    if v.blockwise is True and not info.block_pattern:
-        raise ValueError(f"{prefix}.validate.blockwise: {name} has no repeated blocks to validate one by one; "
-                         f"allowed: auto, false")
+    for section, choice in (("validate", v.blockwise), ("precision", component.precision.blockwise)):
+        if choice is True and not info.block_pattern:
+            raise ValueError(f"{prefix}.{section}.blockwise: {name} has no repeated blocks to work on one by one; "
+                             f"allowed: auto, false")
     if component.precision.quantized and not info.quantizable:
         raise ValueError(f"{prefix}.precision.dtype: {name} is kept in fp32/fp16/bf16; quantization applies to "
                          f"{', '.join(n for n, i in family.components.items() if i.quantizable)}")

@@ -66,8 +66,9 @@ class FreezingEffect(Record):
 
 
 class BlockError(Record):
-    """Error after one block, worst over the validation cases: the image stream (which reaches the output) and
-    the text stream (absent after the last block, whose text branch is dead compute)."""
+    """Error after one block, worst over the validation cases: the stream that reaches the output (the
+    transformer's image stream, the text encoder's hidden states) and, for the transformer, the text stream
+    (absent after the last block, whose text branch is dead compute)."""
 
     block: int
     max_abs_diff: float

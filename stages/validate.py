@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages import log
+from stages import blockwise, log
 from stages.errors import fail
 from stages.families import DEFAULT_FAMILY, FAMILIES, component_module
 from stages.inputs import StageInputs
@@ -144,15 +144,11 @@ class _Chain:
     def __init__(self, onnx_path: Path, pattern: str, work: Path) -> None:
         import onnx
 
-        from stages import blockwise
-
         work.mkdir(parents=True)
         self.part = blockwise.partition(onnx.load(str(onnx_path), load_external_data=False), pattern)
         self.paths = blockwise.write_segments(onnx_path, self.part, work)
 
     def run(self, feed: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        from stages import blockwise
-
         blocks, final = [], {}
         for segment, outputs in blockwise.run_chained(self.paths, self.part, feed):
             if segment.block is not None:
@@ -164,7 +160,10 @@ class _Chain:
 def _worst_block_errors(per_block: dict[int, BlockError], reference: list[dict[str, Any]],
                         graph: list[dict[str, Any]]) -> None:
     """Match each block's reference streams to the graph's block outputs (same shape, closest by cosine:
-    the exporter may hand more tensors across a cut) and keep the worst error per block over cases."""
+    the exporter may hand more tensors across a cut) and keep the worst error per block over cases.
+
+    A block's reference holds the stream that reaches the output first (the transformer's image stream, the
+    text encoder's hidden states) and, for a dual-stream block, `text`."""
     import numpy as np
 
     def error(expected: Any, outputs: dict[str, Any]) -> tuple[float, float] | None:
@@ -179,7 +178,9 @@ def _worst_block_errors(per_block: dict[int, BlockError], reference: list[dict[s
         return best
 
     for index, (expected, outputs) in enumerate(zip(reference, graph)):
-        image, text = error(expected["image"], outputs), error(expected["text"], outputs)
+        main = next(iter(expected.values()))  # the stream that reaches the output comes first
+        image = error(main, outputs)
+        text = error(expected["text"], outputs) if "text" in expected else None
         if image is None:
             continue
         previous = per_block.get(index)
@@ -291,17 +292,8 @@ def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs
         comparison_graphs=graphs,
         onnx_label=inputs.relative(precision_dir / "model.onnx"),
         family=loaded.recipe.family,
-        blockwise=use_blockwise(loaded, component, inputs.weights),
+        blockwise=blockwise.wanted(loaded.recipe.components[component].validate_.blockwise, loaded.family,
+                                   component, inputs.weights),
     )
 
 
-BLOCKWISE_AUTO_BYTES = 4 * 1024**3
-
-
-def use_blockwise(loaded: LoadedRecipe, component: str, checkpoint: Path) -> bool:
-    """`on`/`off` as the recipe says; `auto`: when the component's weights would not comfortably fit in memory."""
-    info = loaded.family.components[component]
-    choice = loaded.recipe.components[component].validate_.blockwise
-    if choice != "auto" or info.block_pattern is None:
-        return choice is True
-    return loaded.family.weight_bytes(checkpoint, component) > BLOCKWISE_AUTO_BYTES

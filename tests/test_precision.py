@@ -82,3 +82,33 @@ def test_quantized_plan_writes_the_graphs_it_is_measured_against(surgery_output:
     assert any("/txt_mlp/" in name for name in dequantized_frozen(tmp_path / report["comparison_graphs"]["freezing_off"]))
     fp16 = node_output_dtypes(onnx.load(str(tmp_path / report["comparison_graphs"]["fp16_graph"]), load_external_data=False))
     assert "fp16" in set(fp16.values())
+
+
+BLOCK_PATTERN = r"^/transformer_blocks/(\d+)/"
+
+
+def test_autocast_by_block_writes_the_whole_graph_result(fp16_output: tuple[Path, dict],
+                                                         surgery_output: tuple[Path, dict], tmp_path: Path) -> None:
+    """One block at a time (linear time at 60 layers): the same nodes at the same precisions, no Cast round trip
+    left at the cuts, and bit-identical outputs."""
+    import onnx
+
+    source, surgery = surgery_output
+    report = ConvertPrecision("transformer", source, "fp16", "fp32", tuple(surgery["frozen_nodes"]), (),
+                              BLOCK_PATTERN)(tmp_path)
+    whole, blocks = (onnx.load(str(p), load_external_data=False) for p in (fp16_output[0], tmp_path / "model.onnx"))
+    assert report["blockwise"] and not fp16_output[1]["blockwise"]
+    assert node_output_dtypes(blocks) == node_output_dtypes(whole)
+    assert sorted(n.name for n in blocks.graph.node) == sorted(n.name for n in whole.graph.node)
+    producer = {o: n for n in blocks.graph.node for o in n.output}
+    casts_of_casts = [n.name for n in blocks.graph.node
+                      if n.op_type == "Cast" and getattr(producer.get(n.input[0]), "op_type", "") == "Cast"]
+    whole_producer = {o: n for n in whole.graph.node for o in n.output}
+    assert len(casts_of_casts) == sum(1 for n in whole.graph.node if n.op_type == "Cast"
+                                      and getattr(whole_producer.get(n.input[0]), "op_type", "") == "Cast")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # fusions depend on node order
+    inputs = feed()
+    a, b = (ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+            for p in (fp16_output[0], tmp_path / "model.onnx"))
+    np.testing.assert_array_equal(a, b)

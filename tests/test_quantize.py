@@ -22,7 +22,7 @@ from stages.errors import ForgeError
 from stages.families.qwen_image import transformer as qwen_image
 from stages.backends.rtx_inspect import rtx_build_report
 from stages.qdq import qdq_violations, read_calibration_cache
-from stages.quantize import QuantizePrecision
+from stages.quantize import EXTERNAL_MIN_BYTES, QuantizePrecision
 from stages.runners import onnxruntime_session
 from stages.weights import load_with_weights
 from stages.recipe import PixelRange, Profile, Range, ValidateSettings
@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 TEXT_LENGTH = 256
 MASK_ADDS = {"/transformer_blocks/0/attn/Add_5", "/transformer_blocks/1/attn/Add_4"}
 EXCLUDE = r"img_mlp/net/2/"
+BLOCK_PATTERN = r"^/transformer_blocks/(\d+)/"
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -64,9 +65,10 @@ def evaluation(surgery: SimpleNamespace) -> list[dict]:
 
 
 def quantize(surgery: SimpleNamespace, out: Path, mode: str, method: str, high: str, feeds: list[dict],
-             patterns: tuple[str, ...] = (), cache: Path | None = None) -> SimpleNamespace:
+             patterns: tuple[str, ...] = (), cache: Path | None = None, by_block: bool = False) -> SimpleNamespace:
     out.mkdir(parents=True)
-    stage = QuantizePrecision("transformer", surgery.onnx, mode, method, high, surgery.frozen, patterns, feeds, cache)
+    stage = QuantizePrecision("transformer", surgery.onnx, mode, method, high, surgery.frozen, patterns, feeds, cache,
+                              block_pattern=BLOCK_PATTERN if by_block else None)
     report = stage(out)
     return SimpleNamespace(dir=out, path=out / "model.onnx", report=report, stage=stage,
                            model=load_with_weights(out / "model.onnx"),
@@ -290,3 +292,78 @@ def test_fp8_builds_with_fp8_gemms_on_ada_and_blackwell(fp8: SimpleNamespace, sh
 def test_fp8_build_for_a10_returns_no_engine(fp8: SimpleNamespace, shapes: dict) -> None:
     report = rtx_build_report(fp8.path, (8, 6), shapes)
     assert not report["built"] and any("sm86" in e and "fp8" in e for e in report["errors"])
+
+
+# ------------------------------------------------------------------------------------------------ one block at a time
+
+
+@pytest.fixture(scope="session")
+def woq_by_block(surgery: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    return quantize(surgery, tmp_path_factory.mktemp("q") / "woq-blocks", "int8_weight_only", "max", "fp16", [],
+                    by_block=True)
+
+
+@pytest.fixture(scope="session")
+def fp8_by_block(surgery: SimpleNamespace, calibration: list[dict],
+                 tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    return quantize(surgery, tmp_path_factory.mktemp("q") / "fp8-blocks", "fp8", "max", "fp32", calibration,
+                    by_block=True)
+
+
+def int8_weights(model: Any) -> dict[str, bytes]:
+    return {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in model.graph.initializer
+            if t.data_type == onnx.TensorProto.INT8}
+
+
+def test_weight_only_by_block_writes_the_whole_graph_weights(woq: SimpleNamespace, woq_by_block: SimpleNamespace) -> None:
+    """Same INT8 bytes under the same names, written once into the entry's own file; the graph file stays small."""
+    whole, blocks = int8_weights(woq.model), int8_weights(woq_by_block.model)
+    assert whole and blocks == whole
+    assert woq_by_block.report["blockwise"] and woq_by_block.report["quantized_gemms"] == woq.report["quantized_gemms"]
+    graph = onnx.load(str(woq_by_block.path), load_external_data=False)
+    stored = {t.name for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+              and {e.key: e.value for e in t.external_data}["location"] == "quantized_weights.bin"}
+    assert {name for name, data in whole.items() if len(data) >= EXTERNAL_MIN_BYTES} <= stored
+    assert (woq_by_block.dir / "quantized_weights.bin").stat().st_size >= sum(len(v) for v in whole.values())
+
+
+def test_weight_only_by_block_runs_like_the_whole_graph(woq: SimpleNamespace, woq_by_block: SimpleNamespace,
+                                                       evaluation: list[dict]) -> None:
+    whole = onnxruntime_session(woq.path)
+    blocks = onnxruntime_session(woq_by_block.path)
+    for feed in evaluation[:2]:
+        a, b = whole.run(None, feed)[0], blocks.run(None, feed)[0]
+        assert cosine(a, b) > 0.99999 and float(np.abs(a - b).max()) < 1e-2
+
+
+def test_fp8_by_block_calibrates_like_the_whole_graph(fp8: SimpleNamespace, fp8_by_block: SimpleNamespace,
+                                                      surgery: SimpleNamespace, evaluation: list[dict]) -> None:
+    """Each block calibrated on its inputs as the chained unquantized graph computes them: the ranges a
+    whole-graph calibration finds, on the same GEMMs. ModelOpt's optional Q/DQ on residual Add inputs looks at
+    neighbours across the cut, so only Add inputs may differ."""
+    assert fp8_by_block.report["quantized_gemms"] == fp8.report["quantized_gemms"]
+    whole, blocks = fp8.ranges["activations"], fp8_by_block.ranges["activations"]
+    shared = set(whole) & set(blocks)
+    assert whole and len(shared) >= 0.85 * len(whole)
+    for tensor in shared:
+        assert blocks[tensor]["amax"] == pytest.approx(whole[tensor]["amax"], rel=1e-5), tensor
+    graph = onnx.load(str(surgery.onnx), load_external_data=False)
+    readers: dict[str, set[str]] = {}
+    for node in graph.graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    assert all("Add" in readers[t] for t in set(whole) ^ set(blocks))
+    a = onnxruntime_session(fp8.path).run(None, evaluation[0])[0]
+    b = onnxruntime_session(fp8_by_block.path).run(None, evaluation[0])[0]
+    assert cosine(a, b) > 0.999
+
+
+def test_quantized_graph_is_cut_with_each_blocks_weights_in_its_block(woq_by_block: SimpleNamespace) -> None:
+    """DequantizeLinear of a block's weight runs in that block's segment: nothing hands weights across a cut."""
+    from stages.blockwise import partition
+
+    model = onnx.load(str(woq_by_block.path), load_external_data=False)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    part = partition(model, BLOCK_PATTERN)
+    crossing = [o for s in part.segments for o in s.outputs if getattr(producer.get(o), "op_type", "") == "DequantizeLinear"]
+    assert len(part.segments) == 4 and not crossing

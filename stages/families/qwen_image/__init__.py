@@ -16,7 +16,7 @@ FAMILY = Family(
         "text_encoder": ComponentInfo(
             f"{PACKAGE}.text_encoder", f"{PACKAGE}.text_encoder:text_encoder_engine_inputs",
             ("text_encoder", "tokenizer"), "text_encoder", ("text_tokens",), ("hidden_states",), ALL_SURGERY[:4],
-            quantizable=True,
+            quantizable=True, block_pattern=r"^/language_model/layers/(\d+)/",
         ),
         "transformer": ComponentInfo(
             f"{PACKAGE}.transformer", f"{PACKAGE}.transformer:transformer_engine_inputs",

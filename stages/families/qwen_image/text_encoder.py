@@ -24,6 +24,7 @@ from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from stages.families.qwen_image import tokenizer as qwen_tokenizer
+from stages.families.qwen_image.shards import ShardReader
 
 TEXT_ENCODER_SUBFOLDER = "text_encoder"
 
@@ -92,6 +93,16 @@ def load(checkpoint_dir: str | Path) -> Qwen2_5_VLForConditionalGeneration:
     )
     setattr(model, _CHECKPOINT_ATTRIBUTE, Path(checkpoint_dir))
     return model.eval()
+
+
+def load_meta(checkpoint_dir: str | Path) -> Qwen2_5_VLForConditionalGeneration:
+    """The model's structure and config without its weights (no memory): enough to make validation cases, with
+    the checkpoint directory remembered so the cases use its own tokenizer."""
+    config = Qwen2_5_VLConfig.from_pretrained(Path(checkpoint_dir) / TEXT_ENCODER_SUBFOLDER, local_files_only=True)
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config).float().eval()
+    setattr(model, _CHECKPOINT_ATTRIBUTE, Path(checkpoint_dir))
+    return model
 
 
 def architecture(checkpoint_dir: str | Path) -> Qwen2_5_VLForConditionalGeneration:
@@ -332,3 +343,52 @@ def export_extras(checkpoint_dir: str | Path, out_dir: Path, text_length: int) -
     }
     (out_dir / "tokenizer" / "forge_padding.json").write_text(json.dumps(padding, indent=2) + "\n")
     return {"tokenizer": "tokenizer", "padding": padding}
+
+
+# -- block-wise validation at scale (see stages/blockwise.py) ---------------------------------------------------
+
+def blockwise_reference(checkpoint_dir: str | Path, case: dict[str, Any]) -> tuple[list[dict[str, np.ndarray]],
+                                                                                  dict[str, np.ndarray]]:
+    """:func:`reference_outputs` in fp32 with one decoder layer's weights in memory at a time.
+
+    Only the language model is materialised (the vision tower and the LM head do nothing for ``hidden_states[-1]``
+    and are never read): the embedding and final norm up front, each decoder layer from the shards just before it
+    runs, dropped right after. ``Qwen2_5_VLModel`` is called exactly as the full model calls it, minus the LM head.
+    Returns every layer's output hidden states and the final output.
+    """
+    model = load_meta(checkpoint_dir)
+    language_model = model.model.language_model
+    language_model.rotary_emb = type(language_model.rotary_emb)(config=language_model.config)
+    reader = ShardReader(Path(checkpoint_dir) / TEXT_ENCODER_SUBFOLDER)
+    prefix = _language_model_prefix(model, reader)
+    reader.load(language_model.embed_tokens, f"{prefix}embed_tokens.")
+    reader.load(language_model.norm, f"{prefix}norm.")
+    captured: list[dict[str, np.ndarray]] = []
+    handles = []
+    for index, layer in enumerate(language_model.layers):
+        layer_prefix = f"{prefix}layers.{index}."
+        handles.append(layer.register_forward_pre_hook(lambda module, args, p=layer_prefix: reader.load(module, p)))
+        handles.append(layer.register_forward_hook(_capture_and_release(captured)))
+    try:
+        with torch.no_grad():
+            output = model.model(**case["call"], output_hidden_states=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured, {"hidden_states": output.hidden_states[-1].float().numpy()}
+
+
+def _language_model_prefix(model: Qwen2_5_VLForConditionalGeneration, reader: ShardReader) -> str:
+    """`model.` in the released layout, `model.language_model.` in one saved under transformers' module names."""
+    name = "model.language_model.norm.weight"
+    key = checkpoint_keys(model).get(name, name)
+    return (key if key in reader.where else name)[: -len("norm.weight")]
+
+
+def _capture_and_release(captured: list[dict[str, np.ndarray]]) -> Any:
+    def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        hidden = output.float().numpy().copy()
+        captured.append({"hidden_states": hidden})
+        module.to("meta")
+
+    return hook

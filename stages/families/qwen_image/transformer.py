@@ -20,6 +20,8 @@ from torch import nn
 import diffusers.models.transformers.transformer_qwenimage as qwen_module
 from diffusers import QwenImageTransformer2DModel
 
+from stages.families.qwen_image.shards import ShardReader as _ShardReader
+
 TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
     "patch_size": 2,
     "in_channels": 16,
@@ -362,30 +364,7 @@ def blockwise_reference(checkpoint_dir: str | Path, case: dict[str, Any]) -> tup
 def _capture_and_release(captured: list[dict[str, np.ndarray]]) -> Any:
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         text, image = output
-        captured.append({"text": text.float().numpy().copy(), "image": image.float().numpy().copy()})
+        captured.append({"image": image.float().numpy().copy(), "text": text.float().numpy().copy()})
         module.to("meta")
 
     return hook
-
-
-class _ShardReader:
-    """Tensors by name from a folder's safetensors shards, read one module at a time, as fp32."""
-
-    def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
-
-        self.where: dict[str, Path] = {}
-        for shard in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(shard), framework="pt") as handle:
-                self.where.update({key: shard for key in handle.keys()})
-
-    def load(self, module: nn.Module, prefix: str) -> None:
-        from safetensors import safe_open
-
-        wanted = [key for key in self.where if key.startswith(prefix)]
-        state = {}
-        for shard in sorted({self.where[key] for key in wanted}):
-            with safe_open(str(shard), framework="pt") as handle:
-                state.update({key[len(prefix):]: handle.get_tensor(key).float()
-                              for key in wanted if self.where[key] == shard})
-        module.load_state_dict(state, strict=True, assign=True)
