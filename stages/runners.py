@@ -150,9 +150,10 @@ def engine_unrunnable_reason(compute_capability: tuple[int, int]) -> str | None:
 
 def onnxruntime_cpu_note(model: Any) -> dict[str, Any]:
     """What ONNX Runtime on CPU can do with this graph, so validation says how it ran (or why it cannot)."""
-    from stages.qdq import ONNX_BFLOAT16, has_fp8
+    from stages.qdq import ONNX_BFLOAT16, QDQ_OPS, has_fp8
 
-    if any(i.data_type == ONNX_BFLOAT16 for i in model.graph.initializer):
+    bf16 = {i.name for i in model.graph.initializer if i.data_type == ONNX_BFLOAT16}  # bf16 weights in place are fine
+    if any(node.op_type in QDQ_OPS and len(node.input) > 1 and node.input[1] in bf16 for node in model.graph.node):
         return {"runs": False, "why": "ORT CPU has no bfloat16 QuantizeLinear/DequantizeLinear kernels; "
                                       "validate a fp16 or fp32 high-precision build instead"}
     if has_fp8(model):
