@@ -202,6 +202,8 @@ class ValidateSettings(Strict):
     # true: run the reference and the graph block by block (one block's weights in memory; per-block errors);
     # auto: when the component's checkpoint weights exceed stages.blockwise.AUTO_BYTES.
     blockwise: Literal["auto"] | bool = "auto"
+    # the first N cases only (a release-size model on CPU: one small case); the report lists the cases run
+    max_cases: int | None = Field(default=None, gt=0)
 
 
 class Component(Strict):

@@ -54,7 +54,7 @@ class ValidateAgainstPytorch:
             blocks, cases = self._blockwise(spec, out_dir, results)
         else:
             model = spec.load(self.checkpoint_dir)
-            cases = spec.validation_cases(model, self.settings, self.text_length)
+            cases = self._cases(spec, model)
             LOG.debug("%d cases: PyTorch fp32 reference", len(cases))
             results.add([spec.reference_outputs(model, case) for case in cases], runner_name=REFERENCE)
             del model
@@ -90,12 +90,15 @@ class ValidateAgainstPytorch:
             failure=f"validation of {self.component} failed: " + "; ".join(failed) if failed else None,
         ).dump()
 
+    def _cases(self, spec: Any, model: Any) -> list[dict[str, Any]]:
+        return spec.validation_cases(model, self.settings, self.text_length)[: self.settings.max_cases]
+
     def _blockwise(self, spec: Any, out_dir: Path, results: Any) -> tuple[list[BlockError], list[dict[str, Any]]]:
         """Reference and graphs run block by block (one block's weights in memory); errors after every block."""
         import tempfile
 
         model = spec.load_meta(self.checkpoint_dir)
-        cases = spec.validation_cases(model, self.settings, self.text_length)
+        cases = self._cases(spec, model)
         pattern = FAMILIES[self.family].components[self.component].block_pattern
         # scratch beside the entry's own, named after its lock, so no other build's sweep removes it meanwhile
         work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f"{out_dir.name.split('.')[0]}.segments."))

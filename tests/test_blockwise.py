@@ -74,3 +74,15 @@ def test_blockwise_validation_reports_every_block(tiny_checkpoint: Path, fp16_ou
     assert abs(final["max_abs_diff"] - reference["max_abs_diff"]) < 0.5 * reference["max_abs_diff"], \
         "same graph, same cases: block-wise and whole-graph runs differ only by CPU fp16 rounding at the cuts"
     assert blocks["blocks"][-1]["max_abs_diff"] > 0
+
+
+def test_max_cases_validates_the_first_cases_only(tiny_checkpoint: Path, fp16_output: tuple[Path, dict],
+                                                  cases: list[dict], tmp_path: Path) -> None:
+    """What a release-size run on CPU uses: one small case, named in the report."""
+    loaded = load_recipe("a10-fp16", {**SMALL, "components.transformer.validate.max_cases": "1"})
+    report = ValidateAgainstPytorch(
+        component="transformer", checkpoint_dir=tiny_checkpoint, onnx_path=fp16_output[0],
+        engine_path=Path("unused.plan"), compute_capability=(8, 6), backend="tensorrt-rtx",
+        settings=loaded.recipe.components["transformer"].validate_, text_length=256, blockwise=True)(tmp_path)
+    assert len(cases) > 1 and report["cases"] == [cases[0]["description"]]
+    assert report["passed"] and [b["block"] for b in report["blocks"]] == [0, 1]
