@@ -28,12 +28,13 @@ def check_recipe_fits(path: Path, recipe: Recipe) -> None:
     targets = BACKENDS[recipe.target.backend].compute_capabilities
     candidates = [name for name, cc in GPUS.items() if cc in targets]
     family = recipe.family_spec
-    engine_weight_bytes, activation_bytes = (family.hook(f"{family.fit}:{name}")
-                                             for name in ("engine_weight_bytes", "activation_bytes"))
+    engine_weight_bytes, activation_bytes, fp32_islands = (
+        family.hook(f"{family.fit}:{name}") for name in ("engine_weight_bytes", "activation_bytes", "fp32_islands"))
     for name, section in recipe.components.items():
         plan = section.precision
         weights = engine_weight_bytes(checkpoint, name, memory_fit.PrecisionPlan(
-            dtype=plan.dtype, weight_only=plan.weight_only, high_precision=plan.high_precision)).total
+            dtype=plan.dtype, weight_only=plan.weight_only, high_precision=plan.high_precision,
+            fp32_islands=fp32_islands(name, section))).total
         activations = activation_bytes(name, section, checkpoint, recipe.text_length)
         key = f"components.{name}.build.weight_streaming"
         streaming = section.build.weight_streaming

@@ -21,6 +21,7 @@ import diffusers.models.transformers.transformer_qwenimage as qwen_module
 from diffusers import QwenImageTransformer2DModel
 
 from stages.families.qwen_image.shards import ShardReader as _ShardReader
+from stages.families.qwen_image.text_branch import TEXT_BRANCH_PATTERNS  # noqa: F401 - the family contract
 
 TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
     "patch_size": 2,
@@ -46,22 +47,6 @@ INPUT_NAMES = [
 OUTPUT_NAMES = ["sample"]
 TEXT_AXES = {"encoder_hidden_states": 1, "encoder_hidden_states_mask": 1, "txt_rope_cos": 0, "txt_rope_sin": 0}
 
-# Nodes whose module path matches one of these belong to the text stream (see NOTES: the last block's
-# text branch is dead compute but still part of the stream).
-TEXT_BRANCH_PATTERNS = [
-    r"(^|[/.])txt_norm([/.]|$)",
-    r"(^|[/.])txt_in([/.]|$)",
-    r"(^|[/.])txt_mod([/.]|$)",
-    r"(^|[/.])txt_norm1([/.]|$)",
-    r"(^|[/.])txt_norm2([/.]|$)",
-    r"(^|[/.])add_q_proj([/.]|$)",
-    r"(^|[/.])add_k_proj([/.]|$)",
-    r"(^|[/.])add_v_proj([/.]|$)",
-    r"(^|[/.])norm_added_q([/.]|$)",
-    r"(^|[/.])norm_added_k([/.]|$)",
-    r"(^|[/.])to_add_out([/.]|$)",
-    r"(^|[/.])txt_mlp([/.]|$)",
-]
 
 
 def text_axis_length(text_length: int) -> int:
