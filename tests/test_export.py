@@ -64,3 +64,17 @@ def test_names_follow_module_scopes() -> None:
     assert name_nodes_by_module(model) == 2
     assert [node.name, other.name] == ["/transformer_blocks/0/txt_mlp/MatMul_0", "/transformer_blocks/0/txt_mlp/MatMul_1"]
     assert "pkg.torch.onnx.stack_trace" not in node.metadata_props
+
+
+def test_export_leaves_the_optimiser_rules_as_it_found_them() -> None:
+    """The two-node rewrite rule (quadratic in layers) is left out only while the forge's export optimises."""
+    from onnxscript import rewriter
+
+    from stages.export import _single_node_rewrites_only
+
+    before = rewriter._DEFAULT_REWRITE_RULES
+    with _single_node_rewrites_only():
+        inside = rewriter._DEFAULT_REWRITE_RULES
+        assert inside and all(rule._target_pattern.has_single_output_node for rule in inside)
+        assert len(inside) < len(before)
+    assert rewriter._DEFAULT_REWRITE_RULES is before

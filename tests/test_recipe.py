@@ -62,6 +62,9 @@ def test_dotted_overrides_are_typed_and_recorded() -> None:
         ({"text_length": "many"}, "text_length", "integer"),
         ({"components.transformer.validate.sizes": "[[512, 512], [512, 2048]]"}, "components.transformer", "outside the profile"),
         ({"components.transformer.validate.timesteps": "[0.0, 0.5]"}, "components.transformer.validate.timesteps.0", "greater than 0"),
+        ({"components.vae_decoder.precision.blockwise": "true"}, "components.vae_decoder.precision.blockwise", "auto, false"),
+        ({"components.transformer.precision.blockwise": "sometimes"}, "components.transformer.precision.blockwise", "'auto'"),
+        ({"components.transformer.validate.max_cases": "0"}, "components.transformer.validate.max_cases", "greater than 0"),
     ],
 )
 def test_bad_values_name_file_key_and_allowed(overrides: dict[str, str], key: str, allowed: str) -> None:

@@ -22,6 +22,9 @@ LIGHT = [
     "pipeline_check.num_inference_steps=2",
     "pipeline_check.height=256",
     "pipeline_check.width=256",
+    # the release-size code paths, switched on for the tiny transformer: quantize and validate one block at a time
+    "components.transformer.precision.blockwise=true",
+    "components.transformer.validate.blockwise=true",
 ]
 LIGHT_CALIBRATION = [
     "components.transformer.precision.calibration.sizes=[[512, 512]]",
