@@ -308,7 +308,7 @@ def run_modelopt_by_block(stage: QuantizePrecision, excluded: list[str], feeds: 
                 piece = _high_precision_only(stage, piece)
             sink.take(piece)
             chain.advance(index)
-            return piece
+            return _compact(piece)
 
         return transform_segments(graph, part, quantize_segment, progress=steps.update)
 
@@ -369,6 +369,20 @@ class _CalibrationInputs:
         for values in self.values:
             for name in dead:
                 values.pop(name, None)
+
+
+def _compact(model: Any) -> Any:
+    """The same graph in a message of its own: a protobuf message keeps the memory of every tensor it ever held
+    (its arena) until it is destroyed, so each segment's gigabytes would otherwise stay alive to the end."""
+    import gc
+
+    import onnx
+
+    compact = onnx.ModelProto()
+    compact.ParseFromString(model.SerializeToString())
+    del model
+    gc.collect()
+    return compact
 
 
 def _high_precision_only(stage: QuantizePrecision, piece: Any) -> Any:
