@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -28,3 +31,25 @@ class ShardReader:
                 state.update({key[len(prefix):]: handle.get_tensor(key).float()
                               for key in wanted if self.where[key] == shard})
         module.load_state_dict(state, strict=True, assign=True)
+
+
+@contextlib.contextmanager
+def one_block_at_a_time(reader: ShardReader, blocks: Sequence[nn.Module], prefix: str,
+                        streams: Callable[[Any], dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    """While the block, each block's weights are read just before it runs (`<prefix><index>.` keys) and dropped
+    to meta right after; yields the list that collects `streams(output)` of every block, in order."""
+    captured: list[dict[str, Any]] = []
+
+    def release(module: nn.Module, args: Any, output: Any) -> None:
+        captured.append(streams(output))
+        module.to("meta")
+
+    handles = []
+    for index, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(lambda module, args, p=f"{prefix}{index}.": reader.load(module, p)))
+        handles.append(block.register_forward_hook(release))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from stages.families.qwen_image import tokenizer as qwen_tokenizer
-from stages.families.qwen_image.shards import ShardReader
+from stages.families.qwen_image.shards import ShardReader, one_block_at_a_time
 
 TEXT_ENCODER_SUBFOLDER = "text_encoder"
 
@@ -363,18 +363,9 @@ def blockwise_reference(checkpoint_dir: str | Path, case: dict[str, Any]) -> tup
     prefix = _language_model_prefix(model, reader)
     reader.load(language_model.embed_tokens, f"{prefix}embed_tokens.")
     reader.load(language_model.norm, f"{prefix}norm.")
-    captured: list[dict[str, np.ndarray]] = []
-    handles = []
-    for index, layer in enumerate(language_model.layers):
-        layer_prefix = f"{prefix}layers.{index}."
-        handles.append(layer.register_forward_pre_hook(lambda module, args, p=layer_prefix: reader.load(module, p)))
-        handles.append(layer.register_forward_hook(_capture_and_release(captured)))
-    try:
-        with torch.no_grad():
-            output = model.model(**case["call"], output_hidden_states=True)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with one_block_at_a_time(reader, language_model.layers, f"{prefix}layers.", _hidden_states) as captured, \
+            torch.no_grad():
+        output = model.model(**case["call"], output_hidden_states=True)
     return captured, {"hidden_states": output.hidden_states[-1].float().numpy()}
 
 
@@ -385,10 +376,5 @@ def _language_model_prefix(model: Qwen2_5_VLForConditionalGeneration, reader: Sh
     return (key if key in reader.where else name)[: -len("norm.weight")]
 
 
-def _capture_and_release(captured: list[dict[str, np.ndarray]]) -> Any:
-    def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-        hidden = output.float().numpy().copy()
-        captured.append({"hidden_states": hidden})
-        module.to("meta")
-
-    return hook
+def _hidden_states(output: torch.Tensor) -> dict[str, np.ndarray]:
+    return {"hidden_states": output.float().numpy().copy()}

@@ -21,6 +21,7 @@ import diffusers.models.transformers.transformer_qwenimage as qwen_module
 from diffusers import QwenImageTransformer2DModel
 
 from stages.families.qwen_image.shards import ShardReader as _ShardReader
+from stages.families.qwen_image.shards import one_block_at_a_time
 from stages.families.qwen_image.text_branch import TEXT_BRANCH_PATTERNS  # noqa: F401 - the family contract
 
 TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
@@ -331,25 +332,12 @@ def blockwise_reference(checkpoint_dir: str | Path, case: dict[str, Any]) -> tup
     for name, child in model.named_children():
         if name not in ("transformer_blocks", "pos_embed"):
             reader.load(child, f"{name}.")
-    captured: list[dict[str, np.ndarray]] = []
-    handles = []
-    for index, block in enumerate(model.transformer_blocks):
-        prefix = f"transformer_blocks.{index}."
-        handles.append(block.register_forward_pre_hook(lambda module, args, p=prefix: reader.load(module, p)))
-        handles.append(block.register_forward_hook(_capture_and_release(captured)))
-    try:
-        with torch.no_grad():
-            sample = model(**case["call"], return_dict=False)[0]
-    finally:
-        for handle in handles:
-            handle.remove()
+    with one_block_at_a_time(reader, model.transformer_blocks, "transformer_blocks.", _image_and_text) as captured, \
+            torch.no_grad():
+        sample = model(**case["call"], return_dict=False)[0]
     return captured, {"sample": sample.numpy()}
 
 
-def _capture_and_release(captured: list[dict[str, np.ndarray]]) -> Any:
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        text, image = output
-        captured.append({"image": image.float().numpy().copy(), "text": text.float().numpy().copy()})
-        module.to("meta")
-
-    return hook
+def _image_and_text(output: Any) -> dict[str, np.ndarray]:
+    text, image = output
+    return {"image": image.float().numpy().copy(), "text": text.float().numpy().copy()}
