@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -147,7 +146,7 @@ class QuantizePrecision:
         if self.block_pattern:
             model = run_modelopt_by_block(self, sorted(exclusions), feeds, out_dir)
         else:
-            model = run_modelopt(self, self.source, sorted(exclusions), feeds)
+            model = run_modelopt(self, self.source, sorted(exclusions), feeds, out_dir)
         # ModelOpt re-imports a cache only if it holds every activation scale it places, detached ones included.
         cache = write_calibration_cache(calibration_ranges(model, self.mode), out_dir / CACHE_FILE) \
             if self.mode == "int8" else None
@@ -248,7 +247,7 @@ class QuantizePrecision:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_modelopt(stage: QuantizePrecision, source: Path, excluded: list[str], feeds: Sequence[Feed]) -> Any:
+def run_modelopt(stage: QuantizePrecision, source: Path, excluded: list[str], feeds: Sequence[Feed], out_dir: Path) -> Any:
     """Quantize `source` in a scratch directory (ModelOpt writes intermediate files beside its input and output).
 
     ModelOpt reads its input with `onnx.load`, which refuses weights in hard-linked shards, so it gets a
@@ -256,9 +255,10 @@ def run_modelopt(stage: QuantizePrecision, source: Path, excluded: list[str], fe
     place again afterwards; only quantized or converted tensors are written by this stage."""
     import onnx
 
+    from stages.store import scratch_beside
     from stages.weights import reference_unchanged
 
-    with tempfile.TemporaryDirectory(prefix="forge-quantize-") as scratch:
+    with scratch_beside(out_dir, "quantize") as scratch:
         work = Path(scratch)
         readable = _readable_source(source, work, set(excluded))
         output = work / "quantized.onnx"
@@ -288,6 +288,7 @@ def run_modelopt_by_block(stage: QuantizePrecision, excluded: list[str], feeds: 
 
     from stages.blockwise import partition, write_segments
     from stages.segmented import transform_segments
+    from stages.store import scratch_beside
 
     assert stage.block_pattern is not None
     graph = onnx.load(str(stage.source), load_external_data=False)
@@ -295,14 +296,15 @@ def run_modelopt_by_block(stage: QuantizePrecision, excluded: list[str], feeds: 
     skip = set(excluded)
     sink = _WeightFile(out_dir / QUANTIZED_WEIGHTS)
     steps = log.Steps(LOG, f"quantize {stage.component}, segments", len(part.segments))
-    with tempfile.TemporaryDirectory(prefix="forge-quantize-segments-") as scratch:
+    with scratch_beside(out_dir, "segments") as scratch:
         paths = write_segments(stage.source, part, Path(scratch))
         chain = _CalibrationInputs(paths, part, feeds)
 
         def quantize_segment(index: int, segment: Any, piece: Any) -> Any:
             names = {node.name for node in piece.graph.node}
             if any(n.op_type in GEMM_OPS and n.name not in skip for n in piece.graph.node):
-                piece = run_modelopt(stage, paths[index], [n for n in excluded if n in names], chain.inputs(index))
+                piece = run_modelopt(stage, paths[index], [n for n in excluded if n in names], chain.inputs(index),
+                                     out_dir)
                 unquantized_outputs(piece)
             else:
                 piece = _high_precision_only(stage, piece)

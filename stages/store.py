@@ -398,3 +398,9 @@ def _write_stats(folder: Path, stats: dict[str, list[int]]) -> None:
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+def scratch_beside(out_dir: Path, purpose: str) -> tempfile.TemporaryDirectory:
+    """A scratch folder next to the entry being built, named after its lock: removed when the work ends, and by the
+    store's sweep (not by another build's) if the process is killed, as the entry's own scratch is."""
+    return tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f"{out_dir.name.split('.')[0]}.{purpose}.")

@@ -8,7 +8,6 @@ report says which of the two happened.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,14 +94,13 @@ class ValidateAgainstPytorch:
 
     def _blockwise(self, spec: Any, out_dir: Path, results: Any) -> tuple[list[BlockError], list[dict[str, Any]]]:
         """Reference and graphs run block by block (one block's weights in memory); errors after every block."""
-        import tempfile
+        from stages.store import scratch_beside
 
         model = spec.load_meta(self.checkpoint_dir)
         cases = self._cases(spec, model)
         pattern = FAMILIES[self.family].components[self.component].block_pattern
-        # scratch beside the entry's own, named after its lock, so no other build's sweep removes it meanwhile
-        work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f"{out_dir.name.split('.')[0]}.segments."))
-        try:
+        with scratch_beside(out_dir, "segments") as scratch:
+            work = Path(scratch)
             graphs = [(ORT, self.onnx_path), *((g.runner, p) for g, p in self.comparison_graphs)]
             chained = {name: _Chain(path, pattern, work / str(number)) for number, (name, path) in enumerate(graphs)}
             reference, outputs, per_block = [], {name: [] for name in chained}, {}
@@ -115,8 +113,6 @@ class ValidateAgainstPytorch:
                     outputs[name].append(graph_final)
                     if name == ORT:
                         _worst_block_errors(per_block, ref_blocks, block_outputs)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
         results.add(reference, runner_name=REFERENCE)
         for name, runs in outputs.items():
             results.add(runs, runner_name=name)
