@@ -19,6 +19,10 @@ Why the extra graph work around the quantizer:
   ``calibration_data`` dict is split along axis 0 of every input, which would cut those tables apart. Feeds therefore
   go in through a ``CalibrationDataReader`` (:func:`feed_reader`), one complete engine feed per calibration step.
 
+At release size (``precision.blockwise``) the graph is quantized one block at a time (:func:`run_modelopt_by_block`):
+memory holds one block's weights, and each block is calibrated on its inputs as the chained unquantized graph
+computes them.
+
 Capability rules for these modes live in :mod:`stages.capabilities` (checked before any work).
 """
 
@@ -60,6 +64,8 @@ LOG = log.get("quantize")
 MODEL_FILE = "model.onnx"
 RANGES_FILE = "calibration.json"
 CACHE_FILE = "calibration.cache"
+QUANTIZED_WEIGHTS = "quantized_weights.bin"  # tensors written by block-wise quantization, once
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the graph, as do Q/DQ scales and zero points
 MODES = QUANTIZATION_MODES
 HIGH_PRECISIONS = ("fp32", "fp16", "bf16")
 EXCLUSION_KEYS = {"frozen_text_branch": "surgery.frozen_nodes", "recipe_pattern": "precision.exclude",
@@ -313,10 +319,6 @@ def run_modelopt_by_block(stage: QuantizePrecision, excluded: list[str], feeds: 
             return _compact(piece)
 
         return transform_segments(graph, part, quantize_segment, progress=steps.update)
-
-
-QUANTIZED_WEIGHTS = "quantized_weights.bin"
-EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the graph, as do Q/DQ scales and zero points
 
 
 class _WeightFile:
