@@ -274,12 +274,10 @@ def run_modelopt(stage: QuantizePrecision, source: Path, excluded: list[str], fe
         else:
             _quantize_qdq(stage, readable, output, patterns, feeds)
         model = onnx.load(str(output))
-    if stage.mode == "int8_weight_only" and stage.high_precision != "fp32":
-        from modelopt.onnx.autocast import convert_to_f16
-
-        model = convert_to_f16(model, low_precision_type=stage.high_precision, keep_io_types=True)
     referenced = reference_unchanged(model, onnx.load(str(source), load_external_data=False), source.parent)
     LOG.debug(f"{referenced} unchanged weights referenced in place")
+    if stage.mode == "int8_weight_only":
+        model = _to_high_precision(stage, model)
     return model
 
 
@@ -313,7 +311,7 @@ def run_modelopt_by_block(stage: QuantizePrecision, excluded: list[str], feeds: 
                                      out_dir)
                 unquantized_outputs(piece)
             else:
-                piece = _high_precision_only(stage, piece)
+                piece = _to_high_precision(stage, piece)
             sink.take(piece)
             chain.advance(index)
             return _compact(piece)
@@ -389,18 +387,22 @@ def _compact(model: Any) -> Any:
     return compact
 
 
-def _high_precision_only(stage: QuantizePrecision, piece: Any) -> Any:
-    """A segment with nothing to quantize still moves to the high precision, as ModelOpt moves a whole graph."""
+def _to_high_precision(stage: QuantizePrecision, model: Any) -> Any:
+    """Everything unquantized to the high precision, as ModelOpt does for Q/DQ modes, with the weights referenced
+    in place hidden: a Cast is inserted where an fp16 node reads a bf16 checkpoint weight (TensorRT folds it)
+    instead of writing an fp16 copy of, say, the whole frozen text branch."""
     if stage.high_precision == "fp32":
-        return piece
+        return model
     from modelopt.onnx.autocast import convert_to_f16
 
     from stages.weights import hide_weights, restore_weights
 
-    hidden = hide_weights(piece)
-    piece = convert_to_f16(piece, low_precision_type=stage.high_precision, keep_io_types=True)
-    restore_weights(piece, hidden)
-    return piece
+    hidden = hide_weights(model)
+    model = convert_to_f16(model, low_precision_type=stage.high_precision, keep_io_types=True)
+    changed = restore_weights(model, hidden)
+    if changed:
+        raise fail(stage.source, "precision.high_precision", f"the conversion changed the dtype of weights {changed[:3]}")
+    return model
 
 
 def _readable_source(source: Path, work: Path, protected: set[str]) -> Path:
