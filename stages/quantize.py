@@ -262,7 +262,7 @@ def run_modelopt(stage: QuantizePrecision, source: Path, excluded: list[str], fe
     import onnx
 
     from stages.store import scratch_beside
-    from stages.weights import reference_unchanged
+    from stages.weights import reference_casts, reference_unchanged
 
     with scratch_beside(out_dir, "quantize") as scratch:
         work = Path(scratch)
@@ -274,8 +274,10 @@ def run_modelopt(stage: QuantizePrecision, source: Path, excluded: list[str], fe
         else:
             _quantize_qdq(stage, readable, output, patterns, feeds)
         model = onnx.load(str(output))
-    referenced = reference_unchanged(model, onnx.load(str(source), load_external_data=False), source.parent)
-    LOG.debug(f"{referenced} unchanged weights referenced in place")
+    original = onnx.load(str(source), load_external_data=False)
+    referenced = reference_unchanged(model, original, source.parent)
+    recast = reference_casts(model, original, source.parent)
+    LOG.debug(f"{referenced} unchanged weights referenced in place, {recast} more read through a Cast")
     if stage.mode == "int8_weight_only":
         model = _to_high_precision(stage, model)
     return model

@@ -242,6 +242,43 @@ def reference_unchanged(model: Any, source: Any, base_dir: Path) -> int:
     return count
 
 
+def reference_casts(model: Any, source: Any, base_dir: Path) -> int:
+    """Where a tool returned a weight as an exact fp16/fp32 cast of the bf16/fp32 tensor the source graph
+    referenced (ModelOpt's quantizer converts what it leaves unquantized to its high precision), reference the
+    source tensor again and read it through a Cast: TensorRT folds the Cast, and no copy is written.
+
+    Returns the number of tensors now referenced instead of written."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    references = {t.name: t for t in source.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    widen = {onnx.TensorProto.BFLOAT16: lambda raw: (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32),
+             onnx.TensorProto.FLOAT: lambda raw: np.frombuffer(raw, np.float32)}
+    narrow = {onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.FLOAT: np.float32}
+    casts, count = [], 0
+    for index, tensor in enumerate(model.graph.initializer):
+        reference = references.get(tensor.name)
+        if (reference is None or tensor.data_location == onnx.TensorProto.EXTERNAL or reference.data_type not in widen
+                or tensor.data_type not in narrow or tensor.data_type == reference.data_type
+                or list(tensor.dims) != list(reference.dims)):
+            continue
+        expected = widen[reference.data_type](external_bytes(reference, base_dir)).astype(narrow[tensor.data_type])
+        if expected.tobytes() != numpy_helper.to_array(tensor).tobytes():
+            continue
+        cast_name = f"{tensor.name}::{onnx.TensorProto.DataType.Name(tensor.data_type).lower()}"
+        for node in model.graph.node:
+            node.input[:] = [cast_name if name == tensor.name else name for name in node.input]
+        casts.append(onnx.helper.make_node("Cast", [tensor.name], [cast_name], name=f"{cast_name}/Cast",
+                                           to=tensor.data_type))
+        model.graph.initializer[index].CopyFrom(reference)
+        count += 1
+    nodes = [*casts, *model.graph.node]  # a Cast reads only an initializer: first is a valid topological place
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return count
+
+
 # -- graph stages without weights --------------------------------------------------------------------------------
 
 

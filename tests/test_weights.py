@@ -156,3 +156,35 @@ def test_checkpoint_on_another_filesystem_is_copied_once(tmp_path: Path) -> None
         for path in folder.iterdir():
             path.unlink()
         folder.rmdir()
+
+
+def test_weight_only_int8_of_a_bf16_checkpoint_writes_only_int8(tmp_path: Path) -> None:
+    """ModelOpt hands back what it leaves unquantized (the frozen text branch) as fp16 copies of the bf16 weights:
+    the stage references the bf16 tensors again through Casts, so it writes the INT8 weights and nothing else."""
+    from stages.export import ExportOnnx
+    from stages.quantize import QUANTIZED_WEIGHTS, QuantizePrecision
+    from stages.runners import onnxruntime_session
+    from stages.surgery import GraphSurgery
+
+    synth = load_script()
+    checkpoint = tmp_path / "checkpoint"
+    synth.write_component("transformer", checkpoint, synth.component_configs("tiny", None, None, None)["transformer"],
+                          0, 200_000)
+    folders = {name: tmp_path / name for name in ("export", "surgery", "whole", "blocks")}
+    for folder in folders.values():
+        folder.mkdir()
+    ExportOnnx("transformer", checkpoint, 32, 20)(folders["export"])
+    passes = ("fold_constants", "infer_shapes", "fix_text_padding", "freeze_text_branch", "cleanup")
+    surgery = GraphSurgery("transformer", folders["export"] / "model.onnx", passes, 32)(folders["surgery"])
+    source = folders["surgery"] / "model.onnx"
+    checkpoint_weights = {t.name for t in onnx.load(str(source), load_external_data=False).graph.initializer
+                          if external_location(t)}
+    for name, pattern in (("whole", None), ("blocks", r"^/transformer_blocks/(\d+)/")):
+        QuantizePrecision("transformer", source, "int8_weight_only", "max", "fp16", tuple(surgery["frozen_nodes"]), (),
+                          block_pattern=pattern)(folders[name])
+        graph = onnx.load(str(folders[name] / "model.onnx"), load_external_data=False).graph
+        rewritten = [t.name for t in graph.initializer if t.name in checkpoint_weights
+                     and external_location(t) in (None, QUANTIZED_WEIGHTS)]
+        assert not rewritten, f"{name}: {rewritten[:3]}"
+        assert any(t.data_type == onnx.TensorProto.BFLOAT16 and "txt_" in t.name for t in graph.initializer)
+        onnxruntime_session(folders[name] / "model.onnx")  # the Casts make a valid graph ONNX Runtime loads
