@@ -23,6 +23,11 @@ REPO = Path(__file__).resolve().parent.parent
 FOLDERS = {"transformer": "transformer", "text_encoder": "text_encoder", "vae_decoder": "vae"}
 
 
+def peak_rss_kb(lines: list[str]) -> int:
+    """The largest of the `PEAK_RSS_KB self children` figures a child process printed (0 if none)."""
+    return max((max(int(v) for v in line.split()[1:]) for line in lines if line.startswith("PEAK_RSS_KB")), default=0)
+
+
 def run_task(task: str, args: list[str], env: dict[str, str], db: Path) -> tuple[float, float, int, str]:
     """(wall s, peak RSS GB, exit code, last line) of one `doit run <task>` in its own process."""
     code = ("import resource, sys; from doit.doit_cmd import DoitMain; rc = DoitMain().run(sys.argv[1:]);"
@@ -32,8 +37,7 @@ def run_task(task: str, args: list[str], env: dict[str, str], db: Path) -> tuple
     result = subprocess.run([sys.executable, "-c", code, "run", "--db-file", str(db), task, *args], cwd=REPO,
                             env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
-    peak = max((max(int(v) for v in line.split()[1:]) for line in result.stderr.splitlines()
-                if line.startswith("PEAK_RSS_KB")), default=0)
+    peak = peak_rss_kb(result.stderr.splitlines())
     last = (result.stderr.strip().splitlines() or [""])[-1] if result.returncode else ""
     return wall, peak / 1e6, result.returncode, last
 
@@ -71,7 +75,7 @@ def validate_directly(artifacts: Path, recipe: str, model: Path, component: str,
                              json.dumps(overrides)], cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
     lines = result.stderr.splitlines()
-    peak = max((max(int(v) for v in line.split()[1:]) for line in lines if line.startswith("PEAK_RSS_KB")), default=0)
+    peak = peak_rss_kb(lines)
     report = next((json.loads(line[7:]) for line in lines if line.startswith("REPORT ")), {})
     for line in lines:
         if line.startswith("[validate]"):

@@ -127,15 +127,13 @@ def _drop_io_cast_identities(model: Any) -> None:
     that tensor is neither, so the Cast writes the Identity's output again and the Identity goes."""
     graph = model.graph
     outputs = {o.name for o in graph.output}
-    identities = {node.input[0]: node.output[0] for node in graph.node
-                  if node.op_type == "Identity" and node.name.endswith(IO_CAST_IDENTITY)}
-    kept = []
-    for node in graph.node:
-        if node.op_type == "Identity" and node.name.endswith(IO_CAST_IDENTITY) and node.output[0] not in outputs:
-            continue
-        node.output[:] = [identities.get(o, o) if identities.get(o) not in outputs else o for o in node.output]
-        node.input[:] = [identities.get(i, i) if identities.get(i) not in outputs else i for i in node.input]
-        kept.append(node)
+    dropped = [node for node in graph.node if node.op_type == "Identity" and node.name.endswith(IO_CAST_IDENTITY)
+               and node.output[0] not in outputs]
+    renamed = {node.input[0]: node.output[0] for node in dropped}
+    kept = [node for node in graph.node if all(node is not gone for gone in dropped)]
+    for node in kept:
+        node.output[:] = [renamed.get(o, o) for o in node.output]
+        node.input[:] = [renamed.get(i, i) for i in node.input]
     del graph.node[:]
     graph.node.extend(kept)
 
