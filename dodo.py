@@ -10,10 +10,10 @@ size/mtime/inode check), `remote=<url>` (overrides FORGE_REMOTE: a store mirror 
 import signal
 import sys
 
-from stages import log
+from stages import ci, log
 from stages.ci import ForgeReporter
 from stages.errors import ForgeError
-from stages.taskgraph import (audit_request, audit_task, build_task, command_line_vars, gc_task,
+from stages.taskgraph import (audit_request, audit_task, banners, build_task, command_line_vars, gc_task,
                               load_from_command_line, manifest_task, publish_task, stage_tasks)
 
 DOIT_CONFIG = {
@@ -24,15 +24,19 @@ DOIT_CONFIG = {
     "reporter": ForgeReporter,  # the summary line and distinct exit codes (validation failed vs stage failed)
 }
 
-signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops a build as Ctrl-C does
+for stop in (signal.SIGINT, signal.SIGTERM):  # SIGTERM stops a build as Ctrl-C does: one line, no traceback
+    signal.signal(stop, ci.interrupt)
 log.configure()
 
 try:
     BUILD = load_from_command_line(command_line_vars())
     AUDIT = audit_request(command_line_vars(), BUILD)
+    ci.BANNERS[:] = banners(BUILD)
 except ForgeError as error:
     print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(ci.EXIT_BAD_INPUT)
+except KeyboardInterrupt:
+    sys.exit(ci.EXIT_INTERRUPTED)
 
 
 def task_checkpoint():

@@ -78,7 +78,7 @@ def validate_directly(artifacts: Path, recipe: str, model: Path, component: str,
     peak = peak_rss_kb(lines)
     report = next((json.loads(line[7:]) for line in lines if line.startswith("REPORT ")), {})
     for line in lines:
-        if line.startswith("[validate]"):
+        if line.startswith("[validate"):
             print("   ", line)
     last = (lines or [""])[-1] if result.returncode else ""
     return wall, peak / 1e6, result.returncode, last, report

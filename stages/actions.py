@@ -14,7 +14,7 @@ from typing import Any
 from doit.exceptions import TaskFailed
 
 from stages import isolation, junit, log, registry, views
-from stages.ci import TALLY, ValidationFailed
+from stages.ci import TALLY, VALUES_KEY
 from stages.errors import ForgeError
 from stages.registry import Ref
 from stages.resolve import Build
@@ -49,11 +49,16 @@ def _one_line(where: str, error: BaseException) -> TaskFailed:
     return TaskFailed(f"{where}: {type(error).__name__}: {first_line} (FORGE_DEBUG=1 shows the traceback)")
 
 
-def run_stage(build: Build, ref: Ref) -> TaskFailed | None:
-    """doit action: reuse the entry for this task's inputs, or compute it under the entry's lock and commit it."""
+def run_stage(build: Build, ref: Ref) -> TaskFailed | dict[str, Any]:
+    """doit action: reuse the entry for this task's inputs, or compute it under the entry's lock and commit it.
+
+    Returns the task's counts as doit values (the reporter's summary, also from parallel workers). A check that ran
+    and measured a failure does not fail the task: the other checks still run, and the reporter lists every
+    failure and exits 4 at the end."""
     where = label(build, ref)
     store = build.store
     store.open_session()
+    before = TALLY.snapshot()
     try:
         material = build.inputs(ref)
         if material is None:
@@ -95,10 +100,11 @@ def run_stage(build: Build, ref: Ref) -> TaskFailed | None:
             views.link(store, build.name, ref.label, entry.path)
     except Exception as error:  # noqa: BLE001 - every failure becomes one readable line
         return _one_line(where, error)
+    values = TALLY.since(before)
     if entry.report.get("passed") is False:
-        write_manifest_action(build, quiet=True)
-        return ValidationFailed(f"{where}: {entry.report.get('failure', 'failed')}")
-    return None
+        values["failed"] = f"{where}: {entry.report.get('failure', 'failed')}"
+        LOG.warning(f"FAILED {values['failed']}")
+    return {VALUES_KEY: values}
 
 
 def _inputs(build: Build, ref: Ref) -> Any:

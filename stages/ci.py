@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from doit.exceptions import BaseFail, TaskFailed, UnmetDependency
+from doit.exceptions import BaseFail, UnmetDependency
 from doit.reporter import ConsoleReporter
 
 EXIT_OK = 0  # built, validated, manifest and junit.xml written
@@ -21,10 +21,7 @@ EXIT_STAGE_FAILED = 1  # a stage could not produce its output (or a required rem
 EXIT_BAD_INPUT = 2  # recipe, override, checkpoint or remote setting refused before anything ran (dodo.py)
 EXIT_DOIT_USAGE = 3  # doit's own code for an unknown task or option: the reporter never runs
 EXIT_VALIDATION_FAILED = 4  # everything built, but a validation or pipeline check is outside its thresholds
-
-
-class ValidationFailed(TaskFailed):
-    """A stage that ran to the end and measured a failure (its entry is kept and reused; junit.xml names it)."""
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: finished tasks kept, the running ones lost (the shell's 128 + SIGINT)
 
 
 def human_bytes(count: float) -> str:
@@ -35,9 +32,16 @@ def human_bytes(count: float) -> str:
     return f"{count:.1f} GB"
 
 
+COUNTS = ("built", "reused", "fetched", "published", "up_to_date", "bytes_down", "bytes_up", "seconds_down",
+          "seconds_up")
+VALUES_KEY = "forge"  # what a stage action returns to doit: {"forge": {counts..., "failed": ...}}
+
+
 @dataclass
 class Tally:
-    """Counts for the summary line of one doit process (stage actions and the remote report here)."""
+    """Counts for the summary line. Stage actions count into the process's TALLY and hand what one task added
+    back to doit as the task's values (`since`), which reach the reporter in doit's own process also when tasks
+    run in parallel worker processes (`doit -n 2`)."""
 
     built: int = 0
     reused: int = 0
@@ -50,7 +54,20 @@ class Tally:
     seconds_up: float = 0.0
     remote: str | None = None
     remote_note: str | None = None
-    stage_tasks: set[str] = field(default_factory=set)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in (*COUNTS, "remote", "remote_note")}
+
+    def since(self, before: dict[str, Any]) -> dict[str, Any]:
+        """What was counted after `before` (a snapshot), plus the remote's url and note."""
+        delta: dict[str, Any] = {name: getattr(self, name) - before[name] for name in COUNTS}
+        return {**{k: v for k, v in delta.items() if v}, "remote": self.remote, "remote_note": self.remote_note}
+
+    def merge(self, delta: dict[str, Any]) -> None:
+        for name in COUNTS:
+            setattr(self, name, getattr(self, name) + delta.get(name, 0))
+        self.remote = delta.get("remote") or self.remote
+        self.remote_note = delta.get("remote_note") or self.remote_note
 
     def line(self) -> str:
         parts = [f"{self.built} built", f"{self.fetched} fetched", f"{self.reused} reused", f"{self.up_to_date} up to date"]
@@ -68,34 +85,70 @@ def _rate(count: int, seconds: float) -> str:
 
 
 TALLY = Tally()
+BANNERS: list[str] = []  # said at the start of every run of the build's tasks (tiny model, overrides)
+INTERRUPTED: list[str] = []  # the signal that stopped the run, set by `interrupt`
+
+
+def interrupt(signum: int, frame: Any) -> None:
+    """SIGINT/SIGTERM handler: remember which signal, then stop as Ctrl-C does (finished entries are committed,
+    scratch of the running tasks is removed on the way out)."""
+    import signal
+
+    INTERRUPTED.append(signal.Signals(signum).name)
+    raise KeyboardInterrupt
 
 
 class ForgeReporter(ConsoleReporter):
-    """doit's console output, plus the summary line and the forge's exit codes."""
+    """doit's console output, plus banners, the summary line, every failed check, and the forge's exit codes."""
 
     desc = "console output, forge summary line and exit codes"
 
     def __init__(self, outstream: Any, options: dict[str, Any]) -> None:
         super().__init__(outstream, options)
-        self.validation_failures = 0
+        self.tally = Tally()
+        self.failed_checks: list[str] = []
         self.stage_failures = 0
+        self.running: dict[str, None] = {}
+        self.finished = 0
+        self.stage_tasks_seen = False
         self.started = time.perf_counter()
+
+    def initialize(self, tasks: Any, selected_tasks: Any) -> None:
+        super().initialize(tasks, selected_tasks)
+        from stages import log
+
+        for line in BANNERS:
+            log.get().warning(line)
 
     def skip_uptodate(self, task: Any) -> None:
         super().skip_uptodate(task)
         if _is_stage_task(task.name):
-            TALLY.up_to_date += 1
+            self.tally.up_to_date += 1
+            self.stage_tasks_seen = True
 
     def execute_task(self, task: Any) -> None:
         super().execute_task(task)
+        self.running[task.name] = None
         if _is_stage_task(task.name):
-            TALLY.stage_tasks.add(task.name)
+            self.stage_tasks_seen = True
+
+    def _collect(self, task: Any) -> None:
+        self.running.pop(task.name, None)
+        values = (getattr(task, "values", None) or {}).get(VALUES_KEY) or {}
+        self.tally.merge(values)
+        if values.get("failed"):
+            self.failed_checks.append(values["failed"])
+        if values.get("built") or values.get("fetched"):
+            self.finished += 1
+
+    def add_success(self, task: Any) -> None:
+        super().add_success(task)
+        self._collect(task)
 
     def add_failure(self, task: Any, fail: BaseFail) -> None:
         super().add_failure(task, fail)
-        if isinstance(fail, ValidationFailed):
-            self.validation_failures += 1
-        elif not isinstance(fail, UnmetDependency):  # tasks after a failed one: not failures of their own
+        self._collect(task)
+        if not isinstance(fail, UnmetDependency):  # tasks after a failed one: not failures of their own
             self.stage_failures += 1
 
     def runtime_error(self, msg: str) -> None:
@@ -103,11 +156,22 @@ class ForgeReporter(ConsoleReporter):
         self.stage_failures += 1
 
     def complete_run(self) -> None:
-        super().complete_run()
-        if TALLY.stage_tasks or TALLY.up_to_date:
-            from stages import log
+        from stages import log
 
-            log.get().info(f"{TALLY.line()}; {time.perf_counter() - self.started:.1f} s")
+        logger = log.get()
+        if INTERRUPTED:
+            sys.stdout.flush()
+            lost = ", ".join(self.running) or "none"
+            logger.error(f"interrupted ({INTERRUPTED[0]}): kept {self.finished} task(s) finished in this run (committed "
+                         f"to the store); lost the work of the task(s) still running: {lost} (scratch removed); "
+                         "rerun to continue")
+            sys.stderr.flush()
+            raise SystemExit(EXIT_INTERRUPTED)
+        super().complete_run()
+        for line in self.failed_checks:
+            logger.error(f"FAILED {line}")
+        if self.stage_tasks_seen:
+            logger.info(f"{self.tally.line()}; {time.perf_counter() - self.started:.1f} s")
         sys.stderr.flush()
         code = self.exit_code()
         if code != EXIT_OK:
@@ -117,7 +181,7 @@ class ForgeReporter(ConsoleReporter):
     def exit_code(self) -> int:
         if self.stage_failures:
             return EXIT_STAGE_FAILED
-        return EXIT_VALIDATION_FAILED if self.validation_failures else EXIT_OK
+        return EXIT_VALIDATION_FAILED if self.failed_checks else EXIT_OK
 
 
 def _is_stage_task(name: str) -> bool:

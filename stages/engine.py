@@ -83,7 +83,7 @@ class BuildEngine:
             )
         except PolygraphyException as error:
             raise fail(self.onnx_path, "engine", f"{self.backend} returned no engine for sm_{self.sm}: "
-                       f"{str(error).splitlines()[0]} (builder errors above)") from None
+                       f"{str(error).splitlines()[0]} (FORGE_LOG=debug shows the builder's messages)") from None
         if engine is None:
             raise fail(self.onnx_path, "engine", f"{self.backend} returned no engine for sm_{self.sm}")
         if cache and scratch_cache.exists():

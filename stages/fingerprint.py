@@ -6,9 +6,9 @@ Light on purpose (stdlib only): the task graph uses it without importing torch o
 from __future__ import annotations
 
 import ast
-import functools
 import hashlib
 import importlib.metadata
+import itertools
 import json
 import logging
 import os
@@ -33,13 +33,26 @@ def digest(data: Any, length: int = 32) -> str:
 
 
 def tool_versions(packages: Iterable[str]) -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": sys.version.split()[0]}
-    for package in packages:
+    return {"python": sys.version.split()[0], **{package: package_version(package) for package in packages}}
+
+
+_VERSIONS: dict[str, str | None] = {}
+
+
+def package_version(package: str) -> str | None:
+    """The installed version (None if absent), read from the metadata headers only: importlib's `version()`
+    parses the whole METADATA file, long description included, which a no-op rebuild would pay 40 times."""
+    if package not in _VERSIONS:
         try:
-            versions[package] = importlib.metadata.version(package)
+            distribution = importlib.metadata.distribution(package)
         except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
+            _VERSIONS[package] = None
+            return None
+        text = distribution.read_text("METADATA") or distribution.read_text("PKG-INFO") or ""
+        headers = itertools.takewhile(bool, text.splitlines())
+        found = next((line.split(":", 1)[1].strip() for line in headers if line.startswith("Version:")), None)
+        _VERSIONS[package] = found or distribution.version
+    return _VERSIONS[package]
 
 
 # -- code: the transitive closure of project imports -----------------------------------------------------------
@@ -56,11 +69,10 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _imports(path: Path) -> tuple[str, ...]:
-    """Every project module `path` imports anywhere (top level or inside functions), with parent packages."""
+def _parse_imports(source: str, filename: str) -> tuple[str, ...]:
+    """Every project module a source imports anywhere (top level or inside functions), with parent packages."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(ast.parse(source, filename=filename)):
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
@@ -72,20 +84,86 @@ def _imports(path: Path) -> tuple[str, ...]:
     return tuple(sorted(m for m in found if _module_file(m) is not None))
 
 
+class CodeIndex:
+    """The project's import graph, each file parsed once and remembered while its size, mtime and inode stay the
+    same (as the store's stat cache does): a no-op rebuild must not re-parse every module for every task.
+
+    The digest itself always covers the files' current bytes; only the parse is cached. `memo_path=None` keeps
+    the memo in memory.
+    """
+
+    def __init__(self, memo_path: Path | None = None) -> None:
+        self.memo_path = memo_path
+        self._memo: dict[str, list[Any]] | None = None
+        self._dirty = False
+        self._digests: dict[tuple[str, ...], str] = {}
+
+    def _load(self) -> dict[str, list[Any]]:
+        if self._memo is None:
+            self._memo = {}
+            if self.memo_path is not None:
+                try:
+                    loaded = json.loads(self.memo_path.read_text())
+                    self._memo = loaded if isinstance(loaded, dict) else {}
+                except (OSError, ValueError):
+                    pass
+        return self._memo
+
+    def imports(self, path: Path) -> tuple[str, ...]:
+        memo = self._load()
+        stat = path.stat()
+        signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        name = str(path.relative_to(PACKAGE_ROOT))
+        known = memo.get(name)
+        if not (isinstance(known, list) and len(known) == 4 and known[:3] == signature):
+            known = [*signature, list(_parse_imports(path.read_text(), str(path)))]
+            memo[name] = known
+            self._dirty = True
+        return tuple(known[3])
+
+    def closure(self, roots: Iterable[str]) -> list[Path]:
+        """Files of the root modules and of every project module they import, transitively."""
+        seen: dict[str, Path] = {}
+        pending = [m for root in roots for m in _with_parents(root)]
+        while pending:
+            module = pending.pop()
+            if module in seen:
+                continue
+            path = _module_file(module)
+            if path is None:
+                continue
+            seen[module] = path
+            pending.extend(self.imports(path))
+        self.save()
+        return sorted(set(seen.values()))
+
+    def digest(self, roots: Iterable[str]) -> str:
+        """Digest of the source of every project module the roots can execute (path and bytes)."""
+        key = tuple(roots)
+        if key not in self._digests:
+            hasher = hashlib.sha256()
+            for path in self.closure(key):
+                hasher.update(str(path.relative_to(PACKAGE_ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+            self._digests[key] = hasher.hexdigest()[:32]
+        return self._digests[key]
+
+    def save(self) -> None:
+        if not self._dirty or self._memo is None or self.memo_path is None:
+            return
+        _write_json_atomic(self.memo_path, self._memo)
+        self._dirty = False
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
 def module_closure(roots: Iterable[str]) -> list[Path]:
-    """Files of the root modules and of every project module they import, transitively."""
-    seen: dict[str, Path] = {}
-    pending = [m for root in roots for m in _with_parents(root)]
-    while pending:
-        module = pending.pop()
-        if module in seen:
-            continue
-        path = _module_file(module)
-        if path is None:
-            continue
-        seen[module] = path
-        pending.extend(_imports(path))
-    return sorted(set(seen.values()))
+    """Files of the root modules and of every project module they import, transitively (parsed afresh)."""
+    return CodeIndex().closure(roots)
 
 
 def _with_parents(module: str) -> list[str]:
@@ -95,10 +173,7 @@ def _with_parents(module: str) -> list[str]:
 
 def code_digest(roots: Iterable[str]) -> str:
     """Digest of the source of every project module the roots can execute (path and bytes)."""
-    hasher = hashlib.sha256()
-    for path in module_closure(roots):
-        hasher.update(str(path.relative_to(PACKAGE_ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return hasher.hexdigest()[:32]
+    return CodeIndex().digest(roots)
 
 
 # -- checkpoint identity: file digests, memoised by (path, size, mtime, inode) --------------------------------
@@ -154,10 +229,7 @@ class FileDigests:
     def save(self) -> None:
         if not self._dirty or self._memo is None:
             return
-        self.memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.memo_path.with_name(f".{self.memo_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self._memo))
-        os.replace(tmp, self.memo_path)
+        _write_json_atomic(self.memo_path, self._memo)
         self._dirty = False
 
 

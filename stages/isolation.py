@@ -41,9 +41,13 @@ def component_bytes(loaded: Any, ref: Ref, checkpoint: Path | None) -> int:
 def _configure_and_run(module_name: str, loaded: Any, ref: Ref, inputs: StageInputs, scratch: Path) -> dict[str, Any]:
     import importlib
 
-    module = importlib.import_module(module_name)
-    with log.quiet_tools():
-        return module.from_recipe(loaded, ref.component, inputs)(scratch)
+    log.for_component(ref.component)
+    try:
+        with log.quiet_tools(), log.captured_output():
+            module = importlib.import_module(module_name)  # inside: import-time warnings are tool chatter too
+            return module.from_recipe(loaded, ref.component, inputs)(scratch)
+    finally:
+        log.for_component(None)
 
 
 def run(module_name: str, loaded: Any, ref: Ref, inputs: StageInputs, scratch: Path, isolate: bool) -> dict[str, Any]:
@@ -60,6 +64,9 @@ def run(module_name: str, loaded: Any, ref: Ref, inputs: StageInputs, scratch: P
         message = receiver.recv() if receiver.poll(None) else None
     except EOFError:
         message = None
+    except BaseException:  # Ctrl-C / SIGTERM: the parent decides, the child's work is lost with its scratch
+        child.kill()
+        raise
     finally:
         child.join()
     if message is None:
@@ -82,6 +89,7 @@ def _child(sender: Any, module_name: str, loaded: Any, ref: Ref, inputs: StageIn
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent handles it
     log.configure()
     try:
         message: tuple[str, Any] = ("ok", _configure_and_run(module_name, loaded, ref, inputs, scratch))

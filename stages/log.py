@@ -12,9 +12,11 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 LOGGER_NAME = "forge"
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -25,11 +27,23 @@ def get(stage: str | None = None) -> logging.Logger:
     return logging.getLogger(f"{LOGGER_NAME}.{stage}" if stage else LOGGER_NAME)
 
 
+_component: str | None = None
+
+
+def for_component(component: str | None) -> None:
+    """Stage lines name the component they are about (`[export transformer] ...`): with `doit -n 2` two tasks'
+    lines arrive side by side, and each must say whose it is."""
+    global _component
+    _component = component
+
+
 class _StageFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stage = record.name.removeprefix(LOGGER_NAME).lstrip(".")
         message = record.getMessage()
-        return f"[{stage}] {message}" if stage else message
+        if not stage:
+            return message
+        return f"[{stage} {_component}] {message}" if _component else f"[{stage}] {message}"
 
 
 class Steps:
@@ -110,8 +124,13 @@ def _polygraphy_quiet() -> Iterator[None]:
     except ImportError:
         yield
         return
-    with G_LOGGER.verbosity(G_LOGGER.ERROR):
-        yield
+    colors = G_LOGGER.colors
+    G_LOGGER.colors = False  # else its first message prints "[W] 'colored' module is not installed"
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.ERROR):
+            yield
+    finally:
+        G_LOGGER.colors = colors
 
 
 @contextlib.contextmanager
@@ -135,3 +154,59 @@ def _hf_progress_bars_off() -> Iterator[None]:
             hf.set_verbosity(verbosity)
             if enabled:
                 hf.enable_progress_bar()
+
+
+@dataclass
+class Captured:
+    """What native code and third-party prints wrote to stdout/stderr during a `captured_output()` block."""
+
+    lines: list[str] = field(default_factory=list)
+
+    def errors(self) -> list[str]:
+        return [line for line in self.lines if "[E]" in line or "ERROR" in line or "Error" in line]
+
+
+_capturing = False
+
+
+def _forge_handler() -> logging.Handler | None:
+    return next((h for h in get().handlers if getattr(h, "_forge", False)), None)
+
+
+@contextlib.contextmanager
+def captured_output() -> Iterator[Captured]:
+    """Process-level stdout and stderr (file descriptors 1 and 2) go to a temporary file for the block, so the
+    chatter of native libraries (TensorRT's builder warnings, Polygraphy's and ONNX Runtime's prints, Python
+    warnings) stays off the terminal; the forge's own log lines keep going to it. FORGE_LOG=debug shows the
+    captured text afterwards; a block that raises logs its error lines at debug level."""
+    global _capturing
+    captured = Captured()
+    handler = _forge_handler()
+    if _capturing or level() <= logging.DEBUG or not isinstance(handler, logging.StreamHandler):
+        yield captured  # nested blocks: the outer one captures
+        return
+    _capturing = True
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = os.dup(1), os.dup(2)
+    terminal = os.fdopen(os.dup(saved[1]), "w", buffering=1, encoding="utf-8", errors="replace")
+    previous = handler.setStream(terminal)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            handler.setStream(previous)
+            terminal.close()
+            _capturing = False
+            sink.seek(0)
+            captured.lines = sink.read().decode("utf-8", errors="replace").splitlines()

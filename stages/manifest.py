@@ -13,14 +13,13 @@ from typing import Any
 
 from stages import fingerprint
 from stages.ci import REPRODUCIBILITY
-from stages.recipe import REPO_DIR
+from stages.recipe import REPO_DIR, TINY_WARNING
 from stages.backends import BACKENDS
 from stages.registry import MANIFEST_PACKAGES, STAGES, Ref, stage_instances
 from stages.reports import ValidationReport
 from stages.resolve import Build
 
 SCHEMA_VERSION = 2
-TINY_WARNING = "TINY RANDOM-WEIGHT MODEL: not Qwen-Image; accuracy numbers do not transfer"
 
 
 def manifest_versions(build: Build) -> dict[str, str | None]:
@@ -32,7 +31,7 @@ def manifest_key(build: Build) -> str:
     """Identity of the manifest's content: the entries it lists, the recipe, versions and this module's code."""
     return fingerprint.digest({"entries": {ref.label: build.key(ref) for ref in build.refs()},
                                "recipe": _recipe_entry(build), "versions": manifest_versions(build),
-                               "code": fingerprint.code_digest(["stages.manifest"])})
+                               "code": build.code.digest(["stages.manifest"])})
 
 
 def _recipe_entry(build: Build) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from stages.families import ALL_COMPONENTS, DEFAULT_FAMILY, FAMILIES, Family
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 TINY_MODEL = "tiny"
+TINY_WARNING = "TINY RANDOM-WEIGHT MODEL: not Qwen-Image; accuracy numbers do not transfer"
 
 SurgeryPass = Literal["fold_constants", "infer_shapes", "cleanup", "fix_text_padding", "freeze_text_branch"]
 Dtype = Literal["fp32", "fp16", "bf16"]
@@ -349,20 +350,32 @@ def resolve_recipe_path(recipe: str) -> Path:
     as_path = Path(recipe)
     if as_path.suffix in (".yaml", ".yml"):
         check_name(as_path.stem, recipe)
+        if as_path.is_dir():
+            raise fail(recipe, None, "is a directory, not a recipe file")
         if not as_path.is_file():
-            raise fail(recipe, None, "recipe file not found" if not as_path.is_dir() else "is a directory, not a recipe file")
+            shipped = RECIPES_DIR / f"{as_path.stem}.yaml"
+            hint = (f"; did you mean recipe={as_path.stem} (the shipped recipe, named without .yaml)?"
+                    if shipped.is_file() else f"; shipped recipes: {', '.join(shipped_recipes())} (or a path to a .yaml file)")
+            raise fail("recipe=", None, f"recipe file {recipe!r} not found{hint}")
         return as_path
     check_name(recipe, "recipe=")
     named = RECIPES_DIR / f"{recipe}.yaml"
     if not named.is_file():
-        available = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-        raise fail("recipe=", None, f"no recipe named {recipe!r}; available: {available} (or a path to a .yaml file)")
+        raise fail("recipe=", None, f"no recipe named {recipe!r}; available: {', '.join(shipped_recipes())} "
+                   "(or a path to a .yaml file)")
     return named
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
 def load_recipe(recipe: str, overrides: dict[str, str] | None = None, model: str | None = None) -> LoadedRecipe:
     """Load, merge, override and validate a recipe; raises ForgeError with a one-line message."""
     path = resolve_recipe_path(recipe)
+    if model is not None and not model.strip():
+        raise fail("command line", "model=", "is empty; allowed: tiny (the built-in random-weight model) or the path "
+                   "of a diffusers checkpoint directory")
     merged = _load_with_extends(path, seen=())
     parsed_overrides = {key: _parse_value(key, value) for key, value in (overrides or {}).items()}
     for key, value in parsed_overrides.items():
@@ -374,14 +387,14 @@ def load_recipe(recipe: str, overrides: dict[str, str] | None = None, model: str
         validated = Recipe.model_validate(merged)
     except ValidationError as error:
         raise _one_line_error(path, error, parsed_overrides) from None
-    _check_model_dir(path, validated)
+    _check_model_dir(path, validated, from_command_line=model is not None)
     if validated.pipeline_check is not None:
         from stages.prompts import check_settings
 
         check_settings(validated.pipeline_check, validated.text_length, source=path)
     _check_target(path, validated)
     return LoadedRecipe(
-        name=view_name(path, validated.model),
+        name=view_name(path, validated.model, parsed_overrides),
         source=str(path),
         recipe=validated,
         resolved=validated.model_dump(mode="json", by_alias=True),
@@ -389,17 +402,21 @@ def load_recipe(recipe: str, overrides: dict[str, str] | None = None, model: str
     )
 
 
-def view_name(path: Path, model: ModelSource) -> str:
+def view_name(path: Path, model: ModelSource, overrides: dict[str, Any] | None = None) -> str:
     """Where a build's view lives (artifacts/<name>/) and what its tasks are called.
 
-    A shipped recipe with the tiny model keeps its plain name; a recipe file outside recipes/ or a checkpoint
-    directory adds a digest of their absolute paths, so they can never share or clean a shipped recipe's view.
+    A shipped recipe with the tiny model and no overrides keeps its plain name, so `artifacts/a10-fp16` holds only
+    what recipes/a10-fp16.yaml says; a recipe file outside recipes/, a checkpoint directory or command-line
+    overrides add a digest of them, so they can never replace or clean a shipped recipe's view.
     """
-    variant = {}
+    variant: dict[str, Any] = {}
     if path.resolve().parent != RECIPES_DIR.resolve():
         variant["recipe"] = str(path.resolve())
     if not model.is_tiny:
         variant["model"] = str(Path(model.path).resolve())
+    settings = {key: value for key, value in (overrides or {}).items() if key != "model.path"}
+    if settings:
+        variant["overrides"] = settings
     if not variant:
         return path.stem
     return f"{path.stem}-{hashlib.sha256(json.dumps(variant, sort_keys=True).encode()).hexdigest()[:8]}"
@@ -572,8 +589,9 @@ def _check_target(path: Path, recipe: Recipe) -> None:
                 raise fail(path, f"{key}.{field_name}", refusal)
 
 
-def _check_model_dir(path: Path, recipe: Recipe) -> None:
-    """The checkpoint directory, checked folder by folder and header by header before any task runs."""
+def _check_model_dir(path: Path, recipe: Recipe, from_command_line: bool) -> None:
+    """The checkpoint directory, checked folder by folder and header by header before any task runs; errors
+    name `model=` when the directory came from the command line."""
     from stages.model_dir import check_checkpoint
 
     if recipe.model.is_tiny:
@@ -587,7 +605,8 @@ def _check_model_dir(path: Path, recipe: Recipe) -> None:
         folders.update({folder: "the pipeline check / calibration" for folder in family.checkpoint_folders()
                         if folder not in folders and folder not in family.pipeline_files})
         configs = tuple(dict.fromkeys((*configs, *(info.config_folder for info in family.components.values()))))
-    check_checkpoint(path, "model.path", recipe.model.path, folders, configs, family.pipeline_files if pipeline else ())
+    source, key = ("command line", "model=") if from_command_line else (path, "model.path")
+    check_checkpoint(source, key, recipe.model.path, folders, configs, family.pipeline_files if pipeline else ())
     from stages.fit import check_recipe_fits
 
     check_recipe_fits(path, recipe)

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from doit.exceptions import TaskFailed
 
 from stages import log
-from stages.ci import TALLY, human_bytes
+from stages.ci import TALLY, VALUES_KEY, human_bytes
 from stages.errors import ForgeError, fail
 from stages.fingerprint import canonical, digest
 from stages.store import RECORD, SCHEMA, STAT_CACHE, TIMINGS, Entry, Store
@@ -436,10 +436,11 @@ def from_settings(settings: RemoteSettings | None) -> Remote | None:
     return None if settings is None else Remote(settings)
 
 
-def publish_action(build: Build) -> TaskFailed | None:
+def publish_action(build: Build) -> TaskFailed | dict[str, Any]:
     """doit action (`doit publish`): put every entry of the recipe on the remote, e.g. ones built before it was set."""
     from stages.actions import label
 
+    before = TALLY.snapshot()
     mirror = build.store.remote
     if mirror is None:
         return TaskFailed(f"publish:{build.name}: no remote: set {ENV_URL}=<url> or {VAR_URL}=<url>")
@@ -459,4 +460,4 @@ def publish_action(build: Build) -> TaskFailed | None:
     if not mirror.available:
         return TaskFailed(f"publish:{build.name}: remote {mirror.url} unreachable")
     LOG.info(f"publish {build.name}: {published} entries published, {present} already on {mirror.url}")
-    return None
+    return {VALUES_KEY: TALLY.since(before)}

@@ -20,11 +20,6 @@ from stages.store import SCHEMA, Entry, Store
 
 
 @functools.lru_cache(maxsize=None)
-def _code_digest(roots: tuple[str, ...]) -> str:
-    return fingerprint.code_digest(roots)
-
-
-@functools.lru_cache(maxsize=None)
 def _versions(packages: tuple[str, ...]) -> dict[str, str | None]:
     return fingerprint.tool_versions(packages)
 
@@ -38,12 +33,14 @@ class Build:
     deep: bool = False
     store: Store = field(init=False)
     files: fingerprint.FileDigests = field(init=False)
+    code: fingerprint.CodeIndex = field(init=False)
 
     _keys: dict[Ref, str] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.store = Store(self.root)
         self.files = fingerprint.FileDigests(self.root / "cache" / "file-digests.json", rehash=self.deep)
+        self.code = fingerprint.CodeIndex(self.root / "cache" / "code-imports.json")
 
     def invalidate(self) -> None:
         """Forget computed keys: an entry was committed or discarded, downstream keys may change."""
@@ -95,7 +92,7 @@ class Build:
             "model": model,
             "upstream": upstream,
             "versions": _versions(registry.versions_for(self.loaded, ref)),
-            "code": _code_digest(registry.code_roots(self.loaded, ref)),
+            "code": self.code.digest(registry.code_roots(self.loaded, ref)),
         }
 
     def key(self, ref: Ref) -> str | None:

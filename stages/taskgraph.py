@@ -6,13 +6,14 @@ callable asks for a verified entry of the task's current key), so doit's databas
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from stages import actions, registry, remote
-from stages.recipe import LoadedRecipe, load_recipe
+from stages.recipe import TINY_WARNING, LoadedRecipe, load_recipe
 from stages.registry import Ref
 from stages.resolve import Build
 
@@ -41,6 +42,21 @@ def load_from_command_line(cli_vars: dict[str, str]) -> Build:
     build = Build(loaded, artifacts_root(), deep=_flag(cli_vars.get("verify", "0")))
     build.store.remote = remote.from_settings(remote.settings_from(cli_vars, os.environ))  # no fsspec import yet
     return build
+
+
+def banners(build: Build) -> list[str]:
+    """Said at the start of every build (no-op and partial ones too): the tiny model, and command-line overrides
+    with the view they build into (a shipped recipe's own view holds only what its file says)."""
+    loaded = build.loaded
+    lines = []
+    if loaded.recipe.model.is_tiny:
+        lines.append(f"*** {TINY_WARNING} (seed {loaded.recipe.model.seed}) ***")
+    settings = {key: value for key, value in loaded.overrides.items() if key != "model.path"}
+    if settings:
+        shown = ", ".join(f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in settings.items())
+        lines.append(f"{len(settings)} override{'s' if len(settings) > 1 else ''}: {shown} -> view {loaded.name} "
+                     f"(not {Path(loaded.source).stem})")
+    return lines
 
 
 def _flag(value: str) -> bool:
