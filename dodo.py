@@ -85,7 +85,7 @@ def task_manifest():
 
 
 def task_build():
-    """Build, validate and record everything the recipe describes (`doit clean` removes the recipe's view)."""
+    """Build, validate and record everything the recipe describes (`doit help build`: variables, exit codes)."""
     return build_task(BUILD)
 
 

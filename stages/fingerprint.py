@@ -113,7 +113,7 @@ class CodeIndex:
         memo = self._load()
         stat = path.stat()
         signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
-        name = str(path.relative_to(PACKAGE_ROOT))
+        name = str(path)  # absolute: two checkouts may share one artifacts root
         known = memo.get(name)
         if not (isinstance(known, list) and len(known) == 4 and known[:3] == signature):
             known = [*signature, list(_parse_imports(path.read_text(), str(path)))]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,11 +60,13 @@ def reused_tasks(stderr: str) -> list[str]:
     return [line.split()[1] for line in stderr.splitlines() if line.startswith("reused ")]
 
 
-def view_name(recipe: str, model: str | None = None) -> str:
-    """The folder under artifacts/ (and task-name prefix) of a build, as the forge names it."""
+def view_name(recipe: str, model: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """The folder under artifacts/ (and task-name prefix) of a build, as the forge names it; `overrides` are
+    command-line `key=value` arguments (an overridden build has a view of its own)."""
     from stages.recipe import load_recipe
 
-    return load_recipe(recipe, model=model).name
+    parsed = dict(argument.split("=", 1) for argument in overrides)
+    return load_recipe(recipe, overrides=parsed, model=model).name
 
 
 def artifact_digests(manifest: dict) -> dict[str, str]:
@@ -85,10 +88,12 @@ def shared_artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 
 
 @pytest.fixture(scope="session")
-def built(shared_artifacts: dict[str, Path]) -> dict[str, Path]:
+def built(shared_artifacts: dict[str, Path]) -> dict[str, Any]:
+    """The session's a10-fp16 build, cold, two tasks at a time as a user would (`-n 2` after the variables);
+    tests/test_command_line.py reads its log."""
     artifacts, db = shared_artifacts["artifacts"], shared_artifacts["db"]
-    run_doit(["build", "recipe=a10-fp16"], artifacts, db)
-    return {"artifacts": artifacts, "db": db, "recipe": artifacts / "a10-fp16"}
+    result = run_doit(["build", "recipe=a10-fp16", "-n", "2"], artifacts, db)
+    return {"artifacts": artifacts, "db": db, "recipe": artifacts / "a10-fp16", "log": result}
 
 
 @pytest.fixture(scope="session")
@@ -110,8 +115,7 @@ def light_builds(built: dict[str, Path]) -> Callable[[str], tuple[dict, list[str
 
 
 SMALL_RECIPE = REPO / "tests" / "recipes" / "transformer-only.yaml"
-SMALL_ARGS = ["build", f"recipe={SMALL_RECIPE}", "components.transformer.validate.timesteps=[1.0, 0.4]",
-              "components.transformer.validate.sizes=[[512, 512], [512, 768]]"]
+SMALL_ARGS = ["build", f"recipe={SMALL_RECIPE}"]
 
 
 @pytest.fixture(scope="session")

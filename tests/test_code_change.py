@@ -10,7 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tests.conftest import REPO, SMALL_ARGS, built_tasks, run_doit, view_name
+from tests.conftest import REPO, built_tasks, run_doit, view_name
 
 
 def precision_digest(view: Path) -> str:
@@ -26,7 +26,7 @@ def test_edits_rerun_exactly_the_stages_that_import_the_module(small: dict, tmp_
     shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".venv", "artifacts", ".git", "__pycache__",
                                                               ".pytest_cache", "*.egg-info", ".doit.db*"))
     recipe = copy / "tests" / "recipes" / "transformer-only.yaml"
-    args = ["build", f"recipe={recipe}", *SMALL_ARGS[2:]]
+    args = ["build", f"recipe={recipe}"]
     artifacts, db = small["artifacts"], tmp_path / "doit.db"
 
     def build_after_editing(module: str) -> set[str]:

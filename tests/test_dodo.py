@@ -25,10 +25,11 @@ def test_killed_seed_one_build_never_leaks_into_seed_zero(built: dict[str, Path]
     before = (built["recipe"] / "manifest.json").read_bytes()
     killed = run_doit(["build", "recipe=a10-fp16", "model.seed=1"], built["artifacts"], built["db"],
                       env={"FORGE_TEST_KILL_AT": "export:outputs"}, check=False)
-    assert killed.returncode == -9 and "built checkpoint:a10-fp16" in killed.stderr
+    seeded = view_name("a10-fp16", overrides=["model.seed=1"])
+    assert killed.returncode == -9 and f"built checkpoint:{seeded}" in killed.stderr
+    assert (built["recipe"] / "manifest.json").read_bytes() == before, "the override has a view of its own"
     again = run_doit(["build", "recipe=a10-fp16"], built["artifacts"], built["db"])
-    assert built_tasks(again.stderr) == []
-    assert reused_tasks(again.stderr) == ["checkpoint:a10-fp16"], "only the view's checkpoint link is restored"
+    assert executed_tasks(again.stdout) == []
     after = (built["recipe"] / "manifest.json").read_bytes()
     assert after == before
     assert json.loads(after)["model"]["seed"] == 0
@@ -64,7 +65,11 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
         (["build", "recipe=a10-fp16", "components.transformer.profile.height.min=100"], "multiples of 16"),
         (["build", "recipe=a10-fp16", "target.gpu=t4", "components.transformer.precision.dtype=bf16"],
          "components.transformer.precision.dtype: bf16 is not supported by t4"),
-        (["build", "recipe=a10-fp16", "model=/no/such/dir"], "model.path: '/no/such/dir': does not exist"),
+        (["build", "recipe=a10-fp16", "model=/no/such/dir"], "command line: model=: '/no/such/dir': does not exist"),
+        (["build", "recipe=a10-fp16", "model="], "command line: model=: is empty; allowed: tiny"),
+        (["build", "recipe=a10-fp16.yaml"], "did you mean recipe=a10-fp16"),
+        (["build", "recipe=a10-fp16", "-n", "2", "--no-such-option"],
+         "option --no-such-option not recognized; usage: doit build [recipe="),
         (["build", "recipe=a10-fp16", "model=/etc/passwd"], "is a file, not a checkpoint directory"),
         (["build", "recipe=nope"], "no recipe named 'nope'"),
         (["build", "recipe=../recipes/a10-fp16"], "'../recipes/a10-fp16' is not allowed"),
@@ -112,7 +117,7 @@ def test_checkpoint_problems_are_found_before_any_task(built: dict[str, Path], t
         result = run_doit(["build", "recipe=a10-fp16", f"model={checkpoint}"], artifacts, db, check=False)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, result.stderr
-        assert "a10-fp16.yaml: model.path:" in lines[0] and expected in lines[0], lines[0]
+        assert "command line: model=:" in lines[0] and expected in lines[0], lines[0]
     assert not artifacts.exists()
 
 
@@ -122,7 +127,7 @@ def checkpoint_build(built: dict[str, Path], tmp_path_factory: pytest.TempPathFa
     checkpoint = built["recipe"] / "checkpoint"
     root = tmp_path_factory.mktemp("from-checkpoint")
     artifacts, db = root / "artifacts", root / "db"
-    args = ["build", f"recipe={RECIPE_FILE}", f"model={checkpoint}", "components.transformer.validate.timesteps=[1.0, 0.4]"]
+    args = ["build", f"recipe={RECIPE_FILE}", f"model={checkpoint}"]
     run_doit(args, artifacts, db)
     name = view_name(str(RECIPE_FILE), str(checkpoint))
     return {"artifacts": artifacts, "db": db, "recipe": artifacts / name, "name": name, "checkpoint": checkpoint,
@@ -156,34 +161,37 @@ def test_tolerance_change_reruns_only_validation_and_gates(checkpoint_build: dic
     build, name = checkpoint_build, checkpoint_build["name"]
     tight = ["components.transformer.validate.tolerances.sample.atol=1e-9",
              "components.transformer.validate.tolerances.sample.rtol=1e-9"]
+    own_before = (build["recipe"] / "manifest.json").read_bytes()
+    tight_name = view_name(str(RECIPE_FILE), str(build["checkpoint"]), overrides=tight)
     result = run_doit([*build["args"], *tight], build["artifacts"], build["db"], check=False)
-    assert result.returncode != 0
-    assert executed_tasks(result.stdout) == [f"validate:{name}/transformer"]
+    assert result.returncode == 4, result.stderr[-2000:]
+    assert built_tasks(result.stderr) == [f"validate:{tight_name}/transformer"], "everything else is reused"
     assert "onnxruntime sample" in result.stderr and "would pass with atol >=" in result.stderr
-    manifest = json.loads((build["recipe"] / "manifest.json").read_text())
+    manifest = json.loads((build["artifacts"] / tight_name / "manifest.json").read_text())
     assert manifest["components"]["transformer"]["validation"]["passed"] is False
     assert manifest["recipe"]["overrides"]["components.transformer.validate.tolerances.sample.atol"] == 1e-9
     repeat = run_doit([*build["args"], *tight], build["artifacts"], build["db"], check=False)
-    assert repeat.returncode != 0 and built_tasks(repeat.stderr) == [], "a recorded failure is reused, still failing"
-    assert reused_tasks(repeat.stderr) == [f"validate:{name}/transformer"]
+    assert repeat.returncode == 4 and built_tasks(repeat.stderr) == [], "a recorded failure is reused, still failing"
+    assert reused_tasks(repeat.stderr) == [f"validate:{tight_name}/transformer"]
     again = run_doit(build["args"], build["artifacts"], build["db"])
-    assert executed_tasks(again.stdout) == [f"validate:{name}/transformer", f"manifest:{name}"]
-    assert built_tasks(again.stderr) == [], "the passing validation's entry still exists"
+    assert executed_tasks(again.stdout) == [], "the overrides went to a view of their own"
+    assert (build["recipe"] / "manifest.json").read_bytes() == own_before
 
 
 def test_surgery_change_does_not_reexport(checkpoint_build: dict) -> None:
     """A new surgery reruns precision; what follows reruns only if precision's bytes changed (early cutoff)."""
-    build, name = checkpoint_build, checkpoint_build["name"]
+    build = checkpoint_build
 
-    def precision_sha() -> str:
-        manifest = json.loads((build["recipe"] / "manifest.json").read_text())
+    def precision_sha(view: Path) -> str:
+        manifest = json.loads((view / "manifest.json").read_text())
         outputs = manifest["components"]["transformer"]["artifacts"]["precision"]
         return next(o["sha256"] for o in outputs if o["path"].endswith("model.onnx"))  # shards are linked, unchanged
 
-    before = precision_sha()
-    result = run_doit([*build["args"], "components.transformer.surgery.passes=[fold_constants, infer_shapes]"],
-                      build["artifacts"], build["db"])
-    downstream = [] if precision_sha() == before else ["engine", "validate"]
-    assert executed_tasks(result.stdout) == [f"{stage}:{name}/transformer" for stage in (
-        "surgery", "precision", *downstream)] + [f"manifest:{name}"]
-    assert precision_sha() != before, "without freezing, the text branch is converted too"
+    before = precision_sha(build["recipe"])
+    passes = ["components.transformer.surgery.passes=[fold_constants, infer_shapes]"]
+    result = run_doit([*build["args"], *passes], build["artifacts"], build["db"])
+    changed = build["artifacts"] / view_name(str(RECIPE_FILE), str(build["checkpoint"]), overrides=passes)
+    downstream = [] if precision_sha(changed) == before else ["engine", "validate"]
+    assert built_tasks(result.stderr) == [f"{stage}:{changed.name}/transformer" for stage in (
+        "surgery", "precision", *downstream)]
+    assert precision_sha(changed) != before, "without freezing, the text branch is converted too"

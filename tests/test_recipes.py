@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import built_tasks, executed_tasks, reused_tasks, run_doit
+from tests.conftest import built_tasks, executed_tasks, reused_tasks, run_doit, view_name
 
 LIGHT = [
     "components.transformer.validate.timesteps=[1.0, 0.3]",
@@ -41,11 +41,19 @@ LIGHT_CALIBRATION = [
 ORDER = ("a10-int8", "l40s-fp8", "rtx5090-fp8")
 
 
+def light_overrides(recipe: str, *extra: str) -> list[str]:
+    return [*LIGHT, *(LIGHT_CALIBRATION if "fp8" in recipe else []), *BLOCKWISE.get(recipe, []), *extra]
+
+
+def name_of(recipe: str, *extra: str) -> str:
+    """The view (and task-name prefix) of a light build: overridden builds have views of their own."""
+    return view_name(recipe, overrides=light_overrides(recipe, *extra))
+
+
 def build(workspace: dict[str, Path], recipe: str, *extra: str) -> tuple[dict, list[str], str]:
-    calibration = LIGHT_CALIBRATION if "fp8" in recipe else []
-    result = run_doit(["build", f"recipe={recipe}", *LIGHT, *calibration, *BLOCKWISE.get(recipe, []), *extra],
+    result = run_doit(["build", f"recipe={recipe}", *light_overrides(recipe, *extra), "-n", "2"],
                       workspace["artifacts"], workspace["db"])
-    manifest = json.loads((workspace["artifacts"] / recipe / "manifest.json").read_text())
+    manifest = json.loads((workspace["artifacts"] / name_of(recipe, *extra) / "manifest.json").read_text())
     return manifest, executed_tasks(result.stdout), result.stderr
 
 
@@ -58,7 +66,7 @@ def workspace(built: dict[str, Path], light_builds) -> dict:
 
 
 def surgery_frozen(workspace: dict[str, Path], recipe: str) -> int:
-    record = json.loads((workspace["artifacts"] / recipe / "transformer" / "surgery" / "record.json").read_text())
+    record = json.loads((workspace["artifacts"] / name_of(recipe) / "transformer" / "surgery" / "record.json").read_text())
     return len(record["report"]["frozen_nodes"])
 
 
@@ -85,9 +93,9 @@ def test_rtx5090_fp8_reuses_identical_calibration(workspace: dict) -> None:
     first, _, _ = workspace["builds"]["l40s-fp8"]
     calibration = manifest["components"]["transformer"]["calibration"]
     assert calibration["entry"] == first["components"]["transformer"]["calibration"]["entry"]
-    assert "reused calibration:rtx5090-fp8/transformer" in log and "built calibration:" not in log
+    assert f"reused calibration:{name_of('rtx5090-fp8')}/transformer" in log and "built calibration:" not in log
     assert manifest["target"]["compute_capability"] == "12.0"
-    engines = [json.loads((workspace["artifacts"] / r / "manifest.json").read_text())
+    engines = [json.loads((workspace["artifacts"] / name_of(r) / "manifest.json").read_text())
                ["components"]["transformer"]["artifacts"]["engine"] for r in ("l40s-fp8", "rtx5090-fp8")]
     assert engines[0][0]["sha256"] != engines[1][0]["sha256"]
 
@@ -96,23 +104,26 @@ def test_identical_work_is_done_once_across_recipes(workspace: dict) -> None:
     """a10-int8 after a10-fp16: the checkpoint, every export and surgery, and the text encoder's and VAE's
     precision and engines are reused; rtx5090-fp8 after l40s-fp8 also reuses the calibration and quantization."""
     _, _, log = workspace["builds"]["a10-int8"]
-    shared = {"checkpoint:a10-int8", *(f"{s}:a10-int8/{c}" for s in ("export", "surgery")
-                                        for c in ("text_encoder", "transformer", "vae_decoder")),
-              *(f"{s}:a10-int8/{c}" for s in ("precision", "engine") for c in ("text_encoder", "vae_decoder"))}
+    int8 = name_of("a10-int8")
+    shared = {f"checkpoint:{int8}", *(f"{s}:{int8}/{c}" for s in ("export", "surgery")
+                                       for c in ("text_encoder", "transformer", "vae_decoder")),
+              *(f"{s}:{int8}/{c}" for s in ("precision", "engine") for c in ("text_encoder", "vae_decoder"))}
     assert shared <= set(reused_tasks(log)) and not shared & set(built_tasks(log))
-    assert {"precision:a10-int8/transformer", "engine:a10-int8/transformer"} <= set(built_tasks(log))
+    assert {f"precision:{int8}/transformer", f"engine:{int8}/transformer"} <= set(built_tasks(log))
     _, _, log = workspace["builds"]["rtx5090-fp8"]
-    assert "precision:rtx5090-fp8/transformer" in reused_tasks(log)
+    assert f"precision:{name_of('rtx5090-fp8')}/transformer" in reused_tasks(log)
     assert not [task for task in built_tasks(log) if task.startswith(("checkpoint:", "export:", "surgery:", "calibration:"))]
 
 
 def test_build_settings_do_not_recalibrate_but_samples_do(workspace: dict) -> None:
-    _, ran, log = build(workspace, "l40s-fp8", "components.transformer.build.optimization_level=1")
-    assert "engine:l40s-fp8/transformer" in built_tasks(log)
+    level = "components.transformer.build.optimization_level=1"
+    _, ran, log = build(workspace, "l40s-fp8", level)
+    assert f"engine:{name_of('l40s-fp8', level)}/transformer" in built_tasks(log)
     assert not [task for task in built_tasks(log) if task.startswith(("calibration:", "precision:", "export:"))]
-    _, ran, log = build(workspace, "l40s-fp8", "components.transformer.precision.calibration.samples=6")
-    assert built_tasks(log)[:2] == ["calibration:l40s-fp8/transformer", "precision:l40s-fp8/transformer"]
-    build(workspace, "l40s-fp8")
+    samples = "components.transformer.precision.calibration.samples=6"
+    _, ran, log = build(workspace, "l40s-fp8", samples)
+    name = name_of("l40s-fp8", samples)
+    assert built_tasks(log)[:2] == [f"calibration:{name}/transformer", f"precision:{name}/transformer"]
 
 
 def test_a10_int8_is_weight_only(workspace: dict) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SMALL_ARGS, artifact_digests, built_tasks, doit_command, run_doit, verify_manifest
+from tests.conftest import (REPO, SMALL_ARGS, SMALL_RECIPE, artifact_digests, built_tasks, doit_command, run_doit,
+                            verify_manifest, view_name)
 from tests.s3server import BUCKET, S3Server
 
 
@@ -230,7 +231,7 @@ def test_junit_names_a_deliberately_failed_validation(small: dict, tmp_path: Pat
              "components.transformer.validate.tolerances.sample.rtol=1e-9"]
     failed = run_doit([*small["args"], *tight], small["artifacts"], small["db"], check=False, env={"FORGE_REMOTE": ""})
     assert failed.returncode == 4, failed.stderr[-3000:]
-    root = ET.parse(small["view"] / "junit.xml").getroot()
+    root = ET.parse(small["artifacts"] / view_name(str(SMALL_RECIPE), overrides=tight) / "junit.xml").getroot()
     assert root.tag == "testsuites" and root.get("failures") == "1"
     [case] = [c for c in root.iter("testcase") if c.get("name") == "validate transformer"]
     message = case.find("failure").get("message")  # type: ignore[union-attr]

@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from stages.store import Store
-from tests.conftest import REPO, SMALL_ARGS, SMALL_RECIPE, built_tasks, doit_command, executed_tasks, run_doit, view_name
+from tests.conftest import REPO, SMALL_RECIPE, built_tasks, doit_command, executed_tasks, run_doit, view_name
 
 
 def freed(output: str) -> float:
@@ -25,7 +25,7 @@ def test_concurrent_builds_share_entries_and_clean_keeps_what_others_use(tmp_pat
     twin.write_text(f"extends: {SMALL_RECIPE}\n")
     runs = []
     for recipe in (str(SMALL_RECIPE), str(SMALL_RECIPE), str(twin)):
-        args = ["build", f"recipe={recipe}", *SMALL_ARGS[2:]]
+        args = ["build", f"recipe={recipe}"]
         command, env = doit_command(args, artifacts, db)
         runs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True))
@@ -38,23 +38,31 @@ def test_concurrent_builds_share_entries_and_clean_keeps_what_others_use(tmp_pat
     assert manifests[small]["store"] == manifests[other]["store"]
     assert not list((artifacts / "store" / ".tmp").iterdir())
 
-    retuned = run_doit(["build", f"recipe={SMALL_RECIPE}", *SMALL_ARGS[2:],
-                        "components.transformer.validate.tolerances.sample.atol=0.04"], artifacts, db)
-    assert built_tasks(retuned.stderr) == [f"validate:{small}/transformer"]
-    assert freed(run_doit(["gc"], artifacts, db).stderr) == 0, "the old validation is still in the twin's view"
+    tuned = ["components.transformer.validate.tolerances.sample.atol=0.04"]
+    retuned = run_doit(["build", f"recipe={SMALL_RECIPE}", *tuned], artifacts, db)
+    overridden = view_name(str(SMALL_RECIPE), overrides=tuned)
+    assert overridden not in (small, other) and f"1 override: {tuned[0]} -> view {overridden}" in retuned.stderr
+    assert built_tasks(retuned.stderr) == [f"validate:{overridden}/transformer"]
+    own = json.loads((artifacts / small / "manifest.json").read_text())
+    assert own == manifests[small], "an override never changes the recipe's own view"
+    assert json.loads((artifacts / overridden / "manifest.json").read_text())["recipe"]["overrides"] == {
+        "components.transformer.validate.tolerances.sample.atol": 0.04}
+    assert freed(run_doit(["gc"], artifacts, db).stderr) == 0, "every entry is in some view"
 
     cleaned = run_doit(["clean", f"recipe={twin}"], artifacts, db)
-    assert "removed its view and 1 store entries" in cleaned.stdout and freed(cleaned.stdout) > 0
+    assert cleaned.stdout.splitlines() == [f"clean {other}: removed its view and 0 store entries no other recipe uses "
+                                           "(0.0 MB freed)"], "one line: the twin's entries are all the recipe's too"
     assert not (artifacts / other).exists() and (artifacts / small / "manifest.json").is_file()
     store = Store(artifacts)
     for entry in json.loads((artifacts / small / "manifest.json").read_text())["store"].values():
         stage, key = Path(entry).parts[1:]
         assert store.lookup(stage, key, deep=True) is not None, f"clean deleted {entry}, still used by {small}"
-    assert executed_tasks(run_doit(["build", f"recipe={SMALL_RECIPE}", *SMALL_ARGS[2:],
-                                    "components.transformer.validate.tolerances.sample.atol=0.04"],
-                                   artifacts, db).stdout) == []
+    assert executed_tasks(run_doit(["build", f"recipe={SMALL_RECIPE}", *tuned], artifacts, db).stdout) == []
 
-    cleaned = run_doit(["clean", f"recipe={SMALL_RECIPE}", *SMALL_ARGS[2:]], artifacts, db)
+    cleaned = run_doit(["clean", f"recipe={SMALL_RECIPE}", *tuned], artifacts, db)
+    assert "removed its view and 1 store entries" in cleaned.stdout and freed(cleaned.stdout) > 0
+    assert not (artifacts / overridden).exists() and (artifacts / small / "manifest.json").is_file()
+    cleaned = run_doit(["clean", f"recipe={SMALL_RECIPE}"], artifacts, db)
     assert "removed its view and 6 store entries" in cleaned.stdout
     assert list(store.entries()) == [] and not (artifacts / small).exists()
     assert sentinel.read_text() == "outside artifacts/" and SMALL_RECIPE.is_file()
@@ -65,14 +73,18 @@ def test_gc_removes_unreferenced_entries_and_says_how_much(small: dict, tmp_path
     artifacts, db = tmp_path / "artifacts", tmp_path / "doit.db"
     shutil.copytree(small["artifacts"], artifacts, symlinks=True)
     old_engine = (artifacts / small["name"] / "transformer" / "engine").resolve()
-    run_doit([*small["args"], "components.transformer.build.optimization_level=2"], artifacts, db)
+    level = ["components.transformer.build.optimization_level=2"]
+    run_doit([*small["args"], *level], artifacts, db)
+    tuned = artifacts / view_name(str(SMALL_RECIPE), overrides=level)
+    new_engine = (tuned / "transformer" / "engine").resolve()
+    shutil.rmtree(tuned)  # a view deleted by hand: what only it referenced is garbage now
     entries = {f"store/{stage}/{key}" for stage, key, _ in Store(artifacts).entries()}
     referenced = {path for manifest in artifacts.glob("*/manifest.json")
                   for path in json.loads(manifest.read_text())["store"].values()}
-    assert f"store/engine/{old_engine.name}" in entries - referenced
+    assert f"store/engine/{new_engine.name}" in entries - referenced
     result = run_doit(["gc"], artifacts, db)
     assert f"removed {len(entries - referenced)} unreferenced store entries" in result.stderr and freed(result.stderr) > 0
     assert {f"store/{stage}/{key}" for stage, key, _ in Store(artifacts).entries()} == referenced
-    assert not old_engine.exists()
-    assert executed_tasks(run_doit([*small["args"], "components.transformer.build.optimization_level=2"],
-                                   artifacts, db).stdout) == []
+    assert not new_engine.exists() and old_engine.exists()
+    rebuilt = run_doit([*small["args"], *level], artifacts, db)
+    assert [task.split(":")[0] for task in built_tasks(rebuilt.stderr)] == ["engine", "validate"]
