@@ -136,7 +136,7 @@ def manifest_uptodate(build: Build) -> bool:
             and views.links_match(build.store, build.name, expected))
 
 
-def write_manifest_action(build: Build, quiet: bool = False) -> TaskFailed | None:
+def write_manifest_action(build: Build) -> TaskFailed | None:
     from stages.manifest import build_manifest, summary_lines
 
     store = build.store
@@ -152,9 +152,8 @@ def write_manifest_action(build: Build, quiet: bool = False) -> TaskFailed | Non
             junit.write(store, build.name, manifest)
     except Exception as error:  # noqa: BLE001
         return _one_line(f"manifest:{build.name}", error)
-    if not quiet:
-        for line in summary_lines(manifest, os.path.relpath(path)):
-            LOG.info(line)
+    for line in summary_lines(manifest, os.path.relpath(path)):
+        LOG.info(line)
     return None
 
 

@@ -19,6 +19,8 @@ from doit.cmd_list import List
 from doit.cmd_run import Run
 from doit.cmdparse import CmdParseError
 
+from stages.ci import EXIT_INTERRUPTED
+
 USAGE = ("[recipe=NAME|FILE.yaml] [model=tiny|DIR] [remote=URL] [remote_required=1] [verify=1] "
          "[KEY.PATH=VALUE ...] [-n N] [-v 0|1|2]")
 
@@ -68,7 +70,7 @@ class ForgeRun(Run):
             return super().parse_execute(self._options_first(in_args))
         except KeyboardInterrupt:  # a signal the reporter did not see (e.g. sent to one worker of `-n 2`)
             print("interrupted: finished tasks are kept in the store; rerun to continue", file=sys.stderr)
-            raise SystemExit(130) from None
+            raise SystemExit(EXIT_INTERRUPTED) from None
 
     def _options_first(self, in_args: list[str]) -> list[str]:
         options: list[str] = []

@@ -87,4 +87,5 @@ def test_gc_removes_unreferenced_entries_and_says_how_much(small: dict, tmp_path
     assert {f"store/{stage}/{key}" for stage, key, _ in Store(artifacts).entries()} == referenced
     assert not new_engine.exists() and old_engine.exists()
     rebuilt = run_doit([*small["args"], *level], artifacts, db)
-    assert [task.split(":")[0] for task in built_tasks(rebuilt.stderr)] == ["engine", "validate"]
+    same_engine = (tuned / "transformer" / "engine" / "engine.plan").read_bytes() == (old_engine / "engine.plan").read_bytes()
+    assert [task.split(":")[0] for task in built_tasks(rebuilt.stderr)] == ["engine", *([] if same_engine else ["validate"])]
