@@ -108,6 +108,27 @@ def test_score_prompt_compares_built_with_reference_and_prompt(font: ImageFont.F
     assert again == scored  # read back from the cache, same figures
 
 
+def test_score_prompt_measures_nothing_where_no_text_was_read(font: ImageFont.FreeTypeFont, tmp_path: Path) -> None:
+    """No accuracy 0 or agreement 1 for blank images: None and the reason. A run that lost the reference's text
+    is measured (0), since there the reference shows what should have been read."""
+    blank = np.full((160, 640, 3), 200, dtype=np.uint8)
+    prompt = 'a sign reading "VISIT THE ALPS"'
+    nothing = ocr.score_prompt(prompt, {"pytorch-fp32": blank, "onnxruntime": blank.copy()}, "pytorch-fp32", tmp_path)
+    reference, built = nothing["runs"]["pytorch-fp32"], nothing["runs"]["onnxruntime"]
+    assert reference["characters"] == built["characters"] == 0
+    assert reference["accuracy_vs_prompt"] is None
+    assert reference["not_measured"] == {"accuracy_vs_prompt": "no text read"}
+    assert built["accuracy_vs_prompt"] is None and built["agreement_with_reference"] is None
+    assert built["not_measured"] == {"accuracy_vs_prompt": "no text read in either image",
+                                     "agreement_with_reference": "no text read in either image"}
+    lost = ocr.score_prompt(prompt, {"pytorch-fp32": render("VISIT THE ALPS", font), "onnxruntime": blank},
+                            "pytorch-fp32", tmp_path)["runs"]["onnxruntime"]
+    assert lost["accuracy_vs_prompt"] == 0.0 and lost["agreement_with_reference"] == 0.0 and lost["not_measured"] == {}
+    unquoted = ocr.score_prompt("a snowy city at night", {"pytorch-fp32": blank, "onnxruntime": blank}, "pytorch-fp32",
+                                tmp_path)["runs"]["onnxruntime"]
+    assert unquoted["not_measured"]["accuracy_vs_prompt"] == "the prompt quotes no text"
+
+
 def test_read_text_refuses_what_is_not_an_rgb_image() -> None:
     with pytest.raises(ValueError, match="HxWx3"):
         ocr.read_text(np.zeros((32, 32), dtype=np.uint8))

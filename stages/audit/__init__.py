@@ -11,12 +11,14 @@ root are built first) and writes `artifacts/audit/<name>/`:
 `<name>` is the audited views joined by `+` (a digest is appended past 64 characters). `audit` is a reserved
 recipe name, so an audit folder can never be taken for a recipe's view.
 
-report.json (``schema_version`` 1)::
+report.json (``schema_version`` 2; 1 had no ``execution`` or ``not_measured``, and 0 or 1 where OCR read nothing)::
 
     {"schema_version", "name", "passed", "failures": [line], "tools": {package: version},
      "recipes": {view: {
         "built_by_audit", "manifest_key", "recipe": {name, file, file_sha256, overrides}, "target",
         "model": {source, seed | identity, warning}, "versions",
+        "execution": {"runners": [runs whose numbers gate the recipe], "engine_ran": [part],
+                      "engine_not_run": {part: reason}, "summary": "on ONNX Runtime — engine NOT run (...)"},
         "components": {component: {
             "precision", "validation_passed", "engine_run",
             "errors": [validate rows: runner, against, output, gated, max_abs_diff, max_rel_diff, mean_abs_diff,
@@ -31,10 +33,28 @@ report.json (``schema_version`` 1)::
                                            max_pixel_diff, passed}},
                          "images": {run or "difference:<runner>": file},
                          "differences": {runner: {gain, max_pixel_diff}},
-                         "ocr": {run: {text, lines, characters, accuracy_vs_prompt,
-                                       agreement_with_reference (graph runs)}}}]},
+                         "ocr": {run: {text, lines, characters, accuracy_vs_prompt: float | null,
+                                       agreement_with_reference: float | null (graph runs),
+                                       not_measured: {figure: reason}}}}]},
         "audit_thresholds": {min_ocr_agreement, min_text_accuracy}, "passed", "failures"}},
      "cross_recipe": {"components": [rows], "pipeline": [rows], "charts"}}
+
+``execution`` is read from the records (each validation's ``engine_run`` and gated rows, the pipeline
+check's ``engine`` and ``runners``); a part is a component or ``pipeline_check``. The page's headline is the
+verdict followed by the summary, so a PASS measured on ONNX Runtime never reads as the engine's.
+
+OCR figures need text: ``accuracy_vs_prompt`` is null when the prompt quotes no text ("the prompt quotes no
+text") or when OCR read no text in this image nor in the reference ("no text read" for the reference, "no
+text read in either image" for a run); ``agreement_with_reference`` is null in the second case. The reason
+is in ``not_measured`` and the page shows it in place of a number. Where the reference holds text and a run
+none, 0 is measured. Cross-recipe pipeline rows add ``ocr_images`` and ``ocr_images_with_text``; their worst
+figures are over measured values only (null when none was).
+
+The recipe's ``audit`` gates (min_ocr_agreement, min_text_accuracy) apply to each graph run of each prompt.
+On a prompt that quotes text, a figure that was not measured does not pass the gate: the audit fails with a
+"NOT MEASURED (reason): <gate> unchecked" line, since a gate that was asked for was never checked (the tiny
+random-weight model renders no legible text, so there an OCR gate ends this way). On a prompt that quotes no
+text, an unmeasured figure is not gated: no text is expected there.
 
 BLOCK_ROW, the per-block error of block-wise validation (the validate report's ``blocks``, copied by the
 manifest to ``components.<c>.validation.blocks``; the manifest's copy is read first), worst over the cases::
@@ -58,6 +78,7 @@ from typing import Any
 from stages.errors import ForgeError, fail
 
 AUDIT_DIR = "audit"
+RUNNER_NAMES = {"onnxruntime": "ONNX Runtime", "tensorrt-engine": "the TensorRT engine"}
 VARIABLE = "recipes"
 MAX_NAME = 64
 
@@ -166,7 +187,8 @@ def audit_action(request: AuditRequest) -> Any:
         return TaskFailed(f"audit: {type(error).__name__}: {first} (FORGE_DEBUG=1 shows the traceback)")
     where = os.path.relpath(request.out_dir / "report.html")
     for name, figures in report["recipes"].items():
-        print(f"audit: {name}: {'PASSED' if figures['passed'] else 'FAILED'}", file=sys.stderr)
+        print(f"audit: {name}: {'PASSED' if figures['passed'] else 'FAILED'} {figures['execution']['summary']}",
+              file=sys.stderr)
     print(f"audit report: {where} (figures in report.json beside it)", file=sys.stderr)
     if not report["passed"]:
         more = f" (+{len(report['failures']) - 1} more)" if len(report["failures"]) > 1 else ""

@@ -8,6 +8,7 @@ drift is one grid line and "higher is worse" holds on every chart.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +35,51 @@ def _svg(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
+def tick_label(value: float) -> str:
+    """A log-axis tick as a person reads it: 0.05 or 20 in plain digits, 2e-7 or 1.5e-7 past them."""
+    if 1e-3 <= value < 1e4:
+        return f"{value:.4g}"
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
+
+
+def log_ticks(low: float, high: float) -> list[float]:
+    """Tick values in [low, high]: every decade past three decades (thinned to at most 12), 1-2-5 steps within
+    three, every integer multiple of the decade within one."""
+    decades = math.log10(high / low)
+    subs = (1,) if decades > 3 else (1, 2, 5) if decades > 1 else range(1, 10)
+    exponents = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    ticks = [m * 10.0 ** e for e in exponents for m in subs if low <= m * 10.0 ** e * (1 + 1e-9) and
+             m * 10.0 ** e <= high * (1 + 1e-9)]
+    return ticks[::math.ceil(len(ticks) / 12)] if ticks else ticks
+
+
+def log_axis(axis: Any) -> None:
+    """Log y axis with at least three labelled ticks however narrow the data (matplotlib's own labels thin out
+    to one or two, or to none, when the data sit within a decade or two). Call it after plotting.
+    """
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_yscale("log")
+    low, high = axis.get_ylim()
+    if len(log_ticks(low, high)) < 3:  # a sliver of one decade: widen it to integer multiples around it
+        low = _step(low, -1)
+        while len(log_ticks(low, high)) < 3:
+            high = _step(high, +1)
+        axis.set_ylim(low, high)
+    axis.yaxis.set_major_locator(FixedLocator(log_ticks(low, high)))
+    axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: tick_label(value)))
+    axis.yaxis.set_minor_locator(LogLocator(base=10, subs="auto", numticks=12))
+    axis.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _step(value: float, direction: int) -> float:
+    """The integer multiple of its decade at or below `value` (direction -1), or the next one above it (+1)."""
+    decade = 10.0 ** math.floor(math.log10(value) + 1e-9)
+    multiple = math.floor(value / decade + 1e-9)
+    return multiple * decade if direction < 0 else (multiple + 1) * decade
+
+
 def gap(cosine: float | None) -> float:
     """1 - cosine, floored for a log axis (NaN stays NaN: a missing point, never a good one)."""
     if cosine is None or cosine != cosine:
@@ -50,7 +96,7 @@ def step_cosine_chart(curves: Sequence[tuple[str, Sequence[float]]], threshold: 
     if threshold is not None:
         axis.axhline(gap(threshold), color="crimson", linestyle="--", linewidth=1,
                      label=f"gate: min step cosine {threshold:g}")
-    axis.set_yscale("log")
+    log_axis(axis)
     axis.set_xlabel("denoising step")
     axis.set_ylabel("1 - cosine vs PyTorch (log)")
     axis.set_title(title)
@@ -77,7 +123,7 @@ def blocks_chart(rows: Sequence[dict[str, Any]], title: str) -> bytes:
                        markersize=3, label=f"{label} text stream")
     names = [str(row["block"]) for row in next(iter(series.values()))]
     for axis, ylabel in ((left, "max |diff| (log)"), (right, "1 - cosine (log)")):
-        axis.set_yscale("log")
+        log_axis(axis)
         axis.set_xlabel("block")
         axis.set_ylabel(ylabel)
         if len(names) <= 24:
@@ -102,13 +148,13 @@ def cross_recipe_chart(components: Sequence[dict[str, Any]], pipeline: Sequence[
         rows = [lookup.get((recipe, group)) for group in groups]
         axes[0].bar(x, [gap(r["min_cosine_similarity"]) if r else np.nan for r in rows], width, label=recipe)
         axes[1].bar(x, [r["max_abs_diff"] / r["atol"] if r else np.nan for r in rows], width, label=recipe)
-    for axis, ylabel in ((axes[0], "1 - min cosine vs PyTorch fp32 (log)"), (axes[1], "max |diff| / atol (gate at 1)")):
+    axes[1].axhline(1.0, color="crimson", linestyle="--", linewidth=1)
+    for axis, ylabel in ((axes[0], "1 - min cosine vs PyTorch fp32 (log)"),
+                         (axes[1], "max |diff| / atol (log; gate at 1)")):
         axis.set_xticks(range(len(groups)), groups, fontsize=7)
         axis.set_ylabel(ylabel)
         axis.legend(fontsize=7)
-    axes[0].set_yscale("log")
-    axes[1].set_yscale("log")
-    axes[1].axhline(1.0, color="crimson", linestyle="--", linewidth=1)
+        log_axis(axis)
     axes[0].set_title("component outputs: cosine")
     axes[1].set_title("component outputs: share of the tolerance")
     if pipeline:
@@ -116,7 +162,7 @@ def cross_recipe_chart(components: Sequence[dict[str, Any]], pipeline: Sequence[
         axes[2].bar(range(len(names)), [gap(row["min_step_cosine"]) for row in pipeline],
                     color=[f"C{recipes.index(n)}" for n in names])
         axes[2].set_xticks(range(len(names)), names, fontsize=7, rotation=20)
-        axes[2].set_yscale("log")
+        log_axis(axes[2])
         axes[2].set_ylabel("1 - worst step cosine (log)")
     else:
         axes[2].text(0.5, 0.5, "no pipeline check", ha="center", va="center", transform=axes[2].transAxes)

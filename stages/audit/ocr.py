@@ -10,8 +10,13 @@ ONNX Runtime, offline) and scores:
   the edit distance to its best-matching stretch of the text read, ``1 - sum(distance) / sum(length)``
   (at least 0). Other text in the image costs nothing; a missing, wrong or extra character inside the
   segment costs one each;
-* agreement between two images: ``1 - levenshtein(a, b) / max(len(a), len(b))`` of everything read in each
-  (1.0 when neither holds any text: they agree that there is none; the report shows both texts).
+* agreement between two images: ``1 - levenshtein(a, b) / max(len(a), len(b))`` of everything read in each.
+
+A score needs text to score: `score_prompt` records ``None`` and a reason in ``not_measured`` where OCR read
+nothing in either image of a comparison (the reference and the run), instead of the accuracy 0 or agreement 1
+the string metrics give for empty text. A model that renders no legible text (the tiny random-weight one)
+says nothing about whether a build damaged text, and must not read as a measured 0 or a measured match.
+Where the reference holds text and a run holds none, 0 is measured (the build lost the text).
 
 Text is compared after NFKC normalisation and case folding, keeping letters and digits only (CJK characters
 are letters): OCR does not reliably see spaces or punctuation, and a sign does not become less legible when
@@ -31,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 OCR_PACKAGE = "rapidocr-onnxruntime"
+NO_QUOTED_TEXT = "the prompt quotes no text"
+NO_TEXT_READ = "no text read"
+NO_TEXT_IN_EITHER = "no text read in either image"
 QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”|「([^」]+)」|『([^』]+)』|‘([^’]+)’')
 
 
@@ -153,15 +161,30 @@ def score_prompt(prompt: str, images: dict[str, Any], reference: str,
                  cache_dir: Path | None = None) -> dict[str, Any]:
     """OCR every image of one prompt: text read, accuracy against the quoted text, agreement with `reference`.
 
-    `images` maps a run name (the reference first, then each graph run) to its uint8 RGB image.
+    `images` maps a run name (the reference first, then each graph run) to its uint8 RGB image. A figure that
+    cannot be measured is None, with its reason under ``not_measured`` (NO_QUOTED_TEXT, NO_TEXT_READ for the
+    reference, NO_TEXT_IN_EITHER for a run), so neither the page nor a gate can take it for a measurement.
     """
     segments = quoted_text(prompt)
     readings = {name: read_text(image, cache_dir) for name, image in images.items()}
-    reference_text = readings[reference].text
+    counts = {name: len(normalize(reading.text)) for name, reading in readings.items()}
     runs = {}
     for name, reading in readings.items():
-        runs[name] = {**reading.as_json(), "characters": len(normalize(reading.text)),
-                      "accuracy_vs_prompt": text_accuracy(segments, reading.text)}
+        blank = counts[name] == 0 and counts[reference] == 0
+        empty = NO_TEXT_READ if name == reference else NO_TEXT_IN_EITHER
+        missing: dict[str, str] = {}
+        accuracy = None
+        if not segments:
+            missing["accuracy_vs_prompt"] = NO_QUOTED_TEXT
+        elif blank:
+            missing["accuracy_vs_prompt"] = empty
+        else:
+            accuracy = text_accuracy(segments, reading.text)
+        runs[name] = {**reading.as_json(), "characters": counts[name], "accuracy_vs_prompt": accuracy}
         if name != reference:
-            runs[name]["agreement_with_reference"] = agreement(reference_text, reading.text)
+            runs[name]["agreement_with_reference"] = None if blank else agreement(readings[reference].text,
+                                                                                    reading.text)
+            if blank:
+                missing["agreement_with_reference"] = NO_TEXT_IN_EITHER
+        runs[name]["not_measured"] = missing
     return {"quoted_text": segments, "runs": runs}

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.audit import AUDIT_DIR, AuditRequest
+from stages.audit import AUDIT_DIR, RUNNER_NAMES, AuditRequest
 from stages.audit.collect import BuildView, component_figures, load_builds, pipeline_source, recipe_figures
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TOOLS = ("rapidocr-onnxruntime", "onnxruntime", "matplotlib", "numpy", "pillow")
 RUN_KEYS = ("step_cosine", "min_step_cosine", "psnr_db", "ssim", "identical", "max_pixel_diff", "passed")
 
@@ -82,6 +82,7 @@ class Audit:
             figures["components"][component] = entry
         figures["pipeline_check"] = self._pipeline(build, out)
         figures["audit_thresholds"] = dict(self.request.thresholds.get(build.name, {}))
+        figures["execution"] = execution(figures)
         figures["failures"] = gate(build.name, figures)
         figures["passed"] = not figures["failures"]
         return figures
@@ -129,26 +130,72 @@ class Audit:
 
 
 def gate(name: str, figures: dict[str, Any]) -> list[str]:
-    """One line per failed check: the build's own gates as recorded, then the recipe's `audit` thresholds."""
+    """One line per failed check: the build's own gates as recorded, then the recipe's `audit` thresholds.
+
+    An OCR gate on a prompt that quotes text, where OCR read no text in the reference or the run, is not
+    measured; it does not pass: the line says so and the audit fails, since a gate someone asked for was never
+    checked. On a prompt that quotes no text an unmeasured figure is nothing to gate (no text is expected).
+    """
     failures = [f"{name}: {component} validation FAILED (its rows are in the report)"
                 for component, entry in figures["components"].items() if entry["validation_passed"] is False]
     check = figures["pipeline_check"]
     if check is not None and check["passed"] is False:
         failures.append(f"{name}: pipeline check FAILED")
     thresholds = figures["audit_thresholds"]
-    minimum_agreement, minimum_accuracy = thresholds.get("min_ocr_agreement"), thresholds.get("min_text_accuracy")
+    gates = (("min_ocr_agreement", "agreement_with_reference", "OCR agreement with the reference"),
+             ("min_text_accuracy", "accuracy_vs_prompt", "text accuracy vs the prompt's quoted text"))
     for prompt in (check or {}).get("prompts", []):
         for runner in check["runners"]:
             read = prompt["ocr"][runner]
-            value = read.get("agreement_with_reference")
-            if minimum_agreement is not None and not value >= minimum_agreement:
-                failures.append(f"{name}: prompt {prompt['index']} {runner}: OCR agreement with the reference "
-                                f"{value:.3f} < min_ocr_agreement {minimum_agreement:g}")
-            value = read.get("accuracy_vs_prompt")
-            if minimum_accuracy is not None and value is not None and not value >= minimum_accuracy:
-                failures.append(f"{name}: prompt {prompt['index']} {runner}: text accuracy vs the prompt's quoted "
-                                f"text {value:.3f} < min_text_accuracy {minimum_accuracy:g}")
+            for threshold, key, what in gates:
+                minimum, value = thresholds.get(threshold), read.get(key)
+                where = f"{name}: prompt {prompt['index']} {runner}"
+                if minimum is None or (value is None and not prompt["quoted_text"]):
+                    continue
+                if value is None:
+                    reason = (read.get("not_measured") or {}).get(key, "not recorded")
+                    failures.append(f"{where}: {what} NOT MEASURED ({reason}): {threshold} {minimum:g} unchecked")
+                elif not value >= minimum:
+                    failures.append(f"{where}: {what} {value:.3f} < {threshold} {minimum:g}")
     return failures
+
+
+def execution(figures: dict[str, Any]) -> dict[str, Any]:
+    """On which runners the gated numbers were measured, and whether the engine itself ran, per part.
+
+    Read from the records (each component's validation `engine_run` and gated rows, the pipeline check's
+    `engine` and `runners`), so a PASS can never be read as the engine's own when only its ONNX ran.
+    """
+    runners: list[str] = []
+    parts: dict[str, dict[str, Any]] = {}
+    for component, entry in figures["components"].items():
+        runners += [row["runner"] for row in entry["errors"] if row["gated"]]
+        if entry["engine_run"] is not None:
+            parts[component] = entry["engine_run"]
+    check = figures["pipeline_check"]
+    if check is not None:
+        runners += check["runners"]
+        if check.get("engine") is not None:
+            parts["pipeline_check"] = check["engine"]
+    runners = list(dict.fromkeys(runners))
+    ran = [part for part, engine in parts.items() if engine.get("ran")]
+    not_run = {part: str(engine.get("skipped_because") or "no reason recorded")
+               for part, engine in parts.items() if not engine.get("ran")}
+    target = figures["target"] or {}
+    built_for = f"the engine is built for {target.get('gpu')}, compute capability {target.get('compute_capability')}"
+    names = " and ".join(RUNNER_NAMES.get(r, r) for r in runners)
+    measured = f"on {names}" if runners else "with nothing run (no validation, no pipeline check)"
+    reasons = list(dict.fromkeys(not_run.values()))
+    if not parts:
+        engine = "engine NOT run (nothing recorded running it)"
+    elif not not_run:
+        engine = f"engine ran ({target.get('backend')} engine through TrtRunner)"
+    elif not ran:
+        engine = f"engine NOT run ({'; '.join(reasons)}; {built_for})"
+    else:
+        engine = (f"engine ran for {', '.join(ran)} but NOT for {', '.join(not_run)} "
+                  f"({'; '.join(reasons)}; {built_for})")
+    return {"runners": runners, "engine_ran": ran, "engine_not_run": not_run, "summary": f"{measured} — {engine}"}
 
 
 def cross_recipe(recipes: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -177,14 +224,17 @@ def cross_recipe(recipes: dict[str, dict[str, Any]]) -> dict[str, Any]:
         runs = [run for prompt in check["prompts"] for run in prompt["runs"].values()]
         reads = [prompt["ocr"][runner] for prompt in check["prompts"] for runner in check["runners"]]
         accuracies = [r["accuracy_vs_prompt"] for r in reads if r["accuracy_vs_prompt"] is not None]
+        agreements = [r["agreement_with_reference"] for r in reads if r["agreement_with_reference"] is not None]
+        images = [read for prompt in check["prompts"] for read in prompt["ocr"].values()]
         pipeline.append({
             "recipe": name, "runners": check["runners"], "prompts": len(check["prompts"]),
             "steps": (check["settings"] or {}).get("num_inference_steps"),
             "min_step_cosine": min(run["min_step_cosine"] for run in runs),
             "min_psnr_db": min((run["psnr_db"] for run in runs if run["psnr_db"] is not None), default=None),
             "min_ssim": min(run["ssim"] for run in runs),
-            "min_ocr_agreement": min(r["agreement_with_reference"] for r in reads),
+            "min_ocr_agreement": min(agreements, default=None),
             "min_text_accuracy": min(accuracies, default=None),
+            "ocr_images": len(images), "ocr_images_with_text": sum(1 for read in images if read["characters"]),
             "passed": figures["passed"],
         })
     return {"components": components, "pipeline": pipeline}
