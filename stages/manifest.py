@@ -13,7 +13,7 @@ from typing import Any
 
 from stages import fingerprint
 from stages.ci import REPRODUCIBILITY
-from stages.recipe import REPO_DIR, TINY_WARNING
+from stages.recipe import REPO_DIR, TINY_WARNING, build_overrides
 from stages.backends import BACKENDS
 from stages.registry import MANIFEST_PACKAGES, STAGES, Ref, stage_instances
 from stages.reports import ValidationReport
@@ -41,7 +41,9 @@ def _recipe_entry(build: Build) -> dict[str, Any]:
         shown = str(source.relative_to(REPO_DIR))
     except ValueError:
         shown = source.name
-    resolved, overrides = dict(loaded.resolved), dict(loaded.overrides)
+    resolved = {key: value for key, value in loaded.resolved.items() if key != "audit"}  # read by `doit audit` only
+    overrides = {key: value for key, value in loaded.overrides.items()
+                 if key == "model.path" or key in build_overrides(loaded.overrides)}
     if not loaded.recipe.model.is_tiny:
         shown_model = Path(loaded.recipe.model.path).resolve().name  # the checkpoint by name; model.files has its identity
         resolved["model"] = {**resolved["model"], "path": shown_model}

@@ -414,12 +414,19 @@ def view_name(path: Path, model: ModelSource, overrides: dict[str, Any] | None =
         variant["recipe"] = str(path.resolve())
     if not model.is_tiny:
         variant["model"] = str(Path(model.path).resolve())
-    settings = {key: value for key, value in (overrides or {}).items() if key != "model.path"}
+    settings = build_overrides(overrides or {})
     if settings:
         variant["overrides"] = settings
     if not variant:
         return path.stem
     return f"{path.stem}-{hashlib.sha256(json.dumps(variant, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
+def build_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The command-line overrides that change what is built: not `model=` (its own part of the view name) and not
+    the `audit:` section, whose gates only `doit audit` reads."""
+    return {key: value for key, value in overrides.items()
+            if key != "model.path" and key != "audit" and not key.startswith("audit.")}
 
 
 def read_yaml(path: Path) -> Any:

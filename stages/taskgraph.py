@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from stages import actions, registry, remote
-from stages.recipe import TINY_WARNING, LoadedRecipe, load_recipe
+from stages.recipe import TINY_WARNING, LoadedRecipe, build_overrides, load_recipe
 from stages.registry import Ref
 from stages.resolve import Build
 
@@ -51,7 +51,7 @@ def banners(build: Build) -> list[str]:
     lines = []
     if loaded.recipe.model.is_tiny:
         lines.append(f"*** {TINY_WARNING} (seed {loaded.recipe.model.seed}) ***")
-    settings = {key: value for key, value in loaded.overrides.items() if key != "model.path"}
+    settings = build_overrides(loaded.overrides)
     if settings:
         shown = ", ".join(f"{key}={json.dumps(value, ensure_ascii=False)}" for key, value in settings.items())
         lines.append(f"{len(settings)} override{'s' if len(settings) > 1 else ''}: {shown} -> view {loaded.name} "

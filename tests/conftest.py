@@ -99,8 +99,8 @@ def built(shared_artifacts: dict[str, Path]) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def light_builds(built: dict[str, Path]) -> Callable[[str], tuple[dict, list[str], str]]:
     """`light_builds(recipe)`: a quantized recipe built with test_recipes' LIGHT settings into the session's shared
-    store, once per session on first request (test_recipes asserts on that first build's log; test_audit audits
-    a10-int8 beside a10-fp16). Returns (manifest, executed tasks, stderr) of that build."""
+    store, once per session on first request (test_recipes asserts on that first build's log). Returns (manifest,
+    executed tasks, stderr) of that build."""
     from tests.test_recipes import build
 
     shared = {"artifacts": built["artifacts"], "db": built["db"]}

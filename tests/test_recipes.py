@@ -27,7 +27,8 @@ LIGHT = [
 # (the whole-graph bytes, tests/test_quantize.py), FP8 graphs validated one block at a time (weights behind
 # DequantizeLinear stay in their block). Block-wise FP8 quantization differs in a few optional residual-Add Q/DQ,
 # too close to the tiny pipeline check's 0.999 step cosine to share its build; a10-int8's validation stays
-# whole-graph because test_audit audits that build.
+# whole-graph (the FP8 builds cover block-wise validation). These overrides give each light build a view of its
+# own (`a10-int8-<digest>`): test_audit audits the recipes as shipped.
 BLOCKWISE = {"a10-int8": ["components.transformer.precision.blockwise=true"],
              "l40s-fp8": ["components.transformer.validate.blockwise=true"],
              "rtx5090-fp8": ["components.transformer.validate.blockwise=true"]}
@@ -60,7 +61,7 @@ def build(workspace: dict[str, Path], recipe: str, *extra: str) -> tuple[dict, l
 @pytest.fixture(scope="module")
 def workspace(built: dict[str, Path], light_builds) -> dict:
     """After the session's a10-fp16 build, the other three RTX recipes in turn, into the same store (each built
-    once per session: test_audit may have built a10-int8 already, and its first build's log is the one kept)."""
+    once per session; its first build's log is the one kept)."""
     shared = {"artifacts": built["artifacts"], "db": built["db"]}
     return {**shared, "builds": {recipe: light_builds(recipe) for recipe in ORDER}}
 
