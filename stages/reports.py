@@ -55,6 +55,7 @@ class EngineRun(Record):
 class OnnxRuntimeRun(Record):
     onnx: str  # the graph, relative to the artifacts root
     ran: bool
+    execution: str | None = None  # how ORT ran it (Q/DQ as float arithmetic, default optimizations); None: older record
 
 
 class FreezingEffect(Record):

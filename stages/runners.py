@@ -62,7 +62,7 @@ def check_static_shape(onnx_path: Path, name: str, declared: Sequence[Any], actu
 
 
 class OnnxRuntimeRunner:
-    """The exact ONNX an engine is built from, on ONNX Runtime's CPU provider (FP8 Q/DQ graphs included).
+    """The exact ONNX an engine is built from, on ONNX Runtime's CPU provider (Q/DQ graphs run as written).
 
     Feeds are cast to the graph's declared input dtypes (fp16 graphs take fp32 feeds), fixed dimensions are
     checked with a message naming the likely cause, outputs come back as float32."""
@@ -148,8 +148,20 @@ def engine_unrunnable_reason(compute_capability: tuple[int, int]) -> str | None:
     return None
 
 
+QDQ_AS_FLOAT = ("Q/DQ as float arithmetic (graph optimizations off; the int32-accumulated result TensorRT computes, "
+                "independent of the CPU's int8 instructions)")
+WEIGHT_ONLY_AS_FLOAT = ("weight-only Q/DQ as float arithmetic (graph optimizations off; DequantizeLinear's float "
+                        "weights in a float GEMM, as the engine's weight-only GEMM, no int8 activations)")
+FP8_AS_WRITTEN = "FP8 Q/DQ as written (graph optimizations off; real FP8 rounding, GEMMs in float)"
+DEFAULT_OPTIMIZATIONS = "default graph optimizations"
+NO_OPTIMIZATIONS = "graph optimizations off (every node as written)"
+
+
 def onnxruntime_cpu_note(model: Any) -> dict[str, Any]:
-    """What ONNX Runtime on CPU can do with this graph, so validation says how it ran (or why it cannot)."""
+    """What ONNX Runtime on CPU can do with this graph, so validation says how it ran (or why it cannot).
+
+    Every graph with Q/DQ runs with graph optimizations off: ORT's QDQ fusions swap the written arithmetic for
+    fused kernels whose numbers depend on the CPU or on ORT's own choices, not on what the engine computes."""
     from stages.qdq import ONNX_BFLOAT16, QDQ_OPS, has_fp8
 
     bf16 = {i.name for i in model.graph.initializer if i.data_type == ONNX_BFLOAT16}  # bf16 weights in place are fine
@@ -157,11 +169,39 @@ def onnxruntime_cpu_note(model: Any) -> dict[str, Any]:
         return {"runs": False, "why": "ORT CPU has no bfloat16 QuantizeLinear/DequantizeLinear kernels; "
                                       "validate a fp16 or fp32 high-precision build instead"}
     if has_fp8(model):
-        return {"runs": True, "graph_optimization": "disabled",
+        return {"runs": True, "graph_optimization": "disabled", "execution": FP8_AS_WRITTEN,
                 "why": "ORT's QDQ fusions turn FP8 Q/DQ into MatMulIntegerToFloat, which rejects float8 inputs; "
                        "with optimizations off every QuantizeLinear/DequantizeLinear runs as written (real FP8 "
                        "rounding, not a simulation)"}
-    return {"runs": True, "graph_optimization": "default"}
+    ops = {node.op_type for node in model.graph.node}
+    if "QuantizeLinear" in ops:
+        return {"runs": True, "graph_optimization": "disabled", "execution": QDQ_AS_FLOAT,
+                "why": "ORT's QDQ fusions turn Q/DQ MatMul/Conv into fused int8 kernels (MatMulIntegerToFloat, "
+                       "QLinearConv) whose results depend on the CPU: without VNNI, AVX2's U8S8 VPMADDUBSW "
+                       "saturates its int16 pair sums (ORT's quantization docs; see scripts/probe_ort_int8_isa.py); "
+                       "with optimizations off QuantizeLinear/DequantizeLinear run as written and the GEMMs in "
+                       "float, which is exact int32 accumulation up to float rounding on every CPU"}
+    if "DequantizeLinear" in ops:
+        return {"runs": True, "graph_optimization": "disabled", "execution": WEIGHT_ONLY_AS_FLOAT,
+                "why": "weight-only INT8: ORT fuses DequantizeLinear+MatMul into MatMulNBits, which at its default "
+                       "accuracy level also quantizes the activations to int8 on the fly (a W8A8 approximation "
+                       "the engine's weight-only GEMM does not make, run by CPU-specific int8 kernels); with "
+                       "optimizations off DequantizeLinear runs as written and the GEMMs take its float weights"}
+    return {"runs": True, "graph_optimization": "default", "execution": DEFAULT_OPTIMIZATIONS}
+
+
+def _execution(note: dict[str, Any], optimize: bool) -> str:
+    if note["graph_optimization"] == "disabled":
+        return note["execution"]
+    return DEFAULT_OPTIMIZATIONS if optimize else NO_OPTIMIZATIONS
+
+
+def onnxruntime_execution(path: Path | str, optimize: bool = True) -> str:
+    """How `onnxruntime_session` runs this graph, in words for the validation report."""
+    import onnx
+
+    note = onnxruntime_cpu_note(onnx.load(str(path), load_external_data=False))
+    return _execution(note, optimize) if note["runs"] else note["why"]
 
 
 def onnxruntime_session(path: Path | str, optimize: bool = True) -> Any:
@@ -173,6 +213,6 @@ def onnxruntime_session(path: Path | str, optimize: bool = True) -> Any:
     if not note["runs"]:
         raise fail(path, "validate", note["why"])
     options = ort.SessionOptions()
-    if note["graph_optimization"] == "disabled" or not optimize:
+    if _execution(note, optimize) != DEFAULT_OPTIMIZATIONS:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -20,7 +20,7 @@ from stages.recipe import LoadedRecipe, Tolerance, ValidateSettings
 from stages.reports import (BlockError, Comparison, EngineRun, FreezingEffect, OnnxRuntimeRun, Tolerances, ValidationReport,
                             WouldPass)
 from stages.runners import (ComparisonGraph, EngineRunner, OnnxRuntimeRunner, RunnerName, engine_unrunnable_reason,
-                            run_all)
+                            onnxruntime_execution, run_all)
 
 REFERENCE = RunnerName.REFERENCE.value
 ORT = RunnerName.ONNXRUNTIME.value
@@ -47,6 +47,8 @@ class ValidateAgainstPytorch:
         from polygraphy.comparator import RunResults
 
         spec = component_module(self.component, self.family)
+        execution = onnxruntime_execution(self.onnx_path)
+        LOG.info("%s %s on %s: %s", self.component, ORT, self.onnx_label or self.onnx_path.name, execution)
         blocks = None
         results = RunResults()
         if self.blockwise:
@@ -77,7 +79,7 @@ class ValidateAgainstPytorch:
             passed=passed,
             reference=REFERENCE,
             runners=[name for name in results.keys() if name != REFERENCE],
-            onnxruntime=OnnxRuntimeRun(onnx=self.onnx_label or self.onnx_path.name, ran=True),
+            onnxruntime=OnnxRuntimeRun(onnx=self.onnx_label or self.onnx_path.name, ran=True, execution=execution),
             engine=engine_status,
             cases=[case["description"] for case in cases],
             comparisons=gated,

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
 
 from stages.recipe import load_recipe
 from stages.reports import Comparison, Tolerances, WouldPass
+from stages.runners import DEFAULT_OPTIMIZATIONS, WEIGHT_ONLY_AS_FLOAT
 from stages.validate import ValidateAgainstPytorch, format_line
 
 
@@ -30,6 +33,30 @@ def test_fp16_graph_passes_and_report_is_honest(tiny_checkpoint: Path, fp16_outp
     assert row["runner"] == "onnxruntime" and row["output"] == "sample"
     assert 0 < row["max_abs_diff"] < 0.05 and row["min_cosine_similarity"] > 0.999
     assert len(report["cases"]) == 4 and (tmp_path / "results.json").stat().st_size > 0
+    assert report["onnxruntime"] == {"onnx": "model.onnx", "ran": True, "execution": DEFAULT_OPTIMIZATIONS}
+
+
+def test_quantized_graph_record_and_log_say_qdq_ran_as_float(tiny_checkpoint: Path, surgery_output: tuple[Path, dict],
+                                                            tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """How ORT executed a Q/DQ graph is part of the validation's record (issue 15: fused int8 kernels are
+    CPU-dependent); weight-only INT8 needs no calibration feeds, so it is the cheap quantized graph here."""
+    from stages.quantize import QuantizePrecision
+
+    source, surgery = surgery_output
+    (tmp_path / "precision").mkdir()
+    (tmp_path / "validate").mkdir()
+    QuantizePrecision("transformer", source, "int8_weight_only", "max", "fp16", tuple(surgery["frozen_nodes"]), (),
+                      [], None)(tmp_path / "precision")
+    forge = logging.getLogger("forge")
+    forge.addHandler(caplog.handler)  # log.configure() stops propagation to the root logger caplog listens on
+    try:
+        with caplog.at_level(logging.INFO, logger="forge"):
+            report = validator(tiny_checkpoint, tmp_path / "precision" / "model.onnx", SMALL)(tmp_path / "validate")
+    finally:
+        forge.removeHandler(caplog.handler)
+    assert report["onnxruntime"] == {"onnx": "model.onnx", "ran": True, "execution": WEIGHT_ONLY_AS_FLOAT}
+    assert f"transformer onnxruntime on model.onnx: {WEIGHT_ONLY_AS_FLOAT}" in caplog.messages
+    assert report["comparisons"][0]["min_cosine_similarity"] > 0.999
 
 
 def test_too_tight_tolerance_fails_with_what_would_pass(tiny_checkpoint: Path, fp16_output: tuple[Path, dict],
