@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +82,42 @@ def artifact_digests(manifest: dict) -> dict[str, str]:
     return found
 
 
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1 under `pytest -n 2` (./forge test); "" alone
+
+
 @pytest.fixture(scope="session")
 def shared_artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One artifacts root for the session's read-only builds: their store entries are shared, as on a user's
-    machine (tests that damage or clean use roots of their own)."""
-    root = tmp_path_factory.mktemp("shared")
-    return {"artifacts": root / "artifacts", "db": root / "doit.db"}
+    machine (tests that damage or clean use roots of their own). Under pytest-xdist every worker of the session
+    uses the same root (the store's per-entry locks make concurrent builds safe), each with its own doit
+    database (doit's is only a cache)."""
+    root = tmp_path_factory.getbasetemp().parent / "shared" if WORKER else tmp_path_factory.mktemp("shared")
+    root.mkdir(exist_ok=True)
+    return {"artifacts": root / "artifacts", "db": root / f"doit{'-' + WORKER if WORKER else ''}.db", "root": root}
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def once_per_session(root: Path, name: str, make: Callable[[], subprocess.CompletedProcess[str]]
+                     ) -> subprocess.CompletedProcess[str]:
+    """Run `make` once for all workers of the session; the others wait and get the same result (its log)."""
+    saved = root / f"{name}.result.json"
+    with _exclusive(root / f"{name}.lock"):
+        if saved.exists():
+            data = json.loads(saved.read_text())
+            return subprocess.CompletedProcess(data["args"], data["returncode"], data["stdout"], data["stderr"])
+        result = make()
+        saved.write_text(json.dumps({"args": [str(a) for a in result.args], "returncode": result.returncode,
+                                     "stdout": result.stdout, "stderr": result.stderr}))
+        return result
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +125,8 @@ def built(shared_artifacts: dict[str, Path]) -> dict[str, Any]:
     """The session's a10-fp16 build, cold, two tasks at a time as a user would (`-n 2` after the variables);
     tests/test_command_line.py reads its log."""
     artifacts, db = shared_artifacts["artifacts"], shared_artifacts["db"]
-    result = run_doit(["build", "recipe=a10-fp16", "-n", "2"], artifacts, db)
+    result = once_per_session(shared_artifacts["root"], "a10-fp16",
+                              lambda: run_doit(["build", "recipe=a10-fp16", "-n", "2"], artifacts, db))
     return {"artifacts": artifacts, "db": db, "recipe": artifacts / "a10-fp16", "log": result}
 
 
