@@ -131,6 +131,18 @@ def built(shared_artifacts: dict[str, Path]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def built_int8(built: dict[str, Any], shared_artifacts: dict[str, Path]) -> tuple[dict, list[str], str]:
+    """a10-int8 as shipped, after a10-fp16 and into the same store, once per session (test_recipes reads its
+    log: what it shares with a10-fp16 is reused; test_audit audits it beside a10-fp16). Returns (manifest,
+    executed tasks, stderr)."""
+    artifacts, db = built["artifacts"], built["db"]
+    result = once_per_session(shared_artifacts["root"], "a10-int8",
+                              lambda: run_doit(["build", "recipe=a10-int8", "-n", "2"], artifacts, db))
+    manifest = json.loads((artifacts / "a10-int8" / "manifest.json").read_text())
+    return manifest, executed_tasks(result.stdout), result.stderr
+
+
+@pytest.fixture(scope="session")
 def light_builds(built: dict[str, Path]) -> Callable[[str], tuple[dict, list[str], str]]:
     """`light_builds(recipe)`: a quantized recipe built with test_recipes' LIGHT settings into the session's shared
     store, once per session on first request (test_recipes asserts on that first build's log). Returns (manifest,

@@ -1,9 +1,9 @@
-"""`doit audit`: two real tiny builds (the session's a10-fp16, and a10-int8 as shipped, which the audit builds into
-the same store) audited into report.json and report.html; figures checked against values recomputed here from
-the manifests and PNGs; the page opened in real headless Chromium (Debian's package, which .ci/run installs).
+"""`doit audit`: two real tiny builds (the session's a10-fp16 and a10-int8, both as shipped, in one store) audited
+into report.json and report.html; figures checked against values recomputed here from the manifests and PNGs;
+the page opened in real headless Chromium (Debian's package, which ./forge test installs).
 
-a10-int8 is built by the audit rather than taken from test_recipes' LIGHT build: overridden builds have views
-of their own, and `recipes=` names shipped recipes, whose views hold only what their files say."""
+Both builds are the recipes as shipped (conftest's `built` and `built_int8`, shared with test_recipes): `recipes=`
+names shipped recipes, whose views hold only what their files say; overridden builds have views of their own."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def audited(built: dict[str, Path]) -> dict:
+def audited(built: dict[str, Path], built_int8: tuple) -> dict:
     artifacts, db = built["artifacts"], built["db"]
     result = run_doit(["audit", f"recipes={','.join(RECIPES)}"], artifacts, db)
     folder = artifacts / "audit" / NAME

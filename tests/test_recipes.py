@@ -23,14 +23,13 @@ LIGHT = [
     "pipeline_check.height=256",
     "pipeline_check.width=256",
 ]
-# release-size code paths, switched on for the tiny transformer: INT8 weight-only quantized one block at a time
-# (the whole-graph bytes, tests/test_quantize.py), FP8 graphs validated one block at a time (weights behind
-# DequantizeLinear stay in their block). Block-wise FP8 quantization differs in a few optional residual-Add Q/DQ,
-# too close to the tiny pipeline check's 0.999 step cosine to share its build; a10-int8's validation stays
-# whole-graph (the FP8 builds cover block-wise validation). These overrides give each light build a view of its
-# own (`a10-int8-<digest>`): test_audit audits the recipes as shipped.
-BLOCKWISE = {"a10-int8": ["components.transformer.precision.blockwise=true"],
-             "l40s-fp8": ["components.transformer.validate.blockwise=true"],
+# release-size code paths, switched on for the tiny transformer: FP8 graphs validated one block at a time (weights
+# behind DequantizeLinear stay in their block); INT8 weight-only quantized one block at a time is its own test
+# below (the whole-graph bytes: tests/test_quantize.py). Block-wise FP8 quantization differs in a few optional
+# residual-Add Q/DQ, too close to the tiny pipeline check's 0.999 step cosine to share its build. These overrides
+# give each light build a view of its own (`l40s-fp8-<digest>`); a10-int8 is the session's build as shipped
+# (conftest's `built_int8`, which test_audit audits).
+BLOCKWISE = {"l40s-fp8": ["components.transformer.validate.blockwise=true"],
              "rtx5090-fp8": ["components.transformer.validate.blockwise=true"]}
 LIGHT_CALIBRATION = [
     "components.transformer.precision.calibration.sizes=[[512, 512]]",
@@ -39,7 +38,7 @@ LIGHT_CALIBRATION = [
 ]
 
 
-ORDER = ("a10-int8", "l40s-fp8", "rtx5090-fp8")
+ORDER = ("l40s-fp8", "rtx5090-fp8")
 
 
 def light_overrides(recipe: str, *extra: str) -> list[str]:
@@ -59,11 +58,11 @@ def build(workspace: dict[str, Path], recipe: str, *extra: str) -> tuple[dict, l
 
 
 @pytest.fixture(scope="module")
-def workspace(built: dict[str, Path], light_builds) -> dict:
+def workspace(built: dict[str, Path], built_int8: tuple, light_builds) -> dict:
     """After the session's a10-fp16 build, the other three RTX recipes in turn, into the same store (each built
     once per session; its first build's log is the one kept)."""
     shared = {"artifacts": built["artifacts"], "db": built["db"]}
-    return {**shared, "builds": {recipe: light_builds(recipe) for recipe in ORDER}}
+    return {**shared, "builds": {"a10-int8": built_int8, **{recipe: light_builds(recipe) for recipe in ORDER}}}
 
 
 def surgery_frozen(workspace: dict[str, Path], recipe: str) -> int:
@@ -105,7 +104,7 @@ def test_identical_work_is_done_once_across_recipes(workspace: dict) -> None:
     """a10-int8 after a10-fp16: the checkpoint, every export and surgery, and the text encoder's and VAE's
     precision and engines are reused; rtx5090-fp8 after l40s-fp8 also reuses the calibration and quantization."""
     _, _, log = workspace["builds"]["a10-int8"]
-    int8 = name_of("a10-int8")
+    int8 = "a10-int8"
     shared = {f"checkpoint:{int8}", *(f"{s}:{int8}/{c}" for s in ("export", "surgery")
                                        for c in ("text_encoder", "transformer", "vae_decoder")),
               *(f"{s}:{int8}/{c}" for s in ("precision", "engine") for c in ("text_encoder", "vae_decoder"))}
@@ -145,3 +144,29 @@ def test_h100_fp8_needs_full_tensorrt(tmp_path: Path) -> None:
         assert "h100-fp8.yaml: target.backend: tensorrt needs the Python package `tensorrt`" in result.stderr
     else:
         pytest.skip("full TensorRT is installed: h100-fp8 would build here")
+
+
+def test_a10_int8_quantizes_one_block_at_a_time_through_doit(workspace: dict) -> None:
+    """precision.blockwise=true (auto turns it on at release size): the precision task alone, from the recipe's
+    own upstream entries, quantizes block by block into the same INT8 tensors as the whole-graph build."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from stages.weights import load_with_weights
+
+    blockwise = ["components.transformer.precision.blockwise=true"]
+    name = view_name("a10-int8", overrides=blockwise)
+    result = run_doit(["precision", "recipe=a10-int8", *blockwise], workspace["artifacts"], workspace["db"])
+    assert built_tasks(result.stderr) == [f"precision:{name}/transformer"], result.stderr[-2000:]
+    graphs = {}
+    for view in ("a10-int8", name):
+        folder = workspace["artifacts"] / view / "transformer" / "precision"
+        record = json.loads((folder / "record.json").read_text())
+        assert record["report"]["blockwise"] is (view == name)
+        model = load_with_weights(folder / "model.onnx")  # shards linked in place, which onnx.load refuses
+        graphs[view] = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+                        if t.data_type == onnx.TensorProto.INT8}
+    assert graphs[name].keys() == graphs["a10-int8"].keys() and len(graphs[name]) > 0
+    for tensor, values in graphs["a10-int8"].items():
+        assert np.array_equal(values, graphs[name][tensor]), tensor
