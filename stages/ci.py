@@ -109,7 +109,6 @@ class ForgeReporter(ConsoleReporter):
         self.failed_checks: list[str] = []
         self.stage_failures = 0
         self.running: dict[str, None] = {}
-        self.finished = 0
         self.stage_tasks_seen = False
         self.started = time.perf_counter()
 
@@ -138,8 +137,6 @@ class ForgeReporter(ConsoleReporter):
         self.tally.merge(values)
         if values.get("failed"):
             self.failed_checks.append(values["failed"])
-        if values.get("built") or values.get("fetched"):
-            self.finished += 1
 
     def add_success(self, task: Any) -> None:
         super().add_success(task)
@@ -162,7 +159,7 @@ class ForgeReporter(ConsoleReporter):
         if INTERRUPTED:
             sys.stdout.flush()
             lost = ", ".join(self.running) or "none"
-            logger.error(f"interrupted ({INTERRUPTED[0]}): kept {self.finished} task(s) finished in this run (committed "
+            logger.error(f"interrupted ({INTERRUPTED[0]}): kept {self.tally.built + self.tally.fetched} task(s) finished in this run (committed "
                          f"to the store); lost the work of the task(s) still running: {lost} (scratch removed); "
                          "rerun to continue")
             sys.stderr.flush()

@@ -54,7 +54,7 @@ FORGE_ARTIFACTS=DIR (where the store and views live), FORGE_REMOTE, FORGE_REMOTE
 Other commands: doit list, doit clean recipe=..., doit gc, doit publish recipe=..., doit audit recipes=a,b."""
 
 
-FOOTER = (f"\nVariables: recipe=NAME|FILE.yaml model=tiny|DIR remote=URL remote_required=1 verify=1 KEY.PATH=VALUE; "
+FOOTER = ("\nVariables: recipe=NAME|FILE.yaml model=tiny|DIR remote=URL remote_required=1 verify=1 KEY.PATH=VALUE; "
           "options anywhere, e.g. -n 2; exit codes 0 built and validated, 1 stage failed, 2 bad input, 3 usage, "
           "4 a check failed, 130 interrupted. `doit help build` says more.\n")
 
