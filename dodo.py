@@ -86,7 +86,7 @@ def task_manifest():
 
 def task_build():
     """Build, validate and record everything the recipe describes (`doit help build`: variables, exit codes)."""
-    return build_task(BUILD)
+    return build_task(BUILD, command_line_vars())
 
 
 def task_publish():

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from doit.exceptions import TaskFailed
 
-from stages import isolation, junit, log, registry, views
+from stages import isolation, junit, log, noop, registry, views
 from stages.ci import TALLY, VALUES_KEY
 from stages.errors import ForgeError
 from stages.registry import Ref
@@ -169,3 +170,33 @@ def gc_action(root: Path) -> None:
     count, freed, swept = views.collect_garbage(Store(root))
     LOG.info(f"gc: removed {count} unreferenced store entries and {swept} scratch leftovers; "
              f"{freed / 1e6:.1f} MB freed")
+
+
+def record_noop_action(cli_vars: dict[str, str], load: Callable[[dict[str, str]], Build],
+                       banners: Callable[[Build], list[str]]) -> None:
+    """The `build` task's action, run once everything it depends on completed: plan the same command again while
+    recording what planning reads, and keep the snapshot the next no-op answers from (stages.noop). Never fails
+    the build: without a snapshot the next no-op takes the full path."""
+    if not noop.eligible(cli_vars):
+        return
+    try:
+        with noop.recording() as reads:
+            build = load(cli_vars)
+            entries = []
+            for ref in build.refs():
+                entry = build.entry(ref)
+                if entry is None or entry.report.get("passed") is False:
+                    noop.forget(cli_vars)
+                    return
+                entries.append((label(build, ref), ref.stage, entry.key))
+            if not manifest_uptodate(build):
+                noop.forget(cli_vars)
+                return
+            links = {ref.label: str(build.entry(ref).path) for ref in build.refs()}  # type: ignore[union-attr]
+        model = build.loaded.recipe.model
+        trees = [] if model.is_tiny else [Path(model.path).resolve()]
+        noop.save(cli_vars, reads, trees, build.store, build.name, entries, links,
+                  (f"manifest:{build.name}", views.view_dir(build.store, build.name) / views.MANIFEST), banners(build))
+    except Exception as error:  # noqa: BLE001 - a missing snapshot only costs the next no-op its full path
+        LOG.debug(f"no-op snapshot not written: {type(error).__name__}: {error}")
+        noop.forget(cli_vars)

@@ -13,7 +13,8 @@ from typing import Any
 
 from stages import fingerprint
 from stages.ci import REPRODUCIBILITY
-from stages.recipe import REPO_DIR, TINY_WARNING, build_overrides
+from stages.paths import REPO_DIR
+from stages.recipe import TINY_WARNING, build_overrides
 from stages.backends import BACKENDS
 from stages.registry import MANIFEST_PACKAGES, STAGES, Ref, stage_instances
 from stages.reports import ValidationReport

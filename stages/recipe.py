@@ -18,9 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from stages import capabilities
 from stages.backends import BACKENDS
 from stages.errors import ForgeError, fail
+from stages.paths import RECIPES_DIR, REPO_DIR
 from stages.families import ALL_COMPONENTS, DEFAULT_FAMILY, FAMILIES, Family
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 TINY_MODEL = "tiny"
 TINY_WARNING = "TINY RANDOM-WEIGHT MODEL: not Qwen-Image; accuracy numbers do not transfer"
 
@@ -28,7 +28,6 @@ SurgeryPass = Literal["fold_constants", "infer_shapes", "cleanup", "fix_text_pad
 Dtype = Literal["fp32", "fp16", "bf16"]
 PlanDtype = Literal["fp32", "fp16", "bf16", "int8", "fp8", "fp4"]
 QUANTIZED = ("int8", "fp8", "fp4")
-REPO_DIR = RECIPES_DIR.parent
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 RESERVED_NAMES = ("store", "cache", "audit")
 MAX_RECIPE_BYTES = 1 << 20

@@ -14,17 +14,12 @@ from typing import Any
 
 from stages import actions, registry, remote
 from stages.recipe import TINY_WARNING, LoadedRecipe, build_overrides, load_recipe
+from stages.paths import artifacts_root
 from stages.registry import Ref
 from stages.resolve import Build
 
 DEFAULT_RECIPE = "a10-fp16"
 RESERVED_VARS = ("recipe", "model", "verify", "recipes", remote.VAR_URL, remote.VAR_REQUIRED)
-REPO_DIR = Path(__file__).resolve().parent.parent
-
-
-def artifacts_root() -> Path:
-    """`FORGE_ARTIFACTS` or `<repo>/artifacts`: the store and the recipe views live here."""
-    return Path(os.environ.get("FORGE_ARTIFACTS") or REPO_DIR / "artifacts")
 
 
 def command_line_vars() -> dict[str, str]:
@@ -91,8 +86,10 @@ def manifest_task(build: Build) -> dict[str, Any]:
     }
 
 
-def build_task(build: Build) -> dict[str, Any]:
-    return {"actions": None, "task_dep": [f"manifest:{build.name}"],
+def build_task(build: Build, cli_vars: dict[str, str]) -> dict[str, Any]:
+    """The default task: everything, then the snapshot a no-op rebuild answers from (stages.noop)."""
+    return {"actions": [(actions.record_noop_action, [cli_vars, load_from_command_line, banners])],
+            "task_dep": [f"manifest:{build.name}"], "uptodate": [False], "verbosity": 2,
             "clean": [(actions.clean_action, [build])]}
 
 

@@ -41,14 +41,15 @@ def executed_tasks(output: str) -> list[str]:
     return [line[3:].strip() for line in output.splitlines() if line.startswith(".  ")]
 
 
-def modules_loaded_by_doit(args: list[str], modules: tuple[str, ...]) -> tuple[list[str], str]:
+def modules_loaded_by_doit(args: list[str], modules: tuple[str, ...],
+                           env: dict[str, str] | None = None) -> tuple[list[str], str]:
     """Which of `modules` a `doit <args>` run (in a fresh interpreter) imported, and what it printed."""
     code = ("import json, sys; from doit.doit_cmd import DoitMain; DoitMain().run(sys.argv[2:]);"
             "print('LOADED', json.dumps([m for m in json.loads(sys.argv[1]) if m in sys.modules]))")
     import json
 
     result = subprocess.run([sys.executable, "-c", code, json.dumps(modules), *args], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=120, env={**os.environ, **(env or {})})
     loaded = next((json.loads(line[7:]) for line in result.stdout.splitlines() if line.startswith("LOADED ")), None)
     assert loaded is not None, result.stdout + result.stderr
     return loaded, result.stdout

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, artifact_digests, built_tasks, executed_tasks, reused_tasks, run_doit, view_name
+from tests.conftest import (REPO, artifact_digests, built_tasks, executed_tasks, modules_loaded_by_doit, reused_tasks,
+                            run_doit, view_name)
 
 RECIPE_FILE = REPO / "tests" / "recipes" / "transformer-only.yaml"
 
@@ -213,3 +215,52 @@ def test_surgery_change_does_not_reexport(checkpoint_build: dict) -> None:
     assert built_tasks(result.stderr) == [f"{stage}:{changed.name}/transformer" for stage in (
         "surgery", "precision", *downstream)]
     assert precision_sha(changed) != before, "without freezing, the text branch is converted too"
+
+
+NOOP_LINE = "no-op answered from its snapshot"
+HEAVY = ("pydantic", "yaml", "stages.recipe", "stages.taskgraph", "stages.resolve", "stages.fingerprint")
+
+
+def test_noop_rebuild_answers_from_its_snapshot_without_the_recipe_machinery(built: dict[str, Path]) -> None:
+    """The complete cold build left a snapshot: a no-op checks it and prints what the full path prints
+    (the same task lines, the same counts) without importing pydantic, YAML or the key computation."""
+    env = {"FORGE_ARTIFACTS": str(built["artifacts"]), "FORGE_LOG": "debug"}
+    loaded, stdout = modules_loaded_by_doit(["run", "--db-file", str(built["db"]), "build", "recipe=a10-fp16"], HEAVY, env)
+    assert loaded == [], "the full path ran"
+    fast = [line for line in stdout.splitlines() if not line.startswith("LOADED ")]
+    assert all(line.startswith("-- ") for line in fast)
+    assert sorted(line[3:] for line in fast) == sorted(executed_tasks(built["log"].stdout))
+    full = run_doit(["build", "recipe=a10-fp16", "verify=1"], built["artifacts"], built["db"])  # never answered fast
+    assert sorted(full.stdout.splitlines()) == sorted(fast)
+    assert "summary: 0 built, 0 fetched, 0 reused, 17 up to date; no remote;" in full.stderr
+
+
+def test_noop_snapshot_sees_checkpoint_files_recipe_files_and_entries(checkpoint_build: dict, tmp_path: Path) -> None:
+    """Any input the plan read that changed sends the no-op down the full path, which decides (and records anew)."""
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint_build["checkpoint"], checkpoint)
+    recipe = tmp_path / "transformer-only.yaml"
+    shutil.copyfile(RECIPE_FILE, recipe)
+    args = ["build", f"recipe={recipe}", f"model={checkpoint}"]
+    artifacts, db = checkpoint_build["artifacts"], checkpoint_build["db"]
+    debug = {"FORGE_LOG": "debug"}
+
+    def noop(expect_fast: bool) -> None:
+        result = run_doit(args, artifacts, db, env=debug)
+        assert (NOOP_LINE in result.stderr) is expect_fast, result.stderr[-1500:]
+        assert "summary: 0 built, 0 fetched, 0 reused, 5 up to date; no remote;" in result.stderr
+
+    first = run_doit(args, artifacts, db)
+    assert built_tasks(first.stderr) == [], "same bytes as the checkpoint_build's: every entry is reused"
+    noop(expect_fast=True)
+    weights = next(checkpoint.glob("transformer/*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # same bytes, new mtime
+    noop(expect_fast=False)
+    noop(expect_fast=True)
+    recipe.write_text(recipe.read_text() + "\n")
+    noop(expect_fast=False)
+    noop(expect_fast=True)
+    view = artifacts / view_name(str(recipe), str(checkpoint))
+    (view / "transformer" / "engine").unlink()  # a view link gone: the manifest task relinks it
+    result = run_doit(args, artifacts, db, env=debug)
+    assert NOOP_LINE not in result.stderr and (view / "transformer" / "engine").is_symlink()

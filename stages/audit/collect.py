@@ -18,8 +18,8 @@ from typing import Any
 
 from stages.audit import AuditRequest
 from stages.errors import ForgeError, fail
+from stages.paths import REPO_DIR
 
-REPO_DIR = Path(__file__).resolve().parent.parent.parent
 MANIFEST = "manifest.json"
 RECORD = "record.json"
 

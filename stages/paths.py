@@ -1,0 +1,14 @@
+"""Where the forge lives and writes: the repository and the artifacts root. Light: os and pathlib only."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+RECIPES_DIR = REPO_DIR / "recipes"
+
+
+def artifacts_root() -> Path:
+    """`FORGE_ARTIFACTS` or `<repo>/artifacts`: the store and the recipe views live here."""
+    return Path(os.environ.get("FORGE_ARTIFACTS") or REPO_DIR / "artifacts")
