@@ -16,7 +16,7 @@ from doit.exceptions import TaskFailed
 
 from stages import isolation, junit, log, noop, registry, views
 from stages.ci import TALLY, VALUES_KEY
-from stages.errors import ForgeError
+from stages.errors import ForgeError, debugging, one_line
 from stages.registry import Ref
 from stages.resolve import Build
 from stages.store import crashpoint
@@ -42,12 +42,9 @@ def stage_uptodate(build: Build, ref: Ref) -> bool:
 
 
 def _one_line(where: str, error: BaseException) -> TaskFailed:
-    if isinstance(error, ForgeError):
-        return TaskFailed(f"{where}: {error}")
-    if os.environ.get("FORGE_DEBUG") == "1":
+    if debugging() and not isinstance(error, ForgeError):
         raise error
-    first_line = (str(error).strip().splitlines() or [""])[0]
-    return TaskFailed(f"{where}: {type(error).__name__}: {first_line} (FORGE_DEBUG=1 shows the traceback)")
+    return TaskFailed(f"{where}: {one_line(error)}")
 
 
 def run_stage(build: Build, ref: Ref) -> TaskFailed | dict[str, Any]:
@@ -83,7 +80,7 @@ def run_stage(build: Build, ref: Ref) -> TaskFailed | dict[str, Any]:
                 inputs, checkpoint = _inputs(build, ref), build.checkpoint_dir()
                 isolate = isolation.component_bytes(build.loaded, ref, checkpoint) >= isolation.threshold()
                 with store.scratch(key) as scratch:
-                    report = isolation.run(registry.STAGES[ref.stage].module, build.loaded, ref, inputs, scratch,
+                    report = isolation.run(registry.stage_module(build.loaded, ref), build.loaded, ref, inputs, scratch,
                                            isolate)
                     crashpoint(f"{ref.stage}:outputs")
                     entry = store.commit(scratch, ref.stage, key, material, report)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -18,8 +18,10 @@ from stages import log
 from stages.errors import fail
 from stages.families import DEFAULT_FAMILY
 from stages.inputs import StageInputs
-from stages.recipe import CalibrationSettings, LoadedRecipe
 from stages.store import sha256_file
+
+if TYPE_CHECKING:
+    from stages.recipe import CalibrationSettings, LoadedRecipe
 
 LOG = log.get("calibration")
 
@@ -49,7 +51,7 @@ class CaptureCalibration:
 
         from stages.families import FAMILIES
 
-        capture = FAMILIES[self.family].hook(FAMILIES[self.family].calibration)
+        capture = FAMILIES[self.family].calibration().CAPTURE
 
         prompts = load_prompts(self.settings)
         started = time.perf_counter()

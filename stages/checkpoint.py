@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stages import log
 from stages.families import DEFAULT_FAMILY
 from stages.inputs import StageInputs
-from stages.recipe import LoadedRecipe
+
+if TYPE_CHECKING:
+    from stages.recipe import LoadedRecipe
 
 LOG = log.get("checkpoint")
 
@@ -28,7 +30,7 @@ class SaveTinyCheckpoint:
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         from stages.families import FAMILIES
 
-        save_tiny_checkpoint = FAMILIES[self.family].hook(FAMILIES[self.family].tiny_checkpoint)
+        save_tiny_checkpoint = FAMILIES[self.family].pipeline().save_tiny_checkpoint
         LOG.warning(TINY_BANNER.format(seed=self.seed))
         return {"model": "tiny", "seed": self.seed, **save_tiny_checkpoint(self.seed, out_dir)}
 

@@ -11,13 +11,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stages import log
 from stages.backends import BACKENDS
 from stages.errors import fail
 from stages.inputs import StageInputs
-from stages.recipe import LoadedRecipe
+
+if TYPE_CHECKING:
+    from stages.recipe import LoadedRecipe
 
 ENGINE_FILE = "engine.plan"
 LOG = log.get("engine")

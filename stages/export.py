@@ -23,12 +23,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stages import log
 from stages.families import DEFAULT_FAMILY, FAMILIES, component_module
 from stages.inputs import StageInputs
-from stages.recipe import LoadedRecipe
+
+if TYPE_CHECKING:
+    from stages.recipe import LoadedRecipe
 
 LOG = log.get("export")
 

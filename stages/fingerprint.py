@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,19 +69,63 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
-def _parse_imports(source: str, filename: str) -> tuple[str, ...]:
-    """Every project module a source imports anywhere (top level or inside functions), with parent packages."""
+def is_thunk(node: ast.AST) -> bool:
+    """A lazy reference: a module-level function without arguments whose body (after a docstring) is one import
+    and a `return` of the imported name. It names code without running it, so its import is not an edge of the
+    importing module's closure; a task that calls one names it among its roots instead (`thunk_target`)."""
+    if not isinstance(node, ast.FunctionDef) or node.args.args or node.args.kwonlyargs or node.args.vararg:
+        return False
+    body = [n for n in node.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+    return (len(body) == 2 and isinstance(body[0], (ast.Import, ast.ImportFrom)) and isinstance(body[1], ast.Return)
+            and isinstance(body[1].value, ast.Name))
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    """`if TYPE_CHECKING:` blocks: imports for annotations only, never executed."""
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+def executed_imports(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
+    """Every import statement that can run: top level and inside functions, not in thunks or TYPE_CHECKING blocks."""
+    pending: list[ast.AST] = [tree]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif not (is_thunk(node) and node in getattr(tree, "body", ())) and not _is_type_checking(node):
+            pending.extend(ast.iter_child_nodes(node))
+
+
+def imported_names(node: ast.Import | ast.ImportFrom) -> list[str]:
+    """Dotted names an absolute import statement names (`from a import b` names `a` and `a.b`)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if node.module and node.level == 0:
+        return [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+    return []
+
+
+def _parse_imports(source: str, filename: str) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(every project module the source can import, with parent packages; {thunk name: its target})."""
+    tree = ast.parse(source, filename=filename)
     found: set[str] = set()
-    for node in ast.walk(ast.parse(source, filename=filename)):
-        names: list[str] = []
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        for name in names:
+    for node in executed_imports(tree):
+        for name in imported_names(node):
             parts = name.split(".")
             found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
-    return tuple(sorted(m for m in found if _module_file(m) is not None))
+    thunks = {}
+    for node in tree.body:
+        if is_thunk(node):
+            statement = node.body[-2]  # type: ignore[attr-defined]
+            if isinstance(statement, ast.ImportFrom) and statement.module:
+                module, name = statement.module, statement.names[0].name
+                thunks[node.name] = f"{module}.{name}" if _module_file(f"{module}.{name}") else f"{module}:{name}"
+            else:
+                thunks[node.name] = statement.names[0].name
+    return tuple(sorted(m for m in found if _module_file(m) is not None)), thunks
 
 
 class CodeIndex:
@@ -109,22 +153,35 @@ class CodeIndex:
                     pass
         return self._memo
 
-    def imports(self, path: Path) -> tuple[str, ...]:
+    def _parsed(self, path: Path) -> list[Any]:
         memo = self._load()
         stat = path.stat()
         signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
         name = str(path)  # absolute: two checkouts may share one artifacts root
         known = memo.get(name)
-        if not (isinstance(known, list) and len(known) == 4 and known[:3] == signature):
-            known = [*signature, list(_parse_imports(path.read_text(), str(path)))]
+        if not (isinstance(known, list) and len(known) == 5 and known[:3] == signature):
+            imports, thunks = _parse_imports(path.read_text(), str(path))
+            known = [*signature, list(imports), thunks]
             memo[name] = known
             self._dirty = True
-        return tuple(known[3])
+        return known
 
-    def closure(self, roots: Iterable[str]) -> list[Path]:
-        """Files of the root modules and of every project module they import, transitively."""
+    def imports(self, path: Path) -> tuple[str, ...]:
+        return tuple(self._parsed(path)[3])
+
+    def thunk_target(self, thunk: Callable[[], Any]) -> str:
+        """What a thunk refers to, read from its source: `package.module`, or `package.module:name` for a function."""
+        path = _module_file(thunk.__module__)
+        target = self._parsed(path)[4].get(thunk.__name__) if path else None
+        if target is None:
+            raise ValueError(f"{thunk.__module__}.{thunk.__qualname__} is not a thunk (one import, one return)")
+        return target
+
+    def closure(self, roots: Iterable[str | Callable[[], Any]]) -> list[Path]:
+        """Files of the root modules (or thunks' targets) and of every project module they import, transitively."""
         seen: dict[str, Path] = {}
-        pending = [m for root in roots for m in _with_parents(root)]
+        names = [root if isinstance(root, str) else self.thunk_target(root).split(":")[0] for root in roots]
+        pending = [m for root in names for m in _with_parents(root)]
         while pending:
             module = pending.pop()
             if module in seen:
@@ -137,7 +194,7 @@ class CodeIndex:
         self.save()
         return sorted(set(seen.values()))
 
-    def digest(self, roots: Iterable[str]) -> str:
+    def digest(self, roots: Iterable[str | Callable[[], Any]]) -> str:
         """Digest of the source of every project module the roots can execute (path and bytes)."""
         key = tuple(roots)
         if key not in self._digests:
@@ -161,7 +218,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def module_closure(roots: Iterable[str]) -> list[Path]:
+def module_closure(roots: Iterable[str | Callable[[], Any]]) -> list[Path]:
     """Files of the root modules and of every project module they import, transitively (parsed afresh)."""
     return CodeIndex().closure(roots)
 
@@ -171,7 +228,7 @@ def _with_parents(module: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
-def code_digest(roots: Iterable[str]) -> str:
+def code_digest(roots: Iterable[str | Callable[[], Any]]) -> str:
     """Digest of the source of every project module the roots can execute (path and bytes)."""
     return CodeIndex().digest(roots)
 

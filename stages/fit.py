@@ -28,8 +28,9 @@ def check_recipe_fits(path: Path, recipe: Recipe) -> None:
     targets = BACKENDS[recipe.target.backend].compute_capabilities
     candidates = [name for name, cc in GPUS.items() if cc in targets]
     family = recipe.family_spec
+    arithmetic = family.fit()
     engine_weight_bytes, activation_bytes, fp32_islands = (
-        family.hook(f"{family.fit}:{name}") for name in ("engine_weight_bytes", "activation_bytes", "fp32_islands"))
+        arithmetic.engine_weight_bytes, arithmetic.activation_bytes, arithmetic.fp32_islands)
     for name, section in recipe.components.items():
         plan = section.precision
         weights = engine_weight_bytes(checkpoint, name, memory_fit.PrecisionPlan(

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from stages import log
-from stages.errors import ForgeError
+from stages.errors import ForgeError, debugging, summary
+from stages.families.base import ModuleThunk
 from stages.inputs import Ref, StageInputs
 
 DEFAULT_THRESHOLD = 1 << 30
@@ -38,26 +39,24 @@ def component_bytes(loaded: Any, ref: Ref, checkpoint: Path | None) -> int:
     return 0 if checkpoint is None else loaded.family.weight_bytes(checkpoint, ref.component)
 
 
-def _configure_and_run(module_name: str, loaded: Any, ref: Ref, inputs: StageInputs, scratch: Path) -> dict[str, Any]:
-    import importlib
-
+def _configure_and_run(module: ModuleThunk, loaded: Any, ref: Ref, inputs: StageInputs, scratch: Path) -> dict[str, Any]:
     log.for_component(ref.component)
     try:
         with log.quiet_tools(), log.captured_output():
-            module = importlib.import_module(module_name)  # inside: import-time warnings are tool chatter too
-            return module.from_recipe(loaded, ref.component, inputs)(scratch)
+            stage = module()  # inside: import-time warnings are tool chatter too
+            return stage.from_recipe(loaded, ref.component, inputs)(scratch)
     finally:
         log.for_component(None)
 
 
-def run(module_name: str, loaded: Any, ref: Ref, inputs: StageInputs, scratch: Path, isolate: bool) -> dict[str, Any]:
+def run(module: ModuleThunk, loaded: Any, ref: Ref, inputs: StageInputs, scratch: Path, isolate: bool) -> dict[str, Any]:
     """The stage's report; in a child process when `isolate`. Errors come back as the child raised them
     (ForgeError stays a ForgeError); a child killed (e.g. out of memory) is one line saying so."""
     if not isolate:
-        return _configure_and_run(module_name, loaded, ref, inputs, scratch)
+        return _configure_and_run(module, loaded, ref, inputs, scratch)
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(target=_child, args=(sender, module_name, loaded, ref, inputs, scratch), daemon=True)
+    child = context.Process(target=_child, args=(sender, module, loaded, ref, inputs, scratch), daemon=True)
     child.start()
     sender.close()
     try:
@@ -78,12 +77,12 @@ def run(module_name: str, loaded: Any, ref: Ref, inputs: StageInputs, scratch: P
         return payload
     if kind == "forge":
         raise ForgeError(payload)
-    if os.environ.get("FORGE_DEBUG") == "1":
+    if debugging():
         LOG.error(payload[2])
     raise RuntimeError(f"{payload[0]}: {payload[1]}")
 
 
-def _child(sender: Any, module_name: str, loaded: Any, ref: Ref, inputs: StageInputs, scratch: Path) -> None:
+def _child(sender: Any, module: ModuleThunk, loaded: Any, ref: Ref, inputs: StageInputs, scratch: Path) -> None:
     """Child side: die with the parent (no orphan writing into a swept scratch), run, send the outcome."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -92,11 +91,11 @@ def _child(sender: Any, module_name: str, loaded: Any, ref: Ref, inputs: StageIn
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent handles it
     log.configure()
     try:
-        message: tuple[str, Any] = ("ok", _configure_and_run(module_name, loaded, ref, inputs, scratch))
+        message: tuple[str, Any] = ("ok", _configure_and_run(module, loaded, ref, inputs, scratch))
     except ForgeError as error:
         message = ("forge", str(error))
     except Exception as error:  # noqa: BLE001 - handed to the parent, which turns it into one line
-        first = (str(error).strip().splitlines() or [""])[0]
-        message = ("error", (type(error).__name__, first, traceback.format_exc()))
+        name, first = summary(error).split(": ", 1)
+        message = ("error", (name, first, traceback.format_exc()))
     sender.send((*message, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
     sender.close()

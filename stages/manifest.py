@@ -104,7 +104,7 @@ def _component_entry(build: Build, component: str) -> dict[str, Any]:
     validation = ValidationReport.model_validate(reports["validate"]) if reports.get("validate") else None
     return {
         "artifacts": {stage: _stage_outputs(build, Ref(stage, component)) for stage in stages},
-        "feed_function": loaded.family.components[component].feed_function,
+        "feed_function": build.code.thunk_target(loaded.family.components[component].feed_function),
         "text_length": loaded.recipe.text_length,
         "tokenizer": _tokenizer_entry(component, reports.get("export") or {}),
         "profile": engine.get("profile"),

@@ -23,13 +23,13 @@ What is estimated (and what is not):
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from stages import safetensors
 
 GIB = 1 << 30
 
@@ -104,19 +104,6 @@ class WeightEstimate:
 
 # --- checkpoint headers ----------------------------------------------------------------------------------------------
 
-def read_header(path: Path) -> dict[str, dict]:
-    """The safetensors JSON header (8-byte little-endian length, then JSON); only the first KBs are read."""
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) != 8:
-            raise ValueError(f"{path}: too short for a safetensors file")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > 100 << 20:
-            raise ValueError(f"{path}: header length {length} is not plausible (not a safetensors file?)")
-        header = json.loads(handle.read(length))
-    return {name: entry for name, entry in header.items() if name != "__metadata__"}
-
-
 def checkpoint_tensors(folder: str | Path, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[TensorInfo]:
     """Every tensor of a component folder's shards (sorted by name), filtered by include/exclude regexes."""
     shards = sorted(Path(folder).glob("*.safetensors"))
@@ -124,7 +111,7 @@ def checkpoint_tensors(folder: str | Path, include: Sequence[str] = (), exclude:
         raise FileNotFoundError(f"no *.safetensors in {folder}")
     tensors = []
     for shard in shards:
-        for name, entry in read_header(shard).items():
+        for name, entry in safetensors.tensors(shard).items():
             if include and not any(re.search(pattern, name) for pattern in include):
                 continue
             if any(re.search(pattern, name) for pattern in exclude):

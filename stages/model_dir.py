@@ -7,13 +7,12 @@ weights, and a truncated shard or malformed config is reported as one line befor
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
+from stages import safetensors
 from stages.errors import ForgeError, fail
 
-MAX_HEADER_BYTES = 100 << 20
 
 
 def check_checkpoint(source: Path | str, key: str, directory: str, folders: dict[str, str],
@@ -59,24 +58,12 @@ def _json_object(path: Path, error: Any, what: str, root: Path | None = None) ->
 
 def safetensors_header(path: Path) -> dict[str, Any]:
     """The parsed header; ValueError saying what is wrong (truncated, not safetensors, offsets out of range)."""
+    length, header = safetensors.read_header(path)
     size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"{size} bytes, too short for a safetensors file")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > MAX_HEADER_BYTES or 8 + length > size:
-            raise ValueError(f"header length {length} does not fit a {size}-byte file (truncated or not safetensors)")
-        try:
-            header = json.loads(handle.read(length))
-        except (UnicodeDecodeError, ValueError):
-            raise ValueError("header is not valid JSON (not a safetensors file)") from None
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
     data_bytes = size - 8 - length
     end = 0
     for name, tensor in header.items():
-        if name == "__metadata__":
+        if name == safetensors.METADATA:
             continue
         offsets = tensor.get("data_offsets") if isinstance(tensor, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= data_bytes):

@@ -33,7 +33,7 @@ import numpy as np
 
 from stages import log
 from stages.errors import fail
-from stages.prompts import check_settings, prompt_language
+from stages.language import prompt_language
 from stages.families import DEFAULT_FAMILY, FAMILIES
 from stages.runners import EngineRunner, OnnxRuntimeRunner, RunnerName, engine_unrunnable_reason
 
@@ -101,7 +101,7 @@ class PipelineCheck:
     @property
     def hooks(self) -> Any:
         """The family's pipeline adapters (loading the stock pipeline, running it on graphs)."""
-        return FAMILIES[self.family].pipeline_module()
+        return FAMILIES[self.family].pipeline()
 
     @property
     def graph_components(self) -> tuple[str, ...]:
@@ -319,8 +319,8 @@ def _short(prompt: str, limit: int = 40) -> str:
 
 
 def check_configuration(check: PipelineCheck) -> None:
-    """Everything the run needs, checked before loading any model; raises ForgeError naming the key."""
-    check_settings(check.settings, check.text_length)
+    """Everything the run needs, checked before loading any model; raises ForgeError naming the key. (The prompt
+    rules are the recipe's, checked when it loads: stages.prompts.)"""
     components = check.graph_components
     unknown = sorted(set(check.onnx_paths) - set(components))
     if unknown:

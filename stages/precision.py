@@ -22,13 +22,14 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stages import blockwise, log
 from stages.inputs import StageInputs
-from stages.runners import ComparisonGraph
 from stages.errors import fail
-from stages.recipe import LoadedRecipe
+
+if TYPE_CHECKING:
+    from stages.recipe import LoadedRecipe
 
 LOG = log.get("precision")
 
@@ -148,66 +149,21 @@ def node_output_dtypes(model: Any) -> dict[str, str]:
     return dtypes
 
 
-@dataclass(frozen=True)
-class QuantizeWithComparisons:
-    """The quantized graph plus the graphs its cost is measured against: the fp16 plan and freezing switched off.
-
-    Validation runs all of them, so the accuracy cost of quantizing and of (not) freezing the text branch are
-    numbers in the manifest; only the primary graph is built into an engine and gated.
-    """
-
-    primary: Any
-    fp16_plan: ConvertPrecision
-    freezing_off: Any | None
-
-    def __call__(self, out_dir: Path) -> dict[str, Any]:
-        report = self.primary(out_dir)
-        graphs = {ComparisonGraph.FP16_PLAN.value: self.fp16_plan}
-        if self.freezing_off is not None:
-            graphs[ComparisonGraph.FREEZING_OFF.value] = self.freezing_off
-        report["comparison_graphs"] = {}
-        for name, stage in graphs.items():
-            folder = out_dir / "comparisons" / name
-            folder.mkdir(parents=True)
-            LOG.debug(f"comparison graph: {name}")
-            stage(folder)
-            report["comparison_graphs"][name] = f"comparisons/{name}/{MODEL_FILE}"
-        return report
-
-
-def from_recipe(loaded: LoadedRecipe, component: str | None,
-                inputs: StageInputs) -> ConvertPrecision | QuantizeWithComparisons:
-    assert component is not None
-    surgery_dir = inputs.dir("surgery", component)
-    frozen = tuple(inputs.report("surgery", component)["frozen_nodes"])
+def surgery_inputs(loaded: LoadedRecipe, component: str,
+                   inputs: StageInputs) -> tuple[Path, tuple[str, ...], str | None]:
+    """(the surgery graph, its frozen nodes, the block pattern when the plan runs block-wise)."""
     plan = loaded.recipe.components[component].precision
-    source = surgery_dir / MODEL_FILE
     pattern = loaded.family.components[component].block_pattern \
         if blockwise.wanted(plan.blockwise, loaded.family, component, inputs.weights) else None
-    if not plan.quantized:
-        return ConvertPrecision(component, source, plan.dtype, plan.high_precision, frozen, tuple(plan.exclude), pattern)
-    return _quantized_plan(loaded, component, source, frozen, inputs, pattern)
+    return (inputs.dir("surgery", component) / MODEL_FILE, tuple(inputs.report("surgery", component)["frozen_nodes"]),
+            pattern)
 
 
-def _quantized_plan(loaded: LoadedRecipe, component: str, source: Path, frozen: tuple[str, ...],
-                    inputs: StageInputs, pattern: str | None) -> QuantizeWithComparisons:
-    from stages.calibration import load_feeds
-    from stages.quantize import QuantizePrecision, mode_for
-
+def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs) -> ConvertPrecision:
+    """fp16/bf16 plans (INT8/FP8 plans are configured by stages.quantize)."""
+    assert component is not None
     plan = loaded.recipe.components[component].precision
-    feeds: Any = ()
-    if plan.needs_calibration:
-        folder = inputs.dir("calibration", component)
-        feeds = lambda: load_feeds(folder)  # noqa: E731 - loaded only when the quantizer runs
-    method = plan.calibration.method if plan.calibration else "max"
-
-    def quantizer(frozen_nodes: tuple[str, ...]) -> Any:
-        return QuantizePrecision(component, source, mode_for(plan.dtype, plan.weight_only), method,
-                                 plan.high_precision, frozen_nodes, tuple(plan.exclude), calibration_feeds=feeds,
-                                 block_pattern=pattern)
-
-    return QuantizeWithComparisons(
-        primary=quantizer(frozen),
-        fp16_plan=ConvertPrecision(component, source, "fp16", "fp32", frozen, tuple(plan.exclude), pattern),
-        freezing_off=quantizer(()) if frozen else None,
-    )
+    if plan.quantized:
+        raise fail("precision", component, f"{plan.dtype} plans are run by stages.quantize")
+    source, frozen, pattern = surgery_inputs(loaded, component, inputs)
+    return ConvertPrecision(component, source, plan.dtype, plan.high_precision, frozen, tuple(plan.exclude), pattern)

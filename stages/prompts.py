@@ -1,22 +1,12 @@
-"""Prompt facts and the rules a pipeline check's settings must meet; light, so recipe loading can use them."""
+"""The rules a pipeline check's settings must meet (checked when the recipe loads, before any task)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from stages.errors import fail
-
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_LATIN = re.compile(r"[A-Za-z]")
-_QUOTED = re.compile(r'"[^"]+"|“[^”]+”|「[^」]+」|『[^』]+』')
-
-
-def prompt_language(prompt: str) -> str:
-    """'zh' when CJK characters outnumber Latin letters (an English prompt may quote a Chinese sign), else 'en'."""
-    return "zh" if len(_CJK.findall(prompt)) > len(_LATIN.findall(prompt)) else "en"
-
+from stages.language import QUOTED, prompt_language
 
 def check_settings(settings: Any, text_length: int, source: str | Path | None = None) -> None:
     """The issue's requirements on a check: >= 2 English and >= 2 Chinese prompts, rendered text, CFG, sizes.
@@ -35,7 +25,7 @@ def check_settings(settings: Any, text_length: int, source: str | Path | None = 
         if languages.count(language) < 2:
             raise error("prompts", f"needs at least two {name} prompts, got {languages.count(language)} "
                         f"(languages found: {languages})")
-    if not any(_QUOTED.search(p) for p in prompts):
+    if not any(QUOTED.search(p) for p in prompts):
         raise error("prompts", 'needs at least one prompt asking for rendered text, quoted as "..." or “...”')
     if not settings.true_cfg_scale > 1:
         raise error("true_cfg_scale", f"must be > 1 so the pipeline runs CFG with the negative prompt, "

@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -57,7 +57,13 @@ from stages.qdq import (
     unquantized_outputs,
     write_calibration_cache,
 )
-from stages.runners import onnxruntime_cpu_note
+from stages.calibration import load_feeds
+from stages.inputs import StageInputs
+from stages.precision import ConvertPrecision, surgery_inputs
+from stages.runners import ComparisonGraph, onnxruntime_cpu_note
+
+if TYPE_CHECKING:
+    from stages.recipe import LoadedRecipe
 
 LOG = log.get("quantize")
 
@@ -466,4 +472,54 @@ def _quantize_weight_only(source: Path, output: Path, patterns: list[str], exclu
         layers_8bit=",".join(gemms),
         output_path=str(output),
         log_level=logging.getLevelName(log.tool_level()),
+    )
+
+
+@dataclass(frozen=True)
+class QuantizeWithComparisons:
+    """The quantized graph plus the graphs its cost is measured against: the fp16 plan and freezing switched off.
+
+    Validation runs all of them, so the accuracy cost of quantizing and of (not) freezing the text branch are
+    numbers in the manifest; only the primary graph is built into an engine and gated.
+    """
+
+    primary: Any
+    fp16_plan: ConvertPrecision
+    freezing_off: Any | None
+
+    def __call__(self, out_dir: Path) -> dict[str, Any]:
+        report = self.primary(out_dir)
+        graphs = {ComparisonGraph.FP16_PLAN.value: self.fp16_plan}
+        if self.freezing_off is not None:
+            graphs[ComparisonGraph.FREEZING_OFF.value] = self.freezing_off
+        report["comparison_graphs"] = {}
+        for name, stage in graphs.items():
+            folder = out_dir / "comparisons" / name
+            folder.mkdir(parents=True)
+            LOG.debug(f"comparison graph: {name}")
+            stage(folder)
+            report["comparison_graphs"][name] = f"comparisons/{name}/{MODEL_FILE}"
+        return report
+
+
+def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs) -> QuantizeWithComparisons:
+    """INT8/FP8 plans: the quantized graph, the fp16 plan and (if the text branch is frozen) freezing switched off."""
+    assert component is not None
+    source, frozen, pattern = surgery_inputs(loaded, component, inputs)
+    plan = loaded.recipe.components[component].precision
+    feeds: Any = ()
+    if plan.needs_calibration:
+        folder = inputs.dir("calibration", component)
+        feeds = lambda: load_feeds(folder)  # noqa: E731 - loaded only when the quantizer runs
+    method = plan.calibration.method if plan.calibration else "max"
+
+    def quantizer(frozen_nodes: tuple[str, ...]) -> Any:
+        return QuantizePrecision(component, source, mode_for(plan.dtype, plan.weight_only), method,
+                                 plan.high_precision, frozen_nodes, tuple(plan.exclude), calibration_feeds=feeds,
+                                 block_pattern=pattern)
+
+    return QuantizeWithComparisons(
+        primary=quantizer(frozen),
+        fp16_plan=ConvertPrecision(component, source, "fp16", "fp32", frozen, tuple(plan.exclude), pattern),
+        freezing_off=quantizer(()) if frozen else None,
     )

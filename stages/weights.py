@@ -24,12 +24,12 @@ import errno
 import json
 import os
 import shutil
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages import safetensors
 from stages.store import KNOWN_DIGESTS, RECORD, Store, sha256_file
 
 WEIGHTS_STAGE = "weights"  # store entries holding one copied shard each (checkpoint on another filesystem)
@@ -54,13 +54,6 @@ class TensorLocation:
         return ONNX_TYPES[self.dtype]
 
 
-def read_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(header length, header) of a safetensors file: 8-byte little-endian length, then JSON."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return length, json.loads(handle.read(length))
-
-
 def checkpoint_tensors(folder: Path) -> dict[str, TensorLocation]:
     """Every tensor of a checkpoint folder (sharded with an index, or single files) by its checkpoint key."""
     indexes = sorted(folder.glob("*.safetensors.index.json"))
@@ -68,7 +61,7 @@ def checkpoint_tensors(folder: Path) -> dict[str, TensorLocation]:
         sorted(p.name for p in folder.glob("*.safetensors"))
     found: dict[str, TensorLocation] = {}
     for name in files:
-        length, header = read_header(folder / name)
+        length, header = safetensors.read_header(folder / name)
         for key, meta in header.items():
             if key == "__metadata__":
                 continue

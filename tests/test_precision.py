@@ -58,7 +58,7 @@ def test_quantized_plan_writes_the_graphs_it_is_measured_against(surgery_output:
     """Weight-only INT8 (no calibration data needed): the primary keeps the text branch unquantized."""
     import onnx
 
-    from stages.precision import QuantizeWithComparisons
+    from stages.quantize import QuantizeWithComparisons
     from stages.quantize import QuantizePrecision
 
     source, surgery = surgery_output

@@ -112,3 +112,16 @@ def test_family_code_run_through_hooks_is_in_the_key() -> None:
     export = {str(p.relative_to(REPO)) for p in fingerprint.module_closure(
         registry.code_roots(loaded, Ref("export", "transformer")))}
     assert "stages/families/qwen_image/calibration.py" not in export
+
+
+def test_keys_cover_the_code_a_plan_runs_not_the_recipe_machinery() -> None:
+    """Type-only imports and thunks are not edges; the precision stage's module follows the plan."""
+    checks = {"recipe.py", "fit.py", "memory_fit.py", "model_dir.py", "prompts.py", "taskgraph.py", "registry.py"}
+    for recipe in ("a10-fp16", "a10-int8"):
+        loaded = load_recipe(recipe)
+        for ref in registry.refs(loaded):
+            closure = {p.name for p in fingerprint.module_closure(registry.code_roots(loaded, ref))}
+            assert not closure & checks, (recipe, ref, closure & checks)
+            if ref.stage == "precision":
+                quantized = loaded.recipe.components[ref.component].precision.quantized
+                assert ("quantize.py" in closure) == quantized and "precision.py" in closure, (recipe, ref)

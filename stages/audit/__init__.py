@@ -75,7 +75,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.errors import ForgeError, fail
+from stages.errors import ForgeError, debugging, fail, one_line
 
 AUDIT_DIR = "audit"
 RUNNER_NAMES = {"onnxruntime": "ONNX Runtime", "tensorrt-engine": "the TensorRT engine"}
@@ -178,13 +178,10 @@ def audit_action(request: AuditRequest) -> Any:
         from stages.audit.run import Audit
 
         report = Audit(request)()
-    except ForgeError as error:
-        return TaskFailed(f"audit: {error}")
     except Exception as error:  # noqa: BLE001 - one readable line, as for the stages
-        if os.environ.get("FORGE_DEBUG") == "1":
+        if debugging() and not isinstance(error, ForgeError):
             raise
-        first = (str(error).strip().splitlines() or [""])[0]
-        return TaskFailed(f"audit: {type(error).__name__}: {first} (FORGE_DEBUG=1 shows the traceback)")
+        return TaskFailed(f"audit: {one_line(error)}")
     where = os.path.relpath(request.out_dir / "report.html")
     for name, figures in report["recipes"].items():
         print(f"audit: {name}: {'PASSED' if figures['passed'] else 'FAILED'} {figures['execution']['summary']}",

@@ -28,24 +28,23 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import re
 import threading
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages import language
+
 OCR_PACKAGE = "rapidocr-onnxruntime"
 NO_QUOTED_TEXT = "the prompt quotes no text"
 NO_TEXT_READ = "no text read"
 NO_TEXT_IN_EITHER = "no text read in either image"
-QUOTED = re.compile(r'"([^"]+)"|“([^”]+)”|「([^」]+)」|『([^』]+)』|‘([^’]+)’')
 
 
 def quoted_text(prompt: str) -> list[str]:
     """The segments a prompt asks to render, in order; segments with no letter or digit are dropped."""
-    segments = [next(group for group in match.groups() if group) for match in QUOTED.finditer(prompt)]
-    return [segment for segment in segments if normalize(segment)]
+    return [segment for segment in language.quoted_text(prompt) if normalize(segment)]
 
 
 def normalize(text: str) -> str:

@@ -1,36 +1,81 @@
 """Qwen-Image (diffusers QwenImagePipeline): Qwen2.5-VL text encoder, 60-block MMDiT transformer, Qwen VAE.
 
 One module per component (transformer, text_encoder, vae) plus the tokenizer, the pipeline-check adapters
-(pipeline), and calibration capture. This file only declares the family; it imports nothing heavy.
+(pipeline), and calibration capture. This file only declares the family; its modules are reached through
+thunks (stages.families.base), so importing it loads nothing heavy.
 """
 
 from __future__ import annotations
 
-from stages.families import ALL_SURGERY, ComponentInfo, Family
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
-PACKAGE = "stages.families.qwen_image"
+from stages.families.base import ALL_SURGERY, ComponentInfo, Family
+
+
+def _text_encoder() -> ModuleType:
+    from stages.families.qwen_image import text_encoder
+    return text_encoder
+
+
+def _transformer() -> ModuleType:
+    from stages.families.qwen_image import transformer
+    return transformer
+
+
+def _vae() -> ModuleType:
+    from stages.families.qwen_image import vae
+    return vae
+
+
+def _text_encoder_feed() -> Callable[..., Any]:
+    from stages.families.qwen_image.text_encoder import text_encoder_engine_inputs
+    return text_encoder_engine_inputs
+
+
+def _transformer_feed() -> Callable[..., Any]:
+    from stages.families.qwen_image.transformer import transformer_engine_inputs
+    return transformer_engine_inputs
+
+
+def _vae_decoder_feed() -> Callable[..., Any]:
+    from stages.families.qwen_image.vae import vae_decoder_engine_inputs
+    return vae_decoder_engine_inputs
+
+
+def _pipeline() -> ModuleType:
+    from stages.families.qwen_image import pipeline
+    return pipeline
+
+
+def _calibration() -> ModuleType:
+    from stages.families.qwen_image import calibration
+    return calibration
+
+
+def _fit() -> ModuleType:
+    from stages.families.qwen_image import fit
+    return fit
+
 
 FAMILY = Family(
     name="qwen-image",
     components={
         "text_encoder": ComponentInfo(
-            f"{PACKAGE}.text_encoder", f"{PACKAGE}.text_encoder:text_encoder_engine_inputs",
-            ("text_encoder", "tokenizer"), "text_encoder", ("text_tokens",), ("hidden_states",), ALL_SURGERY[:4],
-            quantizable=True, block_pattern=r"^/language_model/layers/(\d+)/",
+            _text_encoder, _text_encoder_feed, ("text_encoder", "tokenizer"), "text_encoder", ("text_tokens",),
+            ("hidden_states",), ALL_SURGERY[:4], quantizable=True, block_pattern=r"^/language_model/layers/(\d+)/",
         ),
         "transformer": ComponentInfo(
-            f"{PACKAGE}.transformer", f"{PACKAGE}.transformer:transformer_engine_inputs",
-            ("transformer",), "transformer", ("sizes", "timesteps", "text_tokens"), ("sample",), quantizable=True,
-            block_pattern=r"^/transformer_blocks/(\d+)/",
+            _transformer, _transformer_feed, ("transformer",), "transformer", ("sizes", "timesteps", "text_tokens"),
+            ("sample",), quantizable=True, block_pattern=r"^/transformer_blocks/(\d+)/",
         ),
         "vae_decoder": ComponentInfo(
-            f"{PACKAGE}.vae", f"{PACKAGE}.vae:vae_decoder_engine_inputs", ("vae",), "vae", ("sizes",), ("image",),
-            ALL_SURGERY[:3],
+            _vae, _vae_decoder_feed, ("vae",), "vae", ("sizes",), ("image",), ALL_SURGERY[:3],
         ),
     },
     pipeline_files=("model_index.json", "scheduler"),
-    tiny_checkpoint=f"{PACKAGE}.pipeline:save_tiny_checkpoint",
-    calibration=f"{PACKAGE}.calibration:CAPTURE",
-    pipeline=f"{PACKAGE}.pipeline",
-    fit=f"{PACKAGE}.fit",
+    pipeline=_pipeline,
+    calibration=_calibration,
+    fit=_fit,
 )

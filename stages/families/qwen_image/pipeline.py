@@ -7,7 +7,6 @@ as a released checkpoint, so every stage (and `QwenImagePipeline.from_pretrained
 from __future__ import annotations
 
 import contextlib
-import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,15 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
 
-from stages.families.qwen_image import FAMILY
 from stages.families.qwen_image import text_encoder as qwen_text_encoder
 from stages.families.qwen_image import tokenizer as qwen_tokenizer
 from stages.families.qwen_image import transformer as qwen_image
 from stages.families.qwen_image import vae as qwen_vae
+
+COMPONENT_MODULES: dict[str, Any] = {"text_encoder": qwen_text_encoder, "transformer": qwen_image, "vae_decoder": qwen_vae}
+FEED_FUNCTIONS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
+    "text_encoder": qwen_text_encoder.text_encoder_engine_inputs, "transformer": qwen_image.transformer_engine_inputs,
+    "vae_decoder": qwen_vae.vae_decoder_engine_inputs}
 
 # scheduler/scheduler_config.json of the released Qwen/Qwen-Image checkpoint (see NOTES).
 RELEASED_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -97,12 +100,12 @@ def component_config(checkpoint_dir: str | Path, component: str) -> dict[str, An
     """The component's config.json with the class defaults filled in, as `from_pretrained` would see it."""
     import inspect
 
-    classes = {"transformer": QwenImageTransformer2DModel, "vae_decoder": AutoencoderKLQwenImage}
-    folder = FAMILY.components[component].config_folder
-    loaded = dict(classes[component].load_config(str(checkpoint_dir), subfolder=folder, local_files_only=True))
+    classes = {"transformer": (QwenImageTransformer2DModel, "transformer"), "vae_decoder": (AutoencoderKLQwenImage, "vae")}
+    model_class, folder = classes[component]  # the family's config_folder of each
+    loaded = dict(model_class.load_config(str(checkpoint_dir), subfolder=folder, local_files_only=True))
     defaults = {
         name: parameter.default
-        for name, parameter in inspect.signature(classes[component].__init__).parameters.items()
+        for name, parameter in inspect.signature(model_class.__init__).parameters.items()
         if parameter.default is not inspect.Parameter.empty
     }
     return {**defaults, **{key: value for key, value in loaded.items() if not key.startswith("_")}}
@@ -110,8 +113,7 @@ def component_config(checkpoint_dir: str | Path, component: str) -> dict[str, An
 
 def engine_feed(component: str, call: dict[str, Any], config: dict[str, Any]) -> dict[str, np.ndarray]:
     """A diffusers-level call -> the engine's input dict, through the registry's feed function."""
-    module_name, function_name = FAMILY.components[component].feed_function.split(":")
-    feed_function = getattr(importlib.import_module(module_name), function_name)
+    feed_function = FEED_FUNCTIONS[component]
     if component == "transformer":
         return feed_function(**call, axes_dims_rope=tuple(config["axes_dims_rope"]))
     return feed_function(**call)
@@ -128,7 +130,7 @@ def graph_component_run(component: str, session: SessionRun, config: dict[str, A
 
 def torch_component_run(component: str, checkpoint_dir: str | Path) -> ComponentRun:
     """The stock PyTorch module in fp32 as a component run (for a component the recipe builds no graph for)."""
-    spec = FAMILY.module(component)
+    spec = COMPONENT_MODULES[component]
     model = spec.load(checkpoint_dir)
 
     def run(call: dict[str, Any]) -> dict[str, np.ndarray]:
