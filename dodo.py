@@ -4,17 +4,18 @@ Command-line variables: `recipe=` (a name in recipes/ or a path to a YAML file, 
 `recipes=a,b` (comma-separated, for `doit audit`; default the `recipe=` one),
 `model=` (`tiny` or a diffusers checkpoint directory), `verify=1` (rehash every output instead of the cheap
 size/mtime/inode check), `remote=<url>` (overrides FORGE_REMOTE: a store mirror shared by CI runners),
-`remote_required=1`, and any dotted `key.path=value` recipe override. Exit codes: stages/ci.py and the README.
+`remote_required=1`, and any dotted `key.path=value` recipe override. Exit codes: stages/tasks/ci.py and the README.
 """
 
 import signal
 import sys
 
-from stages import ci, log
-from stages.ci import ForgeReporter
+from stages import log
 from stages.errors import ForgeError
-from stages.taskgraph import (audit_request, audit_task, banners, build_task, command_line_vars, gc_task,
-                              load_from_command_line, manifest_task, publish_task, stage_tasks)
+from stages.tasks import ci
+from stages.tasks.ci import ForgeReporter
+from stages.tasks.taskgraph import (audit_request, audit_task, banners, build_task, command_line_vars, gc_task,
+                                    load_from_command_line, manifest_task, publish_task, stage_tasks)
 
 DOIT_CONFIG = {
     "backend": "sqlite3",
@@ -24,14 +25,15 @@ DOIT_CONFIG = {
     "reporter": ForgeReporter,  # the summary line and distinct exit codes (validation failed vs stage failed)
 }
 
+STOP = ci.Stop()
 for stop in (signal.SIGINT, signal.SIGTERM):  # SIGTERM stops a build as Ctrl-C does: one line, no traceback
-    signal.signal(stop, ci.interrupt)
+    signal.signal(stop, STOP)
 log.configure()
 
 try:
     BUILD = load_from_command_line(command_line_vars())
     AUDIT = audit_request(command_line_vars(), BUILD)
-    ci.BANNERS[:] = banners(BUILD)
+    DOIT_CONFIG["reporter"] = ci.reporter(banners(BUILD), STOP)
 except ForgeError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(ci.EXIT_BAD_INPUT)

@@ -60,7 +60,7 @@ def main() -> int:
                        capture_output=True, check=True)
         noop.append(time.perf_counter() - started)
     # The stages above ran one by one, so the first `doit build` plans in full (and records the no-op snapshot);
-    # the others are answered from the snapshot (stages/noop.py).
+    # the others are answered from the snapshot (stages/plan/noop.py).
     first, rest = noop[0], noop[1:] or noop
     print(f"first `doit build` after the stage-by-stage build (full path, records the snapshot): {first:.3f} s")
     print(f"no-op rebuild (`doit build`, whole process): median {statistics.median(rest):.3f} s, "

@@ -32,7 +32,7 @@ def write_spec(options: argparse.Namespace) -> int:
     os.environ["FORGE_ARTIFACTS"] = str(options.artifacts)
     from stages.engine import from_recipe
     from stages.inputs import Ref, StageInputs
-    from stages.recipe import load_recipe
+    from stages.recipe.load import load_recipe
 
     loaded = load_recipe(options.recipe, model=str(options.model))
     precision = (options.artifacts / loaded.name / options.component / "precision").resolve()

@@ -27,10 +27,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from stages.families.qwen_image import transformer as qwen_image  # noqa: E402
-from stages.backends.rtx_inspect import rtx_build_report  # noqa: E402
+from stages.graphs.runners import onnxruntime_session  # noqa: E402
 from stages.quantize import QuantizePrecision  # noqa: E402
-from stages.runners import onnxruntime_session  # noqa: E402
-from stages.recipe import PixelRange, Profile, Range, ValidateSettings  # noqa: E402
+from stages.recipe.schema import PixelRange, Profile, Range, ValidateSettings  # noqa: E402
+from stages.targets.backends.rtx_inspect import rtx_build_report  # noqa: E402
 
 TARGETS = [(8, 6), (8, 9), (12, 0)]
 MODES = [("int8", "max"), ("int8_weight_only", "max"), ("fp8", "max")]

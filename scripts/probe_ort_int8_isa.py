@@ -22,7 +22,7 @@ int8 on the fly: max|diff| 0.40 of 66.8 (cosine 0.999986) on both CPUs; as writt
 leaves Q/DQ as written. On the tiny Qwen-Image transformer (tests/test_quantize.py's int8 and woq graphs and its
 held-out feeds saved to npz), min cosine to the fp32 graph: W8A8 native 0.999769 at either level, Haswell
 0.990507 at ORT_ENABLE_ALL (issue 15's 0.99051) and 0.999769 at ORT_DISABLE_ALL; weight-only 0.999961 fused
-(MatMulNBits) and 0.999984 as written, on both CPUs. `stages.runners.onnxruntime_session` now runs both toys as
+(MatMulNBits) and 0.999984 as written, on both CPUs. `stages.graphs.runners.onnxruntime_session` now runs both toys as
 written (3.1e-5 and 1.8e-5 on both CPUs).
 """
 
@@ -131,9 +131,9 @@ def toy(weight_only: bool, work: Path) -> dict[str, Any]:
         optimized = work / f"{path.stem}.{name}.onnx"
         y = session(path, level, optimized).run(None, {"x": x})[0]
         rows[name] = {**errors(exact, y), "ops": [n.op_type for n in onnx.load(str(optimized)).graph.node]}
-    from stages.runners import onnxruntime_cpu_note, onnxruntime_session
+    from stages.graphs.runners import onnxruntime_cpu_note, onnxruntime_session
 
-    rows["stages.runners.onnxruntime_session"] = {**errors(exact, onnxruntime_session(path).run(None, {"x": x})[0]),
+    rows["stages.graphs.runners.onnxruntime_session"] = {**errors(exact, onnxruntime_session(path).run(None, {"x": x})[0]),
                                                   "note": onnxruntime_cpu_note(onnx.load(str(path)))}
     return rows
 

@@ -47,7 +47,7 @@ import json, os, resource, sys, tempfile
 from pathlib import Path
 from stages import log
 from stages.inputs import Ref, StageInputs
-from stages.recipe import load_recipe
+from stages.recipe.load import load_recipe
 from stages.validate import from_recipe
 log.configure()
 artifacts, recipe, model, component, overrides = sys.argv[1:6]
@@ -97,7 +97,7 @@ def new_bytes(folder: Path) -> int:
 def hash_checkpoint(model: Path, artifacts: Path) -> dict[str, object]:
     """The sha256 of every checkpoint file, once (a build remembers them by path, size, mtime and inode): timed
     on its own so that the first task's row is the task alone."""
-    from stages.fingerprint import FileDigests
+    from stages.store.digests import FileDigests
 
     files = [str(p.relative_to(model)) for p in sorted(model.rglob("*")) if p.is_file()]
     total = sum((model / f).stat().st_size for f in files)
@@ -130,7 +130,7 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "FORGE_ARTIFACTS": str(workdir / "artifacts")}
     args = [f"recipe={options.recipe}", f"model={options.model}", *options.overrides]
-    from stages.recipe import load_recipe
+    from stages.recipe.load import load_recipe
 
     name = load_recipe(options.recipe, model=str(options.model)).name
     components = [c.strip() for c in options.components.split(",") if c.strip()]

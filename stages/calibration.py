@@ -18,10 +18,10 @@ from stages import log
 from stages.errors import fail
 from stages.families import DEFAULT_FAMILY
 from stages.inputs import StageInputs
-from stages.store import sha256_file
+from stages.store.digests import sha256_file
 
 if TYPE_CHECKING:
-    from stages.recipe import CalibrationSettings, LoadedRecipe
+    from stages.recipe.schema import CalibrationSettings, LoadedRecipe
 
 LOG = log.get("calibration")
 

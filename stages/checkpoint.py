@@ -15,7 +15,7 @@ from stages.families import DEFAULT_FAMILY
 from stages.inputs import StageInputs
 
 if TYPE_CHECKING:
-    from stages.recipe import LoadedRecipe
+    from stages.recipe.schema import LoadedRecipe
 
 LOG = log.get("checkpoint")
 

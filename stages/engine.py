@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages import log
-from stages.backends import BACKENDS
 from stages.errors import fail
 from stages.inputs import StageInputs
+from stages.store.local import CACHE_DIR
+from stages.targets.backends import BACKENDS
 
 if TYPE_CHECKING:
-    from stages.recipe import LoadedRecipe
+    from stages.recipe.schema import LoadedRecipe
 
 ENGINE_FILE = "engine.plan"
 LOG = log.get("engine")
@@ -140,7 +141,7 @@ def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs
     config = model_config(inputs.weights, loaded.family.components[component].config_folder)
     shapes = loaded.family.module(component).profile_shapes(settings.profile, loaded.recipe.text_length, config)
     cc = target.compute_capability
-    cache = inputs.root / "cache" / "timing" / f"{target.backend}-sm{cc[0]}{cc[1]}.cache"
+    cache = inputs.root / CACHE_DIR / "timing" / f"{target.backend}-sm{cc[0]}{cc[1]}.cache"
     return BuildEngine(
         component=component,
         onnx_path=inputs.dir("precision", component) / "model.onnx",

@@ -3,7 +3,7 @@
 Weights are never loaded, copied or upcast. The model is built from the checkpoint's config with every
 parameter on the meta device, traced on meta (torch.onnx, `optimize=False`: the optimiser's constant folding
 would read meta data), and optimised with the parameters invisible to it. Each parameter then becomes an
-external-data initializer pointing into the checkpoint's safetensors shard (see stages.weights), in the
+external-data initializer pointing into the checkpoint's safetensors shard (see stages.graphs.weights), in the
 checkpoint's own dtype; the graph computes in fp32 (the reference precision), so a bf16 weight enters through
 one Cast node. Buffers computed at construction (RoPE inverse frequencies, the VAE's de-normalisation
 constants) and constants the optimiser folds are small and written inline. The tiny fp32 checkpoint takes
@@ -19,7 +19,7 @@ import ast
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -28,9 +28,11 @@ from typing import TYPE_CHECKING, Any
 from stages import log
 from stages.families import DEFAULT_FAMILY, FAMILIES, component_module
 from stages.inputs import StageInputs
+from stages.store.digests import FILE_DIGESTS
+from stages.store.local import CACHE_DIR
 
 if TYPE_CHECKING:
-    from stages.recipe import LoadedRecipe
+    from stages.recipe.schema import LoadedRecipe
 
 LOG = log.get("export")
 
@@ -46,12 +48,12 @@ class ExportOnnx:
     text_length: int
     opset: int
     family: str = DEFAULT_FAMILY
-    store_root: Path | None = None  # where a shared copy of a shard goes if the checkpoint is on another filesystem
+    shared_copy: Callable[[Path, str], Path] | None = None  # the store's copy of a shard on another filesystem
     digest_memo: Path | None = None  # the build's checkpoint-digest memo: shard digests the store need not rehash
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
-        from stages import weights
-        from stages.onnx_io import save_model
+        from stages.graphs import weights
+        from stages.graphs.onnx_io import save_model
 
         spec = component_module(self.component, self.family)
         folder = self.checkpoint_dir / FAMILIES[self.family].components[self.component].config_folder
@@ -99,13 +101,13 @@ class ExportOnnx:
 
     def _place_files(self, files: set[str], folder: Path, out_dir: Path) -> dict[str, str]:
         """Link each referenced shard beside the graph; record the digests the build already knows."""
-        from stages import weights
-        from stages.fingerprint import FileDigests
+        from stages.graphs import weights
+        from stages.store.digests import FileDigests
 
         digests = FileDigests(self.digest_memo).of(folder, files) if self.digest_memo else {}
         placed = {}
         for name in sorted(files):
-            placed[name] = weights.place_checkpoint_file(folder / name, out_dir / name, digests.get(name), self.store_root)
+            placed[name] = weights.place_checkpoint_file(folder / name, out_dir / name, digests.get(name), self.shared_copy)
             if name in digests:
                 weights.note_known_digest(out_dir, name, digests[name])
         return placed
@@ -232,7 +234,7 @@ def attach_weights(graph: Any, located: dict[str, Any]) -> int:
     number of Casts."""
     import onnx
 
-    from stages.weights import external_initializer
+    from stages.graphs.weights import external_initializer
 
     renamed: dict[str, str] = {}
     casts = []
@@ -275,4 +277,4 @@ def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs
     assert component is not None
     settings = loaded.recipe.components[component].export
     return ExportOnnx(component, inputs.weights, loaded.recipe.text_length, settings.opset, loaded.recipe.family,
-                      store_root=inputs.root, digest_memo=inputs.root / "cache" / "file-digests.json")
+                      shared_copy=inputs.shared_copy, digest_memo=inputs.root / CACHE_DIR / FILE_DIGESTS)

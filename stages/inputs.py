@@ -6,6 +6,7 @@ Stdlib only: every stage imports it, so it is part of every stage's code digest 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ class StageInputs:
     checkpoint: Path | None
     dirs: dict[Ref, Path]
     root: Path
+    shared_copy: Callable[[Path, str], Path] | None = None  # the store's copy of a checkpoint file (another filesystem)
 
     def dir(self, stage: str, component: str | None = None) -> Path:
         try:

@@ -210,3 +210,11 @@ def captured_output() -> Iterator[Captured]:
             _capturing = False
             sink.seek(0)
             captured.lines = sink.read().decode("utf-8", errors="replace").splitlines()
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} GB"

@@ -33,9 +33,9 @@ import numpy as np
 
 from stages import log
 from stages.errors import fail
-from stages.language import prompt_language
 from stages.families import DEFAULT_FAMILY, FAMILIES
-from stages.runners import EngineRunner, OnnxRuntimeRunner, RunnerName, engine_unrunnable_reason
+from stages.graphs.runners import EngineRunner, OnnxRuntimeRunner, RunnerName, engine_unrunnable_reason
+from stages.language import prompt_language
 
 REFERENCE, ORT, TRT = RunnerName.REFERENCE.value, RunnerName.ONNXRUNTIME.value, RunnerName.ENGINE.value
 
@@ -320,7 +320,7 @@ def _short(prompt: str, limit: int = 40) -> str:
 
 def check_configuration(check: PipelineCheck) -> None:
     """Everything the run needs, checked before loading any model; raises ForgeError naming the key. (The prompt
-    rules are the recipe's, checked when it loads: stages.prompts.)"""
+    rules are the recipe's, checked when it loads: stages.recipe.prompts.)"""
     components = check.graph_components
     unknown = sorted(set(check.onnx_paths) - set(components))
     if unknown:

@@ -4,14 +4,14 @@ fp16/bf16 go through ModelOpt AutoCast with the frozen text branch and the recip
 those nodes stay at `high_precision`.
 
 Weights are never converted or written here. AutoCast runs on the graph with every weight hidden as a graph
-input of its own dtype (stages.weights.hide_weights) and `keep_io_types`, so it inserts Cast nodes where a
+input of its own dtype (stages.graphs.weights.hide_weights) and `keep_io_types`, so it inserts Cast nodes where a
 low-precision node reads a weight instead of rewriting its bytes; the weights stay the checkpoint's tensors
 referenced in place (bf16 for the release: bf16 -> fp16 is exact within fp16's range, bf16 -> fp32 always), and
 TensorRT folds those Casts into the engine's weights at build time. fp32 islands (the frozen text branch) read
 the same bf16 weights through a Cast to fp32, so they compute in fp32 on exactly the checkpoint's values.
 AutoCast's data-range rule (`data_max`) is off: it needs an fp32 reference run of the whole model with every
 intermediate tensor as an output, which does not fit in memory at release size; exclusions are explicit.
-With `precision.blockwise`, AutoCast runs one block at a time (stages.segmented): its cleanup scans the whole
+With `precision.blockwise`, AutoCast runs one block at a time (stages.graphs.segmented): its cleanup scans the whole
 graph per node, so whole-graph time grows with the square of the layer count. INT8/FP8 go through
 stages.quantize with the same exclusions.
 """
@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages import blockwise, log
-from stages.inputs import StageInputs
+from stages import log
 from stages.errors import fail
+from stages.graphs import blockwise
+from stages.inputs import StageInputs
 
 if TYPE_CHECKING:
-    from stages.recipe import LoadedRecipe
+    from stages.recipe.schema import LoadedRecipe
 
 LOG = log.get("precision")
 
@@ -50,8 +51,8 @@ class ConvertPrecision:
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         import onnx
 
-        from stages.onnx_io import save_model
-        from stages.weights import link_upstream_files
+        from stages.graphs.onnx_io import save_model
+        from stages.graphs.weights import link_upstream_files
 
         excluded = self.excluded_nodes()
         model = onnx.load(str(self.source), load_external_data=False)
@@ -88,7 +89,7 @@ class ConvertPrecision:
 
     def _autocast_weightless(self, model: Any, excluded: list[str]) -> Any:
         """AutoCast with every weight hidden as a graph input, then the same references put back."""
-        from stages.weights import hide_weights, restore_weights
+        from stages.graphs.weights import hide_weights, restore_weights
 
         hidden = hide_weights(model)
         names = {node.name for node in model.graph.node}
@@ -99,8 +100,8 @@ class ConvertPrecision:
         return model
 
     def _autocast_by_block(self, model: Any, excluded: list[str]) -> Any:
-        from stages.blockwise import partition
-        from stages.segmented import transform_segments
+        from stages.graphs.blockwise import partition
+        from stages.graphs.segmented import transform_segments
 
         assert self.block_pattern is not None
         part = partition(model, self.block_pattern)

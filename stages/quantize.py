@@ -23,7 +23,7 @@ At release size (``precision.blockwise``) the graph is quantized one block at a 
 memory holds one block's weights, and each block is calibrated on its inputs as the chained unquantized graph
 computes them.
 
-Capability rules for these modes live in :mod:`stages.capabilities` (checked before any work).
+Capability rules for these modes live in :mod:`stages.targets.capabilities` (checked before any work).
 """
 
 from __future__ import annotations
@@ -40,30 +40,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages import log
-from stages.capabilities import CALIBRATION_METHODS, QUANTIZATION_MODES, quantization_mode
-from stages.errors import fail
-from stages.qdq import (
-    GEMM_OPS,
-    QDQ_OPS,
-    ONNX_FLOAT8E4M3FN,
-    ONNX_INT8,
-    calibration_ranges,
-    dequantized_types,
-    detach_excluded,
-    mask_sentinel_consumers,
-    qdq_violations,
-    quantized_nodes,
-    quantizer_skipped,
-    unquantized_outputs,
-    write_calibration_cache,
-)
 from stages.calibration import load_feeds
+from stages.errors import fail
+from stages.graphs.qdq import (GEMM_OPS, QDQ_OPS, ONNX_FLOAT8E4M3FN, ONNX_INT8, calibration_ranges, dequantized_types,
+                               detach_excluded, mask_sentinel_consumers, qdq_violations, quantized_nodes,
+                               quantizer_skipped, unquantized_outputs, write_calibration_cache)
+from stages.graphs.runners import ComparisonGraph, onnxruntime_cpu_note
 from stages.inputs import StageInputs
 from stages.precision import ConvertPrecision, surgery_inputs
-from stages.runners import ComparisonGraph, onnxruntime_cpu_note
+from stages.targets.capabilities import CALIBRATION_METHODS, QUANTIZATION_MODES, quantization_mode
 
 if TYPE_CHECKING:
-    from stages.recipe import LoadedRecipe
+    from stages.recipe.schema import LoadedRecipe
 
 LOG = log.get("quantize")
 
@@ -141,13 +129,13 @@ class QuantizePrecision:
     exclude_patterns: tuple[str, ...]
     calibration_feeds: Callable[[], Sequence[Feed]] | Sequence[Feed] = field(default=(), compare=False, repr=False)
     calibration_cache: Path | None = None
-    block_pattern: str | None = None  # set: calibrate and quantize one block at a time (stages.segmented)
+    block_pattern: str | None = None  # set: calibrate and quantize one block at a time (stages.graphs.segmented)
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         import onnx
 
-        from stages.onnx_io import save_model
-        from stages.weights import link_upstream_files
+        from stages.graphs.onnx_io import save_model
+        from stages.graphs.weights import link_upstream_files
 
         self.check_settings()
         graph = onnx.load(str(self.source), load_external_data=False)
@@ -267,8 +255,8 @@ def run_modelopt(stage: QuantizePrecision, source: Path, excluded: list[str], fe
     place again afterwards; only quantized or converted tensors are written by this stage."""
     import onnx
 
-    from stages.store import scratch_beside
-    from stages.weights import reference_casts, reference_unchanged
+    from stages.store.local import scratch_beside
+    from stages.graphs.weights import reference_casts, reference_unchanged
 
     with scratch_beside(out_dir, "quantize") as scratch:
         work = Path(scratch)
@@ -298,9 +286,9 @@ def run_modelopt_by_block(stage: QuantizePrecision, excluded: list[str], feeds: 
     :data:`QUANTIZED_WEIGHTS` beside the graph; everything else stays referenced in place."""
     import onnx
 
-    from stages.blockwise import partition, write_segments
-    from stages.segmented import transform_segments
-    from stages.store import scratch_beside
+    from stages.graphs.blockwise import partition, write_segments
+    from stages.graphs.segmented import transform_segments
+    from stages.store.local import scratch_beside
 
     assert stage.block_pattern is not None
     graph = onnx.load(str(stage.source), load_external_data=False)
@@ -367,7 +355,7 @@ class _CalibrationInputs:
         return [{name: values[name] for name in names} for values in self.values]
 
     def advance(self, index: int) -> None:
-        from stages.runners import OnnxRuntimeRunner
+        from stages.graphs.runners import OnnxRuntimeRunner
 
         if not self.values or index == len(self.part.segments) - 1:
             return
@@ -403,7 +391,7 @@ def _to_high_precision(stage: QuantizePrecision, model: Any) -> Any:
         return model
     from modelopt.onnx.autocast import convert_to_f16
 
-    from stages.weights import hide_weights, restore_weights
+    from stages.graphs.weights import hide_weights, restore_weights
 
     hidden = hide_weights(model)
     model = convert_to_f16(model, low_precision_type=stage.high_precision, keep_io_types=True)
@@ -423,8 +411,8 @@ def _readable_source(source: Path, work: Path, protected: set[str]) -> Path:
     import onnx
     from polygraphy.backend.onnx import fold_constants
 
-    from stages.onnx_io import save_model
-    from stages.weights import hide_weights, materialize, restore_weights
+    from stages.graphs.onnx_io import save_model
+    from stages.graphs.weights import hide_weights, materialize, restore_weights
 
     model = onnx.load(str(source), load_external_data=False)
     kept = {name for node in model.graph.node if node.name in protected for name in node.input}

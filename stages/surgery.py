@@ -4,7 +4,7 @@
 high precision and never quantize, and records them (the precision stage reads this stage's report).
 
 Passes never see weights: the graph is loaded without external data and every weight becomes a graph input
-while they run (stages.weights.hide_weights), so folding cannot materialise a transposed or upcast copy of a
+while they run (stages.graphs.weights.hide_weights), so folding cannot materialise a transposed or upcast copy of a
 weight and nothing serialises more than the small graph; afterwards the weights are the export's references
 again, their shards hard-linked into this entry (no weight bytes written).
 """
@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 from stages import log
 from stages.errors import fail
-from stages.onnx_io import save_model
 from stages.families import DEFAULT_FAMILY, component_module
+from stages.graphs.onnx_io import save_model
 from stages.inputs import StageInputs
 
 if TYPE_CHECKING:
-    from stages.recipe import LoadedRecipe
+    from stages.recipe.schema import LoadedRecipe
 
 LOG = log.get("surgery")
 
@@ -44,7 +44,7 @@ class GraphSurgery:
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         import onnx
 
-        from stages.weights import hide_weights, link_upstream_files, restore_weights
+        from stages.graphs.weights import hide_weights, link_upstream_files, restore_weights
 
         model = onnx.load(str(self.source), load_external_data=False)
         hidden = hide_weights(model)

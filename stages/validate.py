@@ -12,17 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stages import blockwise, log
+from stages import log
 from stages.errors import fail
 from stages.families import DEFAULT_FAMILY, FAMILIES, component_module
+from stages.graphs import blockwise
+from stages.graphs.runners import (ComparisonGraph, EngineRunner, OnnxRuntimeRunner, RunnerName,
+                                   engine_unrunnable_reason, onnxruntime_execution, run_all)
 from stages.inputs import StageInputs
-from stages.reports import (BlockError, Comparison, EngineRun, FreezingEffect, OnnxRuntimeRun, Tolerances, ValidationReport,
-                            WouldPass)
-from stages.runners import (ComparisonGraph, EngineRunner, OnnxRuntimeRunner, RunnerName, engine_unrunnable_reason,
-                            onnxruntime_execution, run_all)
+from stages.reports import (BlockError, Comparison, EngineRun, FreezingEffect, OnnxRuntimeRun, Tolerances,
+                            ValidationReport, WouldPass)
 
 if TYPE_CHECKING:
-    from stages.recipe import LoadedRecipe, Tolerance, ValidateSettings
+    from stages.recipe.schema import LoadedRecipe, Tolerance, ValidateSettings
 
 REFERENCE = RunnerName.REFERENCE.value
 ORT = RunnerName.ONNXRUNTIME.value
@@ -98,7 +99,7 @@ class ValidateAgainstPytorch:
 
     def _blockwise(self, spec: Any, out_dir: Path, results: Any) -> tuple[list[BlockError], list[dict[str, Any]]]:
         """Reference and graphs run block by block (one block's weights in memory); errors after every block."""
-        from stages.store import scratch_beside
+        from stages.store.local import scratch_beside
 
         model = spec.load_meta(self.checkpoint_dir)
         cases = self._cases(spec, model)

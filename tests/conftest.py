@@ -67,7 +67,7 @@ def reused_tasks(stderr: str) -> list[str]:
 def view_name(recipe: str, model: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> str:
     """The folder under artifacts/ (and task-name prefix) of a build, as the forge names it; `overrides` are
     command-line `key=value` arguments (an overridden build has a view of its own)."""
-    from stages.recipe import load_recipe
+    from stages.recipe.load import load_recipe
 
     parsed = dict(argument.split("=", 1) for argument in overrides)
     return load_recipe(recipe, overrides=parsed, model=model).name

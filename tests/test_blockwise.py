@@ -8,11 +8,11 @@ import numpy as np
 import onnx
 import pytest
 
-from stages import blockwise
 from stages.families.qwen_image import FAMILY
 from stages.families.qwen_image import transformer as qwen_image
-from stages.recipe import load_recipe
-from stages.runners import OnnxRuntimeRunner
+from stages.graphs import blockwise
+from stages.graphs.runners import OnnxRuntimeRunner
+from stages.recipe.load import load_recipe
 from stages.validate import ValidateAgainstPytorch
 
 PATTERN = FAMILY.components["transformer"].block_pattern

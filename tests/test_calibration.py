@@ -9,8 +9,9 @@ import yaml
 from stages.calibration import CaptureCalibration, load_feeds
 from stages.errors import ForgeError
 from stages.families.qwen_image import tokenizer as qwen_tokenizer
-from stages.recipe import CalibrationSettings, load_recipe
-from stages.registry import STAGES
+from stages.plan.registry import STAGES
+from stages.recipe.load import load_recipe
+from stages.recipe.schema import CalibrationSettings
 
 PROMPTS = ['A shop sign reading "OPEN"', "一只猫坐在窗台上"]
 
@@ -45,7 +46,7 @@ def test_transformer_inputs_are_captured_per_prompt_step_and_cfg_branch(
 
 
 def calibration_key_settings(prompts: Path, text_length: int = 256, **changes: object) -> dict:
-    """What the calibration task's store key takes from the recipe (see stages.registry)."""
+    """What the calibration task's store key takes from the recipe (see stages.plan.registry)."""
     overrides = {f"components.transformer.precision.calibration.{k}": str(v) for k, v in changes.items()}
     overrides["components.transformer.precision.calibration.prompts"] = str(prompts)
     overrides["text_length"] = str(text_length)

@@ -4,10 +4,10 @@ import re
 
 import pytest
 
-from stages import capabilities
-from stages.capabilities import check_quantization, quantization_refusal
 from stages.errors import ForgeError
-from stages.recipe import load_recipe
+from stages.recipe.load import load_recipe
+from stages.targets import capabilities
+from stages.targets.capabilities import check_quantization, quantization_refusal
 
 
 def test_precisions_follow_compute_capability() -> None:
@@ -40,7 +40,7 @@ def test_backend_context_restores_polygraphy_mode() -> None:
     """A backend switches Polygraphy's TensorRT flavour only inside its block: no global state left behind."""
     from polygraphy import config
 
-    from stages.backends import BACKENDS
+    from stages.targets.backends import BACKENDS
 
     before = config.USE_TENSORRT_RTX
     with BACKENDS["tensorrt-rtx"].polygraphy() as polygraphy_trt:

@@ -43,12 +43,13 @@ def test_edits_rerun_exactly_the_stages_that_import_the_module(small: dict, tmp_
     assert build_after_editing("stages/families/qwen_image/tokenizer.py") == {"checkpoint"}
     # What a recipe may say and the checks made before any task are not stage code (the recipe enters keys as
     # settings); INT8/FP8 code is not code of an fp16 plan.
-    for module in ("stages/recipe.py", "stages/fit.py", "stages/model_dir.py", "stages/prompts.py",
-                   "stages/memory_fit.py", "stages/quantize.py"):
+    for module in ("stages/recipe/load.py", "stages/recipe/schema.py", "stages/recipe/fit.py",
+                   "stages/recipe/checkpoint_checks.py", "stages/recipe/prompts.py", "stages/targets/memory_fit.py",
+                   "stages/quantize.py"):
         assert build_after_editing(module) == set(), module
     # A graph helper only the precision stage calls; the graph it (re)writes is byte-identical (early cutoff).
     precision_before = precision_digest(artifacts / view_name(str(recipe)))
-    assert build_after_editing("stages/segmented.py") == {"precision"}
+    assert build_after_editing("stages/graphs/segmented.py") == {"precision"}
     assert precision_digest(artifacts / view_name(str(recipe))) == precision_before, "graphs are written canonically"
     assert build_after_editing("stages/families/qwen_image/transformer.py") == {
         "checkpoint", "export", "surgery", "precision", "engine", "validate"}

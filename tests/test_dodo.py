@@ -218,7 +218,7 @@ def test_surgery_change_does_not_reexport(checkpoint_build: dict) -> None:
 
 
 NOOP_LINE = "no-op answered from its snapshot"
-HEAVY = ("pydantic", "yaml", "stages.recipe", "stages.taskgraph", "stages.resolve", "stages.fingerprint")
+HEAVY = ("pydantic", "yaml", "stages.recipe", "stages.tasks.taskgraph", "stages.plan.resolve", "stages.plan.fingerprint")
 
 
 def test_noop_rebuild_answers_from_its_snapshot_without_the_recipe_machinery(built: dict[str, Path]) -> None:

@@ -7,7 +7,7 @@ import pytest
 from stages.engine import BuildEngine
 from stages.errors import ForgeError
 from stages.families.qwen_image import transformer as qwen_image
-from stages.recipe import load_recipe
+from stages.recipe.load import load_recipe
 
 CONFIG = {"patch_size": 2, "in_channels": 16, "joint_attention_dim": 16, "attention_head_dim": 16}
 

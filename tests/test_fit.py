@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from stages.errors import ForgeError
-from stages.recipe import load_recipe
+from stages.recipe.load import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "tests" / "recipes" / "transformer-only.yaml")

@@ -5,7 +5,7 @@ import importlib
 import json
 from pathlib import Path
 
-from stages.manifest import summary_lines
+from stages.records.manifest import summary_lines
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""stages/memory_fit.py against numbers computed independently, from real safetensors files written here."""
+"""stages/targets/memory_fit.py against numbers computed independently, from real safetensors files written here."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from stages import memory_fit
 from stages.families.qwen_image.fit import engine_weight_bytes
-from stages.memory_fit import GIB, PrecisionPlan
+from stages.targets import memory_fit
+from stages.targets.memory_fit import GIB, PrecisionPlan
 
 
 def family_module(new: str, old: str) -> object:
@@ -24,7 +24,7 @@ def family_module(new: str, old: str) -> object:
 
 
 def known_gpus() -> dict[str, tuple[int, int]]:
-    for module in ("stages.gpus", "stages.capabilities"):
+    for module in ("stages.targets.gpus", "stages.targets.capabilities"):
         try:
             return importlib.import_module(module).GPUS
         except (ImportError, AttributeError):
@@ -182,7 +182,7 @@ def test_fit_counts_the_frozen_text_branch_at_fp32(built: dict[str, Path]) -> No
     from safetensors import safe_open
 
     from stages.families.qwen_image.fit import fp32_islands
-    from stages.recipe import load_recipe
+    from stages.recipe.load import load_recipe
 
     recipe = built["recipe"]
     section = load_recipe("a10-fp16").recipe.components["transformer"]

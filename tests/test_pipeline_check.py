@@ -21,18 +21,11 @@ from stages.errors import ForgeError
 from stages.export import ExportOnnx
 from stages.families.qwen_image import transformer as qwen_image
 from stages.families.qwen_image.pipeline import initial_latents, load_pipeline, save_tiny_checkpoint
-from stages.runners import check_static_shape
-from stages.pipeline_check import (
-    DEFAULT_PROMPTS,
-    PipelineCheck,
-    PipelineCheckSettings,
-    Thresholds,
-    check_settings,
-    image_metrics,
-    prompt_language,
-    step_cosines,
-    threshold_failures,
-)
+from stages.graphs.runners import check_static_shape
+from stages.language import prompt_language
+from stages.pipeline_check import (DEFAULT_PROMPTS, PipelineCheck, PipelineCheckSettings, Thresholds, image_metrics,
+                                   step_cosines, threshold_failures)
+from stages.recipe.prompts import check_settings
 
 TEXT_LENGTH = 64
 SIZE = 128
@@ -206,7 +199,7 @@ def test_settings_are_checked_before_any_model_loads(tmp_path: Path) -> None:
 def test_from_recipe_without_a_section_names_the_key(tmp_path: Path) -> None:
     from stages.inputs import StageInputs
     from stages.pipeline_check import from_recipe
-    from stages.recipe import load_recipe
+    from stages.recipe.load import load_recipe
 
     loaded = load_recipe("a10-fp16", {"pipeline_check": "null"})
     with pytest.raises(ForgeError, match="a10-fp16.yaml: pipeline_check: the recipe has no pipeline_check section"):
@@ -217,8 +210,8 @@ def test_from_recipe_points_at_the_built_graphs(tmp_path: Path) -> None:
     """Components the recipe builds run on their precision-stage ONNX (from the store); the others stay PyTorch."""
     from stages.inputs import StageInputs
     from stages.pipeline_check import from_recipe
-    from stages.recipe import load_recipe
-    from stages.registry import Ref
+    from stages.recipe.load import load_recipe
+    from stages.plan.registry import Ref
 
     loaded = load_recipe("a10-fp16", {"components.text_encoder": "null", "components.vae_decoder": "null"})
     dirs = {Ref("precision", "transformer"): tmp_path / "p", Ref("engine", "transformer"): tmp_path / "e"}

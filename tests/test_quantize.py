@@ -20,12 +20,12 @@ import pytest
 
 from stages.errors import ForgeError
 from stages.families.qwen_image import transformer as qwen_image
-from stages.backends.rtx_inspect import rtx_build_report
-from stages.qdq import qdq_violations, read_calibration_cache
+from stages.graphs.qdq import qdq_violations, read_calibration_cache
+from stages.graphs.runners import onnxruntime_session
+from stages.graphs.weights import load_with_weights
 from stages.quantize import EXTERNAL_MIN_BYTES, QuantizePrecision
-from stages.runners import onnxruntime_session
-from stages.weights import load_with_weights
-from stages.recipe import PixelRange, Profile, Range, ValidateSettings
+from stages.recipe.schema import PixelRange, Profile, Range, ValidateSettings
+from stages.targets.backends.rtx_inspect import rtx_build_report
 
 REPO = Path(__file__).resolve().parent.parent
 TEXT_LENGTH = 256
@@ -364,7 +364,7 @@ def test_fp8_by_block_calibrates_like_the_whole_graph(fp8: SimpleNamespace, fp8_
 
 def test_quantized_graph_is_cut_with_each_blocks_weights_in_its_block(woq_by_block: SimpleNamespace) -> None:
     """DequantizeLinear of a block's weight runs in that block's segment: nothing hands weights across a cut."""
-    from stages.blockwise import partition
+    from stages.graphs.blockwise import partition
 
     model = onnx.load(str(woq_by_block.path), load_external_data=False)
     producer = {o: n for n in model.graph.node for o in n.output}

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from stages.errors import ForgeError
-from stages.recipe import RECIPES_DIR, load_recipe
+from stages.paths import RECIPES_DIR
+from stages.recipe.load import load_recipe
 
 
 def write(tmp_path: Path, name: str, data: dict) -> Path:

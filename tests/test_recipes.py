@@ -153,7 +153,7 @@ def test_a10_int8_quantizes_one_block_at_a_time_through_doit(workspace: dict) ->
     import onnx
     from onnx import numpy_helper
 
-    from stages.weights import load_with_weights
+    from stages.graphs.weights import load_with_weights
 
     blockwise = ["components.transformer.precision.blockwise=true"]
     name = view_name("a10-int8", overrides=blockwise)

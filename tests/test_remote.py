@@ -180,9 +180,9 @@ def test_bad_remote_settings_are_one_line_and_write_nothing(setting: dict[str, s
 
 
 def test_graph_with_an_s3_remote_imports_no_fsspec() -> None:
-    code = ("import sys; from stages import taskgraph; "
+    code = ("import sys; from stages.tasks import taskgraph; "
             "b = taskgraph.load_from_command_line({'remote': 's3://bucket/prefix'}); "
-            "assert b.store.remote.url == 's3://bucket/prefix'; "
+            "assert b.remote.url == 's3://bucket/prefix'; "
             "print(sorted(m for m in ('fsspec', 's3fs', 'botocore', 'aiohttp') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
@@ -191,9 +191,9 @@ def test_graph_with_an_s3_remote_imports_no_fsspec() -> None:
 def test_checkpoint_weights_referenced_in_place_are_never_uploaded(tmp_path: Path) -> None:
     """A model=<dir> entry holding the user's weights file (hard-linked): not on the remote; a fetch links it."""
     from stages.errors import ForgeError
-    from stages.fingerprint import digest
-    from stages.remote import Remote, settings_from
-    from stages.store import Store, sha256_file
+    from stages.store.digests import digest, sha256_file
+    from stages.store.local import Store
+    from stages.store.remote import Remote, settings_from
 
     checkpoint = tmp_path / "checkpoint" / "transformer"
     checkpoint.mkdir(parents=True)
@@ -210,15 +210,17 @@ def test_checkpoint_weights_referenced_in_place_are_never_uploaded(tmp_path: Pat
     assert json.loads((entry.path / ".timings.json").read_text()) == {"build_seconds": 1.5}
 
     remote = Remote(settings_from({"remote": str(tmp_path / "remote")}, {}))  # type: ignore[arg-type]
-    weights = {weights_sha: checkpoint / "weights.safetensors"}  # what Remote.weights(build) gives for model=<dir>
+    weights = {weights_sha: checkpoint / "weights.safetensors"}  # what Build.checkpoint_weights() gives for model=<dir>
     assert remote.publish(entry, "export:x", weights) and not remote.publish(entry, "export:x", weights)
     objects = {p.name for p in (tmp_path / "remote" / "objects").rglob("*") if p.is_file()}
     assert weights_sha not in objects and sha256_file(entry.path / "model.onnx") in objects
     assert not list((tmp_path / "remote").rglob("*.tmp")) and not list((tmp_path / "remote").rglob(".stat.json"))
 
     other = Store(tmp_path / "two")
-    fetched = remote.fetch(other, "export", key, material, "export:x", weights)
-    assert fetched is not None and (fetched.path / "record.json").read_bytes() == (entry.path / "record.json").read_bytes()
+    placed = remote.fetch(other, "export", key, material, "export:x", weights)
+    assert placed is not None and placed[1].bytes > 0
+    fetched = placed[0]
+    assert (fetched.path / "record.json").read_bytes() == (entry.path / "record.json").read_bytes()
     assert sha256_file(fetched.path / "model.onnx.data") == weights_sha
     assert (fetched.path / "model.onnx.data").stat().st_ino == (checkpoint / "weights.safetensors").stat().st_ino
     with pytest.raises(ForgeError, match="this runner's checkpoint has no"):

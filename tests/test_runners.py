@@ -14,8 +14,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from stages.runners import (DEFAULT_OPTIMIZATIONS, NO_OPTIMIZATIONS, QDQ_AS_FLOAT, WEIGHT_ONLY_AS_FLOAT,
-                            onnxruntime_cpu_note, onnxruntime_execution, onnxruntime_session)
+from stages.graphs.runners import (DEFAULT_OPTIMIZATIONS, NO_OPTIMIZATIONS, QDQ_AS_FLOAT, WEIGHT_ONLY_AS_FLOAT,
+                                   onnxruntime_cpu_note, onnxruntime_execution, onnxruntime_session)
 
 M, K, N = 64, 512, 256
 X_SCALE = 0.02

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.store import RECORD, Store
+from stages.store.local import RECORD, Store
 
 
 def commit(store: Store, stage: str, key: str, files: dict[str, bytes]) -> Path:
@@ -102,7 +102,7 @@ def test_discard_removes_an_entry_atomically(tmp_path: Path) -> None:
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from stages.store import Store
+from stages.store.local import Store
 store = Store(Path(sys.argv[1]))
 with store.lock(sys.argv[2]):
     print("held", flush=True)

@@ -107,7 +107,7 @@ def test_loads_with_the_real_classes_without_missing_keys(checkpoint: Path) -> N
 
 
 def test_forge_accepts_it(checkpoint: Path) -> None:
-    from stages.recipe import load_recipe
+    from stages.recipe.load import load_recipe
 
     loaded = load_recipe("a10-fp16", model=str(checkpoint))
     assert loaded.recipe.model.path == str(checkpoint)

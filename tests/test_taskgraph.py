@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from stages import fingerprint, registry, taskgraph
-from stages.recipe import load_recipe
-from stages.registry import Ref
-from stages.resolve import Build
+from stages.plan import fingerprint, registry
+from stages.plan.registry import Ref
+from stages.plan.resolve import Build
+from stages.recipe.load import load_recipe
+from stages.tasks import taskgraph
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,7 +90,7 @@ def test_key_material_names_everything_that_changes_the_output(built: dict[str, 
     assert material["model"] and all(name.startswith("transformer/") for name in material["model"])
     assert material["versions"]["torch"] and material["settings"]["validate"]["batch"] == 2
     closure = {str(p.relative_to(REPO)) for p in fingerprint.module_closure(registry.code_roots(build.loaded, Ref("validate", "transformer")))}
-    assert {"stages/validate.py", "stages/families/qwen_image/transformer.py", "stages/runners.py"} <= closure
+    assert {"stages/validate.py", "stages/families/qwen_image/transformer.py", "stages/graphs/runners.py"} <= closure
     assert "stages/export.py" not in closure and "stages/families/qwen_image/vae.py" not in closure
 
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.recipe import load_recipe
+from stages.graphs.runners import DEFAULT_OPTIMIZATIONS, WEIGHT_ONLY_AS_FLOAT
+from stages.recipe.load import load_recipe
 from stages.reports import Comparison, Tolerances, WouldPass
-from stages.runners import DEFAULT_OPTIMIZATIONS, WEIGHT_ONLY_AS_FLOAT
 from stages.validate import ValidateAgainstPytorch, format_line
 
 

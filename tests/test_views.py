@@ -9,7 +9,7 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
-from stages.store import Store
+from stages.store.local import Store
 from tests.conftest import REPO, SMALL_RECIPE, built_tasks, doit_command, executed_tasks, run_doit, view_name
 
 

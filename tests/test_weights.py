@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -16,8 +17,10 @@ import pytest
 import torch
 
 from stages.families.qwen_image import transformer as qwen_image
-from stages.store import KNOWN_DIGESTS, Store, sha256_file
-from stages.weights import checkpoint_tensors, external_location, place_checkpoint_file
+from stages.graphs.weights import checkpoint_tensors, external_location, place_checkpoint_file
+from stages.store.digests import sha256_file
+from stages.store.local import KNOWN_DIGESTS, Store
+from stages.tasks.actions import shared_weights_copy
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "synthetic_checkpoint.py"
 SHARD = "transformer/diffusion_pytorch_model.safetensors"
@@ -146,7 +149,8 @@ def test_checkpoint_on_another_filesystem_is_copied_once(tmp_path: Path) -> None
         placed = []
         for name in ("export-a", "export-b"):
             (tmp_path / name).mkdir()
-            how = place_checkpoint_file(source, tmp_path / name / source.name, digest, tmp_path / "artifacts")
+            how = place_checkpoint_file(source, tmp_path / name / source.name, digest,
+                                        functools.partial(shared_weights_copy, tmp_path / "artifacts"))
             placed.append((tmp_path / name / source.name).stat().st_ino)
             assert how == "hardlink to shared copy"
         copies = list((tmp_path / "artifacts" / "store" / "weights").iterdir())
@@ -163,7 +167,7 @@ def test_weight_only_int8_of_a_bf16_checkpoint_writes_only_int8(tmp_path: Path) 
     the stage references the bf16 tensors again through Casts, so it writes the INT8 weights and nothing else."""
     from stages.export import ExportOnnx
     from stages.quantize import QUANTIZED_WEIGHTS, QuantizePrecision
-    from stages.runners import onnxruntime_session
+    from stages.graphs.runners import onnxruntime_session
     from stages.surgery import GraphSurgery
 
     synth = load_script()

@@ -70,45 +70,19 @@ This module is light (the task graph imports it): recipes are checked here, befo
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.errors import ForgeError, debugging, fail, one_line
+from stages.audit.request import AUDIT_DIR, RUNNER_NAMES, AuditRequest
+from stages.errors import ForgeError, fail
 
-AUDIT_DIR = "audit"
-RUNNER_NAMES = {"onnxruntime": "ONNX Runtime", "tensorrt-engine": "the TensorRT engine"}
+__all__ = ["AUDIT_DIR", "RUNNER_NAMES", "AuditRequest", "parse_request", "recipe_names"]
+
 VARIABLE = "recipes"
-MAX_NAME = 64
-
-
-@dataclass(frozen=True)
-class AuditRequest:
-    """What `doit audit` was asked: recipes as given (to build what is missing) and their view names."""
-
-    sources: tuple[str, ...]
-    views: tuple[str, ...]
-    overrides: tuple[tuple[str, str], ...]
-    model: str | None
-    root: Path
-    thresholds: dict[str, dict[str, float | None]]  # view -> the recipe's `audit` section
-    build_vars: tuple[tuple[str, str], ...] = ()  # other command-line variables a build of a missing recipe gets
-
-    @property
-    def name(self) -> str:
-        joined = "+".join(self.views)
-        if len(joined) <= MAX_NAME:
-            return joined
-        return f"{self.views[0][:40]}+{len(self.views) - 1}-more-{hashlib.sha256(joined.encode()).hexdigest()[:8]}"
-
-    @property
-    def out_dir(self) -> Path:
-        return self.root / AUDIT_DIR / self.name
 
 
 def available_recipes() -> list[str]:
-    from stages.recipe import RECIPES_DIR
+    from stages.paths import RECIPES_DIR
 
     return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
 
@@ -123,7 +97,7 @@ def recipe_names(value: str | None) -> list[str]:
 
     Raises ForgeError, one line naming `recipes=` and the allowed values.
     """
-    from stages.recipe import RECIPES_DIR
+    from stages.paths import RECIPES_DIR
 
     items = [item.strip() for item in (value or "").split(",")]
     if not any(items):
@@ -145,7 +119,7 @@ def recipe_names(value: str | None) -> list[str]:
 def parse_request(sources: list[str], overrides: dict[str, str], model: str | None, root: Path,
                   build_vars: tuple[tuple[str, str], ...] = ()) -> AuditRequest:
     """Load every recipe (with the command line's overrides) before anything runs: bad input is one line."""
-    from stages.recipe import load_recipe
+    from stages.recipe.load import load_recipe
 
     kept: list[str] = []
     views: list[str] = []
@@ -165,29 +139,3 @@ def audit_thresholds(loaded: Any) -> dict[str, float | None]:
     """The recipe's optional `audit:` section (stages.recipe.AuditThresholds) as a plain dict."""
     section = getattr(loaded.recipe, "audit", None)
     return section.model_dump() if section is not None else {}
-
-
-def audit_action(request: AuditRequest) -> Any:
-    """doit action: run the audit; every failure is one line (FORGE_DEBUG=1 shows tracebacks)."""
-    import os
-    import sys
-
-    from doit.exceptions import TaskFailed
-
-    try:
-        from stages.audit.run import Audit
-
-        report = Audit(request)()
-    except Exception as error:  # noqa: BLE001 - one readable line, as for the stages
-        if debugging() and not isinstance(error, ForgeError):
-            raise
-        return TaskFailed(f"audit: {one_line(error)}")
-    where = os.path.relpath(request.out_dir / "report.html")
-    for name, figures in report["recipes"].items():
-        print(f"audit: {name}: {'PASSED' if figures['passed'] else 'FAILED'} {figures['execution']['summary']}",
-              file=sys.stderr)
-    print(f"audit report: {where} (figures in report.json beside it)", file=sys.stderr)
-    if not report["passed"]:
-        more = f" (+{len(report['failures']) - 1} more)" if len(report["failures"]) > 1 else ""
-        return TaskFailed(f"audit FAILED: {report['failures'][0]}{more}; see {where}")
-    return None

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.audit import AuditRequest
+from stages.audit.request import AuditRequest
 from stages.errors import ForgeError, fail
 from stages.paths import REPO_DIR
+from stages.store.local import CACHE_DIR
 
 MANIFEST = "manifest.json"
 RECORD = "record.json"
@@ -71,7 +72,7 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
 
 def build_command(request: AuditRequest, source: str) -> list[str]:
     """`doit build` for one recipe, with the audit's model and overrides; its own doit database (a cache)."""
-    database = request.root / "cache" / "audit-doit.db"
+    database = request.root / CACHE_DIR / "audit-doit.db"
     database.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "doit", "run", "-f", str(REPO_DIR / "dodo.py"), "--db-file", str(database),
                "build", f"recipe={source}"]

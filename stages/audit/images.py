@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import base64
 import io
-from pathlib import Path
 import numpy as np
+from pathlib import Path
 
 
 def read_png(path: Path) -> np.ndarray:

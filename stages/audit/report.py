@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from stages.audit import RUNNER_NAMES
 from stages.audit.images import data_uri
+from stages.audit.request import RUNNER_NAMES
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1280px;padding:16px 24px;color:#1d2330}

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.audit import AUDIT_DIR, RUNNER_NAMES, AuditRequest
 from stages.audit.collect import BuildView, component_figures, load_builds, pipeline_source, recipe_figures
+from stages.audit.request import AUDIT_DIR, RUNNER_NAMES, AuditRequest
+from stages.store.local import CACHE_DIR
 
 SCHEMA_VERSION = 2
 TOOLS = ("rapidocr-onnxruntime", "onnxruntime", "matplotlib", "numpy", "pillow")
@@ -94,7 +95,7 @@ class Audit:
         if source is None:
             return None
         reference, runners = source["reference"], list(source["runners"])
-        cache = self.request.root / "cache" / "ocr"
+        cache = self.request.root / CACHE_DIR / "ocr"
         prompts, curves = [], []
         for prompt in source["prompts"]:
             index = prompt["index"]

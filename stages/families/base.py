@@ -5,7 +5,7 @@ it, which stages apply) and the modules recipe-wide stages call (saving a tiny r
 pipeline-check adapters, calibration capture, the GPU fit arithmetic). Modules are referenced by thunks:
 zero-argument functions whose body imports the module and returns it. Declaring a family therefore imports
 nothing heavy, a reader and a static tool follow the import, and a store key covers a thunk's target only for
-the tasks that call it (stages.fingerprint.is_thunk).
+the tasks that call it (stages.plan.fingerprint.is_thunk).
 
 A component module provides: `load(checkpoint_dir)`, `export_wrapper(model)` (a context manager yielding an
 exportable nn.Module), `example_inputs(model, text_length)`, `dynamic_shapes()`, `profile_shapes(profile,

@@ -1,5 +1,5 @@
 """What each Qwen-Image engine holds and how much activation memory it needs: the family's side of the GPU fit
-check (stages/fit.py). Stdlib only: it runs while the recipe is loaded, before any task."""
+check (stages/recipe/fit.py). Stdlib only: it runs while the recipe is loaded, before any task."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stages import memory_fit
 from stages.families.qwen_image.text_branch import TEXT_BRANCH_PATTERNS
+from stages.targets import memory_fit
 
 PROMPT_TEMPLATE_TOKENS = 34  # the text encoder sees the pipeline's template prefix before it is dropped
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                       QwenImageTransformer2DModel)
 
 from stages.families.qwen_image import text_encoder as qwen_text_encoder
 from stages.families.qwen_image import tokenizer as qwen_tokenizer

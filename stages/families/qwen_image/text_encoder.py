@@ -338,14 +338,14 @@ def export_extras(checkpoint_dir: str | Path, out_dir: Path, text_length: int) -
         "pad_token": tokenizer.pad_token,
         "prompt_template": qwen_tokenizer.PROMPT_TEMPLATE,
         "prompt_template_drop": qwen_tokenizer.PROMPT_TEMPLATE_DROP,
-        "tokenize_function": "stages.families.qwen_image.tokenizer:tokenize_prompts",
-        "embeds_function": "stages.families.qwen_image.text_encoder:prompt_embeds_from_hidden_states",
+        "tokenize_function": _reference(qwen_tokenizer.tokenize_prompts),
+        "embeds_function": _reference(prompt_embeds_from_hidden_states),
     }
     (out_dir / "tokenizer" / "forge_padding.json").write_text(json.dumps(padding, indent=2) + "\n")
     return {"tokenizer": "tokenizer", "padding": padding}
 
 
-# -- block-wise validation at scale (see stages/blockwise.py) ---------------------------------------------------
+# -- block-wise validation at scale (see stages/graphs/blockwise.py) ---------------------------------------------------
 
 def blockwise_reference(checkpoint_dir: str | Path, case: dict[str, Any]) -> tuple[list[dict[str, np.ndarray]],
                                                                                   dict[str, np.ndarray]]:
@@ -378,3 +378,8 @@ def _language_model_prefix(model: Qwen2_5_VLForConditionalGeneration, reader: Sh
 
 def _hidden_states(output: torch.Tensor) -> dict[str, np.ndarray]:
     return {"hidden_states": output.float().numpy().copy()}
+
+
+def _reference(function: Any) -> str:
+    """`module:function`, as the runtime contract names a function for users to import."""
+    return f"{function.__module__}:{function.__qualname__}"

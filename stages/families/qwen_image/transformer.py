@@ -315,7 +315,7 @@ def reference_outputs(model: QwenImageTransformer2DModel, case: dict[str, Any]) 
     return {"sample": sample.numpy()}
 
 
-# -- block-wise validation at scale (see stages/blockwise.py) ---------------------------------------------------
+# -- block-wise validation at scale (see stages/graphs/blockwise.py) ---------------------------------------------------
 
 def blockwise_reference(checkpoint_dir: str | Path, case: dict[str, Any]) -> tuple[list[dict[str, np.ndarray]],
                                                                                   dict[str, np.ndarray]]:

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from stages import blockwise
 from stages.families.qwen_image import FAMILY
 from stages.families.qwen_image import text_encoder as te
-from stages.recipe import load_recipe
-from stages.runners import OnnxRuntimeRunner
+from stages.graphs import blockwise
+from stages.graphs.runners import OnnxRuntimeRunner
+from stages.recipe.load import load_recipe
 from stages.validate import ValidateAgainstPytorch
 
 PATTERN = FAMILY.components["text_encoder"].block_pattern

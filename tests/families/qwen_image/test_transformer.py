@@ -80,7 +80,7 @@ def test_feed_function_rejects_mixed_image_shapes(model: stock.QwenImageTransfor
 
 
 def test_profile_shapes_follow_pixels(model: stock.QwenImageTransformer2DModel) -> None:
-    from stages.recipe import load_recipe
+    from stages.recipe.load import load_recipe
 
     profile = load_recipe("a10-fp16").recipe.components["transformer"].profile
     shapes = qwen_image.profile_shapes(profile, 256, dict(model.config))
@@ -90,7 +90,7 @@ def test_profile_shapes_follow_pixels(model: stock.QwenImageTransformer2DModel) 
 
 
 def test_validation_cases_pad_and_cover_sizes(model: stock.QwenImageTransformer2DModel) -> None:
-    from stages.recipe import load_recipe
+    from stages.recipe.load import load_recipe
 
     settings = load_recipe("a10-fp16").recipe.components["transformer"].validate_
     cases = qwen_image.validation_cases(model, settings, 256)

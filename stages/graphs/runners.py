@@ -1,0 +1,218 @@
+"""One Runner protocol for every way the forge executes a built graph: ONNX Runtime, or the engine itself.
+
+Validation, the pipeline check and calibration all take a Runner, so a new backend brings its runner here
+once. A runner is a context manager (activate / deactivate, like Polygraphy's BaseRunner) whose `infer` maps
+a feed of numpy arrays to float32 outputs by name.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+from stages.errors import fail
+
+
+class RunnerName(str, enum.Enum):
+    """Names every report uses for who produced a set of outputs."""
+
+    REFERENCE = "pytorch-fp32"
+    ONNXRUNTIME = "onnxruntime"
+    ENGINE = "tensorrt-engine"
+
+
+class ComparisonGraph(str, enum.Enum):
+    """Graphs a quantized precision plan also writes, so validation can measure what quantizing costs."""
+
+    FP16_PLAN = "fp16_graph"
+    FREEZING_OFF = "freezing_off"
+
+    @property
+    def runner(self) -> str:
+        return f"{RunnerName.ONNXRUNTIME.value}:{self.value}"
+
+
+class Runner(Protocol):
+    name: str
+
+    def __enter__(self) -> Runner: ...
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None: ...
+
+    def infer(self, feed: Mapping[str, Any]) -> dict[str, Any]: ...
+
+
+def _as_float32(value: Any) -> Any:
+    import numpy as np
+
+    array = np.asarray(value)
+    return array.astype(np.float32) if np.issubdtype(array.dtype, np.floating) else array
+
+
+def check_static_shape(onnx_path: Path, name: str, declared: Sequence[Any], actual: Sequence[int]) -> None:
+    """A fixed graph dimension the feed does not match is almost always a different text_length at export."""
+    fixed = [(axis, dim) for axis, dim in enumerate(declared) if isinstance(dim, int)]
+    if len(declared) != len(actual) or any(actual[axis] != dim for axis, dim in fixed):
+        raise fail(onnx_path, name, f"the graph declares shape {list(declared)}, the feed has {list(actual)} "
+                   "(was the graph built with another text_length than the check's?)")
+
+
+class OnnxRuntimeRunner:
+    """The exact ONNX an engine is built from, on ONNX Runtime's CPU provider (Q/DQ graphs run as written).
+
+    Feeds are cast to the graph's declared input dtypes (fp16 graphs take fp32 feeds), fixed dimensions are
+    checked with a message naming the likely cause, outputs come back as float32."""
+
+    def __init__(self, onnx_path: Path, name: str = RunnerName.ONNXRUNTIME.value, optimize: bool = True) -> None:
+        self.onnx_path = Path(onnx_path)
+        self.name = name
+        self.optimize = optimize  # off: every node runs as written (block-wise runs match whole-graph runs exactly)
+        self._session: Any = None
+
+    def __enter__(self) -> OnnxRuntimeRunner:
+        self._session = onnxruntime_session(self.onnx_path, optimize=self.optimize)
+        return self
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        self._session = None
+
+    def infer(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+                 "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+        inputs = self._session.get_inputs()
+        missing = sorted({i.name for i in inputs} - set(feed))
+        if missing:
+            raise fail(self.onnx_path, "inputs", f"the graph needs {missing}, which the feed function does not "
+                       f"provide (it provides {sorted(feed)})")
+        arrays = {}
+        for declared in inputs:
+            array = np.ascontiguousarray(feed[declared.name], dtype=types.get(declared.type))
+            if declared.shape == [] and array.size == 1:
+                array = array.reshape(())  # a scalar another graph declared as [1] (chained block-wise runs)
+            check_static_shape(self.onnx_path, declared.name, declared.shape, array.shape)
+            arrays[declared.name] = array
+        names = [o.name for o in self._session.get_outputs()]
+        return {name: _as_float32(value) for name, value in zip(names, self._session.run(names, arrays))}
+
+
+class EngineRunner:
+    """A TensorRT(-RTX) engine through Polygraphy's TrtRunner; needs a GPU of the engine's compute capability."""
+
+    def __init__(self, engine_path: Path, backend: str, name: str = RunnerName.ENGINE.value) -> None:
+        self.engine_path = Path(engine_path)
+        self.backend = backend
+        self.name = name
+        self._stack: Any = None
+        self._runner: Any = None
+
+    def __enter__(self) -> EngineRunner:
+        import contextlib
+
+        from stages.targets.backends import BACKENDS
+
+        self._stack = contextlib.ExitStack()
+        polygraphy_trt = self._stack.enter_context(BACKENDS[self.backend].polygraphy())
+        engine = polygraphy_trt.EngineFromBytes(self.engine_path.read_bytes())
+        self._runner = self._stack.enter_context(polygraphy_trt.TrtRunner(engine, name=self.name))
+        return self
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        self._stack.close()
+
+    def infer(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+        return {name: _as_float32(value) for name, value in self._runner.infer(dict(feed)).items()}
+
+
+def run_all(runner: Runner, feeds: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Every feed through one runner, activated once."""
+    with runner:
+        return [runner.infer(feed) for feed in feeds]
+
+
+def engine_unrunnable_reason(compute_capability: tuple[int, int]) -> str | None:
+    """Why the engine cannot run here, or None when a GPU of its compute capability is present."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible on this machine; validated the engine's exact ONNX with ONNX Runtime instead"
+    found = torch.cuda.get_device_capability()
+    if tuple(found) != tuple(compute_capability):
+        return (f"GPU {torch.cuda.get_device_name()} has compute capability {found[0]}.{found[1]}; the engine was "
+                f"built for {compute_capability[0]}.{compute_capability[1]}; validated its exact ONNX with ONNX Runtime")
+    return None
+
+
+QDQ_AS_FLOAT = ("Q/DQ as float arithmetic (graph optimizations off; the int32-accumulated result TensorRT computes, "
+                "independent of the CPU's int8 instructions)")
+WEIGHT_ONLY_AS_FLOAT = ("weight-only Q/DQ as float arithmetic (graph optimizations off; DequantizeLinear's float "
+                        "weights in a float GEMM, as the engine's weight-only GEMM, no int8 activations)")
+FP8_AS_WRITTEN = "FP8 Q/DQ as written (graph optimizations off; real FP8 rounding, GEMMs in float)"
+DEFAULT_OPTIMIZATIONS = "default graph optimizations"
+NO_OPTIMIZATIONS = "graph optimizations off (every node as written)"
+
+
+def onnxruntime_cpu_note(model: Any) -> dict[str, Any]:
+    """What ONNX Runtime on CPU can do with this graph, so validation says how it ran (or why it cannot).
+
+    Every graph with Q/DQ runs with graph optimizations off: ORT's QDQ fusions swap the written arithmetic for
+    fused kernels whose numbers depend on the CPU or on ORT's own choices, not on what the engine computes."""
+    from stages.graphs.qdq import ONNX_BFLOAT16, QDQ_OPS, has_fp8
+
+    bf16 = {i.name for i in model.graph.initializer if i.data_type == ONNX_BFLOAT16}  # bf16 weights in place are fine
+    if any(node.op_type in QDQ_OPS and len(node.input) > 1 and node.input[1] in bf16 for node in model.graph.node):
+        return {"runs": False, "why": "ORT CPU has no bfloat16 QuantizeLinear/DequantizeLinear kernels; "
+                                      "validate a fp16 or fp32 high-precision build instead"}
+    if has_fp8(model):
+        return {"runs": True, "graph_optimization": "disabled", "execution": FP8_AS_WRITTEN,
+                "why": "ORT's QDQ fusions turn FP8 Q/DQ into MatMulIntegerToFloat, which rejects float8 inputs; "
+                       "with optimizations off every QuantizeLinear/DequantizeLinear runs as written (real FP8 "
+                       "rounding, not a simulation)"}
+    ops = {node.op_type for node in model.graph.node}
+    if "QuantizeLinear" in ops:
+        return {"runs": True, "graph_optimization": "disabled", "execution": QDQ_AS_FLOAT,
+                "why": "ORT's QDQ fusions turn Q/DQ MatMul/Conv into fused int8 kernels (MatMulIntegerToFloat, "
+                       "QLinearConv) whose results depend on the CPU: without VNNI, AVX2's U8S8 VPMADDUBSW "
+                       "saturates its int16 pair sums (ORT's quantization docs; see scripts/probe_ort_int8_isa.py); "
+                       "with optimizations off QuantizeLinear/DequantizeLinear run as written and the GEMMs in "
+                       "float, which is exact int32 accumulation up to float rounding on every CPU"}
+    if "DequantizeLinear" in ops:
+        return {"runs": True, "graph_optimization": "disabled", "execution": WEIGHT_ONLY_AS_FLOAT,
+                "why": "weight-only INT8: ORT fuses DequantizeLinear+MatMul into MatMulNBits, which at its default "
+                       "accuracy level also quantizes the activations to int8 on the fly (a W8A8 approximation "
+                       "the engine's weight-only GEMM does not make, run by CPU-specific int8 kernels); with "
+                       "optimizations off DequantizeLinear runs as written and the GEMMs take its float weights"}
+    return {"runs": True, "graph_optimization": "default", "execution": DEFAULT_OPTIMIZATIONS}
+
+
+def _execution(note: dict[str, Any], optimize: bool) -> str:
+    if note["graph_optimization"] == "disabled":
+        return note["execution"]
+    return DEFAULT_OPTIMIZATIONS if optimize else NO_OPTIMIZATIONS
+
+
+def onnxruntime_execution(path: Path | str, optimize: bool = True) -> str:
+    """How `onnxruntime_session` runs this graph, in words for the validation report."""
+    import onnx
+
+    note = onnxruntime_cpu_note(onnx.load(str(path), load_external_data=False))
+    return _execution(note, optimize) if note["runs"] else note["why"]
+
+
+def onnxruntime_session(path: Path | str, optimize: bool = True) -> Any:
+    """A CPU InferenceSession that can run this quantized graph; raises ForgeError where ORT CPU cannot."""
+    import onnx
+    import onnxruntime as ort
+
+    note = onnxruntime_cpu_note(onnx.load(str(path), load_external_data=False))
+    if not note["runs"]:
+        raise fail(path, "validate", note["why"])
+    options = ort.SessionOptions()
+    if _execution(note, optimize) != DEFAULT_OPTIMIZATIONS:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -1,0 +1,51 @@
+"""Will each engine fit the recipe's GPU? Checked from the checkpoint's headers before any task runs.
+
+The arithmetic lives in stages.targets.memory_fit and what each engine holds in the family (its `fit` module); this
+module applies them to a recipe: each component's weights priced by its precision plan, activations at the
+profile's largest shape, and `build.weight_streaming`
+(whose budget must leave room for the activations) as the way a too-large engine is accepted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from stages.errors import fail
+from stages.targets import memory_fit
+
+if TYPE_CHECKING:
+    from stages.recipe.schema import Recipe
+
+
+def check_recipe_fits(path: Path, recipe: Recipe) -> None:
+    """Refuse an engine that cannot fit the GPU unless weight streaming is on with a workable budget."""
+    from stages.targets.backends import BACKENDS
+    from stages.targets.gpus import GPUS
+
+    checkpoint = Path(recipe.model.path)
+    gpu = recipe.target.gpu
+    targets = BACKENDS[recipe.target.backend].compute_capabilities
+    candidates = [name for name, cc in GPUS.items() if cc in targets]
+    family = recipe.family_spec
+    arithmetic = family.fit()
+    engine_weight_bytes, activation_bytes, fp32_islands = (
+        arithmetic.engine_weight_bytes, arithmetic.activation_bytes, arithmetic.fp32_islands)
+    for name, section in recipe.components.items():
+        plan = section.precision
+        weights = engine_weight_bytes(checkpoint, name, memory_fit.PrecisionPlan(
+            dtype=plan.dtype, weight_only=plan.weight_only, high_precision=plan.high_precision,
+            fp32_islands=fp32_islands(name, section))).total
+        activations = activation_bytes(name, section, checkpoint, recipe.text_length)
+        key = f"components.{name}.build.weight_streaming"
+        streaming = section.build.weight_streaming
+        if streaming is None:
+            refusal = memory_fit.check_fit(gpu, weights, activations, name, candidates)
+            if refusal:
+                raise fail(path, key, refusal)
+            continue
+        room = memory_fit.usable_bytes(gpu) - activations - memory_fit.WORKSPACE_BYTES
+        if streaming.budget_gib * memory_fit.GIB > room:
+            raise fail(path, f"{key}.budget_gib", f"{streaming.budget_gib:g} GiB of weights on {gpu} leaves no room "
+                       f"for ~{memory_fit.gib(activations)} of {name} activations; allowed: at most "
+                       f"{max(room, 0) / memory_fit.GIB:.1f}")

@@ -1,0 +1,1 @@
+"""What a build leaves for people and CI: the manifest, junit.xml, reproducibility notes."""

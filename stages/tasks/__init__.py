@@ -1,0 +1,1 @@
+"""doit's side: task dicts, actions, per-task processes, the reporter and commands. The only package importing doit."""
