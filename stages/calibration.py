@@ -16,7 +16,7 @@ import yaml
 
 from stages import log
 from stages.errors import fail
-from stages.families import DEFAULT_FAMILY
+from stages.families import DEFAULT_FAMILY, FAMILIES
 from stages.inputs import StageInputs
 from stages.store.digests import sha256_file
 
@@ -48,8 +48,6 @@ class CaptureCalibration:
         import json
 
         import numpy as np
-
-        from stages.families import FAMILIES
 
         capture = FAMILIES[self.family].calibration().CAPTURE
 

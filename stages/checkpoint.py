@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stages import log
-from stages.families import DEFAULT_FAMILY
+from stages.families import DEFAULT_FAMILY, FAMILIES
 from stages.inputs import StageInputs
 
 if TYPE_CHECKING:
@@ -28,8 +28,6 @@ class SaveTinyCheckpoint:
     family: str = DEFAULT_FAMILY
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
-        from stages.families import FAMILIES
-
         save_tiny_checkpoint = FAMILIES[self.family].pipeline().save_tiny_checkpoint
         LOG.warning(TINY_BANNER.format(seed=self.seed))
         return {"model": "tiny", "seed": self.seed, **save_tiny_checkpoint(self.seed, out_dir)}

@@ -27,8 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 from stages import log
 from stages.families import DEFAULT_FAMILY, FAMILIES, component_module
+from stages.graphs import weights
+from stages.graphs.onnx_io import save_model
+from stages.graphs.weights import external_initializer
 from stages.inputs import StageInputs
-from stages.store.digests import FILE_DIGESTS
+from stages.store.digests import FILE_DIGESTS, FileDigests
 from stages.store.local import CACHE_DIR
 
 if TYPE_CHECKING:
@@ -52,9 +55,6 @@ class ExportOnnx:
     digest_memo: Path | None = None  # the build's checkpoint-digest memo: shard digests the store need not rehash
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
-        from stages.graphs import weights
-        from stages.graphs.onnx_io import save_model
-
         spec = component_module(self.component, self.family)
         folder = self.checkpoint_dir / FAMILIES[self.family].components[self.component].config_folder
         started = time.perf_counter()
@@ -101,9 +101,6 @@ class ExportOnnx:
 
     def _place_files(self, files: set[str], folder: Path, out_dir: Path) -> dict[str, str]:
         """Link each referenced shard beside the graph; record the digests the build already knows."""
-        from stages.graphs import weights
-        from stages.store.digests import FileDigests
-
         digests = FileDigests(self.digest_memo).of(folder, files) if self.digest_memo else {}
         placed = {}
         for name in sorted(files):
@@ -233,8 +230,6 @@ def attach_weights(graph: Any, located: dict[str, Any]) -> int:
     consumers through one Cast to fp32, named by its module path (so module patterns select it). Returns the
     number of Casts."""
     import onnx
-
-    from stages.graphs.weights import external_initializer
 
     renamed: dict[str, str] = {}
     casts = []

@@ -27,6 +27,10 @@ from typing import TYPE_CHECKING, Any
 from stages import log
 from stages.errors import fail
 from stages.graphs import blockwise
+from stages.graphs.blockwise import partition
+from stages.graphs.onnx_io import save_model
+from stages.graphs.segmented import transform_segments
+from stages.graphs.weights import hide_weights, link_upstream_files, restore_weights
 from stages.inputs import StageInputs
 
 if TYPE_CHECKING:
@@ -50,9 +54,6 @@ class ConvertPrecision:
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         import onnx
-
-        from stages.graphs.onnx_io import save_model
-        from stages.graphs.weights import link_upstream_files
 
         excluded = self.excluded_nodes()
         model = onnx.load(str(self.source), load_external_data=False)
@@ -89,8 +90,6 @@ class ConvertPrecision:
 
     def _autocast_weightless(self, model: Any, excluded: list[str]) -> Any:
         """AutoCast with every weight hidden as a graph input, then the same references put back."""
-        from stages.graphs.weights import hide_weights, restore_weights
-
         hidden = hide_weights(model)
         names = {node.name for node in model.graph.node}
         model = self._autocast(model, [name for name in excluded if name in names])
@@ -100,9 +99,6 @@ class ConvertPrecision:
         return model
 
     def _autocast_by_block(self, model: Any, excluded: list[str]) -> Any:
-        from stages.graphs.blockwise import partition
-        from stages.graphs.segmented import transform_segments
-
         assert self.block_pattern is not None
         part = partition(model, self.block_pattern)
         steps = log.Steps(LOG, f"AutoCast {self.component}, segments", len(part.segments))

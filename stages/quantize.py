@@ -42,12 +42,18 @@ import numpy as np
 from stages import log
 from stages.calibration import load_feeds
 from stages.errors import fail
+from stages.graphs.blockwise import partition, write_segments
+from stages.graphs.onnx_io import save_model
 from stages.graphs.qdq import (GEMM_OPS, QDQ_OPS, ONNX_FLOAT8E4M3FN, ONNX_INT8, calibration_ranges, dequantized_types,
                                detach_excluded, mask_sentinel_consumers, qdq_violations, quantized_nodes,
                                quantizer_skipped, unquantized_outputs, write_calibration_cache)
-from stages.graphs.runners import ComparisonGraph, onnxruntime_cpu_note
+from stages.graphs.runners import ComparisonGraph, OnnxRuntimeRunner, onnxruntime_cpu_note
+from stages.graphs.segmented import transform_segments
+from stages.graphs.weights import (hide_weights, link_upstream_files, materialize, reference_casts,
+                                   reference_unchanged, restore_weights)
 from stages.inputs import StageInputs
 from stages.precision import ConvertPrecision, surgery_inputs
+from stages.store.local import scratch_beside
 from stages.targets.capabilities import CALIBRATION_METHODS, QUANTIZATION_MODES, quantization_mode
 
 if TYPE_CHECKING:
@@ -133,9 +139,6 @@ class QuantizePrecision:
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         import onnx
-
-        from stages.graphs.onnx_io import save_model
-        from stages.graphs.weights import link_upstream_files
 
         self.check_settings()
         graph = onnx.load(str(self.source), load_external_data=False)
@@ -255,9 +258,6 @@ def run_modelopt(stage: QuantizePrecision, source: Path, excluded: list[str], fe
     place again afterwards; only quantized or converted tensors are written by this stage."""
     import onnx
 
-    from stages.store.local import scratch_beside
-    from stages.graphs.weights import reference_casts, reference_unchanged
-
     with scratch_beside(out_dir, "quantize") as scratch:
         work = Path(scratch)
         readable = _readable_source(source, work, set(excluded))
@@ -285,10 +285,6 @@ def run_modelopt_by_block(stage: QuantizePrecision, excluded: list[str], feeds: 
     those a whole-graph calibration would see. The tensors a segment's quantization writes go straight to
     :data:`QUANTIZED_WEIGHTS` beside the graph; everything else stays referenced in place."""
     import onnx
-
-    from stages.graphs.blockwise import partition, write_segments
-    from stages.graphs.segmented import transform_segments
-    from stages.store.local import scratch_beside
 
     assert stage.block_pattern is not None
     graph = onnx.load(str(stage.source), load_external_data=False)
@@ -355,8 +351,6 @@ class _CalibrationInputs:
         return [{name: values[name] for name in names} for values in self.values]
 
     def advance(self, index: int) -> None:
-        from stages.graphs.runners import OnnxRuntimeRunner
-
         if not self.values or index == len(self.part.segments) - 1:
             return
         segment = self.part.segments[index]
@@ -391,8 +385,6 @@ def _to_high_precision(stage: QuantizePrecision, model: Any) -> Any:
         return model
     from modelopt.onnx.autocast import convert_to_f16
 
-    from stages.graphs.weights import hide_weights, restore_weights
-
     hidden = hide_weights(model)
     model = convert_to_f16(model, low_precision_type=stage.high_precision, keep_io_types=True)
     changed = restore_weights(model, hidden)
@@ -410,9 +402,6 @@ def _readable_source(source: Path, work: Path, protected: set[str]) -> Path:
     weights stay byte-identical, so they are referenced in place again afterwards."""
     import onnx
     from polygraphy.backend.onnx import fold_constants
-
-    from stages.graphs.onnx_io import save_model
-    from stages.graphs.weights import hide_weights, materialize, restore_weights
 
     model = onnx.load(str(source), load_external_data=False)
     kept = {name for node in model.graph.node if node.name in protected for name in node.input}

@@ -21,6 +21,7 @@ from stages import log
 from stages.errors import fail
 from stages.families import DEFAULT_FAMILY, component_module
 from stages.graphs.onnx_io import save_model
+from stages.graphs.weights import hide_weights, link_upstream_files, restore_weights
 from stages.inputs import StageInputs
 
 if TYPE_CHECKING:
@@ -43,8 +44,6 @@ class GraphSurgery:
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         import onnx
-
-        from stages.graphs.weights import hide_weights, link_upstream_files, restore_weights
 
         model = onnx.load(str(self.source), load_external_data=False)
         hidden = hide_weights(model)

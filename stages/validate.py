@@ -21,6 +21,7 @@ from stages.graphs.runners import (ComparisonGraph, EngineRunner, OnnxRuntimeRun
 from stages.inputs import StageInputs
 from stages.reports import (BlockError, Comparison, EngineRun, FreezingEffect, OnnxRuntimeRun, Tolerances,
                             ValidationReport, WouldPass)
+from stages.store.local import scratch_beside
 
 if TYPE_CHECKING:
     from stages.recipe.schema import LoadedRecipe, Tolerance, ValidateSettings
@@ -99,8 +100,6 @@ class ValidateAgainstPytorch:
 
     def _blockwise(self, spec: Any, out_dir: Path, results: Any) -> tuple[list[BlockError], list[dict[str, Any]]]:
         """Reference and graphs run block by block (one block's weights in memory); errors after every block."""
-        from stages.store.local import scratch_beside
-
         model = spec.load_meta(self.checkpoint_dir)
         cases = self._cases(spec, model)
         pattern = FAMILIES[self.family].components[self.component].block_pattern

@@ -75,6 +75,8 @@ from typing import Any
 
 from stages.audit.request import AUDIT_DIR, RUNNER_NAMES, AuditRequest
 from stages.errors import ForgeError, fail
+from stages.paths import RECIPES_DIR
+from stages.recipe.load import load_recipe
 
 __all__ = ["AUDIT_DIR", "RUNNER_NAMES", "AuditRequest", "parse_request", "recipe_names"]
 
@@ -97,8 +99,6 @@ def recipe_names(value: str | None) -> list[str]:
 
     Raises ForgeError, one line naming `recipes=` and the allowed values.
     """
-    from stages.paths import RECIPES_DIR
-
     items = [item.strip() for item in (value or "").split(",")]
     if not any(items):
         raise _bad("is empty")
@@ -119,8 +119,6 @@ def recipe_names(value: str | None) -> list[str]:
 def parse_request(sources: list[str], overrides: dict[str, str], model: str | None, root: Path,
                   build_vars: tuple[tuple[str, str], ...] = ()) -> AuditRequest:
     """Load every recipe (with the command line's overrides) before anything runs: bad input is one line."""
-    from stages.recipe.load import load_recipe
-
     kept: list[str] = []
     views: list[str] = []
     thresholds: dict[str, dict[str, float | None]] = {}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.errors import fail
+from stages.graphs.runners import OnnxRuntimeRunner
 
 AUTO_BYTES = 4 * 1024**3  # `blockwise: auto` turns on above this many checkpoint weight bytes per component
 
@@ -160,8 +161,6 @@ def run_chained(segment_paths: Sequence[Path], part: Partition, feed: Mapping[st
 
     Tensors are dropped as soon as no later segment reads them, so memory holds one segment's weights and
     the activations crossing the current cut."""
-    from stages.graphs.runners import OnnxRuntimeRunner
-
     values: dict[str, Any] = dict(feed)
     for number, (segment, path) in enumerate(zip(part.segments, segment_paths)):
         with OnnxRuntimeRunner(path, name=segment.name, optimize=optimize) as runner:

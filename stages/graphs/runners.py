@@ -14,6 +14,8 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from stages.errors import fail
+from stages.graphs.qdq import ONNX_BFLOAT16, QDQ_OPS, has_fp8
+from stages.targets.backends import BACKENDS
 
 
 class RunnerName(str, enum.Enum):
@@ -114,8 +116,6 @@ class EngineRunner:
     def __enter__(self) -> EngineRunner:
         import contextlib
 
-        from stages.targets.backends import BACKENDS
-
         self._stack = contextlib.ExitStack()
         polygraphy_trt = self._stack.enter_context(BACKENDS[self.backend].polygraphy())
         engine = polygraphy_trt.EngineFromBytes(self.engine_path.read_bytes())
@@ -162,8 +162,6 @@ def onnxruntime_cpu_note(model: Any) -> dict[str, Any]:
 
     Every graph with Q/DQ runs with graph optimizations off: ORT's QDQ fusions swap the written arithmetic for
     fused kernels whose numbers depend on the CPU or on ORT's own choices, not on what the engine computes."""
-    from stages.graphs.qdq import ONNX_BFLOAT16, QDQ_OPS, has_fp8
-
     bf16 = {i.name for i in model.graph.initializer if i.data_type == ONNX_BFLOAT16}  # bf16 weights in place are fine
     if any(node.op_type in QDQ_OPS and len(node.input) > 1 and node.input[1] in bf16 for node in model.graph.node):
         return {"runs": False, "why": "ORT CPU has no bfloat16 QuantizeLinear/DequantizeLinear kernels; "

@@ -6,6 +6,7 @@ Light on purpose (stdlib only): the task graph uses it without importing torch o
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.metadata
 import itertools
@@ -29,23 +30,18 @@ def tool_versions(packages: Iterable[str]) -> dict[str, str | None]:
     return {"python": sys.version.split()[0], **{package: package_version(package) for package in packages}}
 
 
-_VERSIONS: dict[str, str | None] = {}
-
-
+@functools.lru_cache(maxsize=None)
 def package_version(package: str) -> str | None:
     """The installed version (None if absent), read from the metadata headers only: importlib's `version()`
     parses the whole METADATA file, long description included, which a no-op rebuild would pay 40 times."""
-    if package not in _VERSIONS:
-        try:
-            distribution = importlib.metadata.distribution(package)
-        except importlib.metadata.PackageNotFoundError:
-            _VERSIONS[package] = None
-            return None
-        text = distribution.read_text("METADATA") or distribution.read_text("PKG-INFO") or ""
-        headers = itertools.takewhile(bool, text.splitlines())
-        found = next((line.split(":", 1)[1].strip() for line in headers if line.startswith("Version:")), None)
-        _VERSIONS[package] = found or distribution.version
-    return _VERSIONS[package]
+    try:
+        distribution = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    text = distribution.read_text("METADATA") or distribution.read_text("PKG-INFO") or ""
+    headers = itertools.takewhile(bool, text.splitlines())
+    found = next((line.split(":", 1)[1].strip() for line in headers if line.startswith("Version:")), None)
+    return found or distribution.version
 
 
 # -- code: the transitive closure of project imports -----------------------------------------------------------

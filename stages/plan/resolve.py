@@ -8,7 +8,6 @@ rerun what follows it. A key is known once every upstream entry exists; before t
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,11 +20,6 @@ from stages.store.local import CACHE_DIR, SCHEMA, Entry, Store
 
 if TYPE_CHECKING:
     from stages.store.remote import Remote
-
-
-@functools.lru_cache(maxsize=None)
-def _versions(packages: tuple[str, ...]) -> dict[str, str | None]:
-    return fingerprint.tool_versions(packages)
 
 
 @dataclass
@@ -107,7 +101,7 @@ class Build:
             "settings": spec.settings(self.loaded, ref.component),
             "model": model,
             "upstream": upstream,
-            "versions": _versions(registry.versions_for(self.loaded, ref)),
+            "versions": fingerprint.tool_versions(registry.versions_for(self.loaded, ref)),
             "code": self.code.digest(registry.code_roots(self.loaded, ref)),
         }
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from stages.errors import fail
 from stages.targets import memory_fit
+from stages.targets.backends import BACKENDS
+from stages.targets.gpus import GPUS
 
 if TYPE_CHECKING:
     from stages.recipe.schema import Recipe
@@ -20,9 +22,6 @@ if TYPE_CHECKING:
 
 def check_recipe_fits(path: Path, recipe: Recipe) -> None:
     """Refuse an engine that cannot fit the GPU unless weight streaming is on with a workable budget."""
-    from stages.targets.backends import BACKENDS
-    from stages.targets.gpus import GPUS
-
     checkpoint = Path(recipe.model.path)
     gpu = recipe.target.gpu
     targets = BACKENDS[recipe.target.backend].compute_capabilities

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.store.local import Store
+from stages.store.views import view_dir, view_lock
 
 JUNIT = "junit.xml"
 
@@ -104,8 +105,6 @@ def render(manifest: dict[str, Any]) -> bytes:
 
 def write(store: Store, name: str, manifest: dict[str, Any]) -> Path:
     """Beside manifest.json, renamed into place (the caller holds the view lock, as for the manifest)."""
-    from stages.store.views import view_dir, view_lock
-
     path = view_dir(store, name) / JUNIT
     temporary = store.scratch_path(view_lock(name), ".xml")
     temporary.write_bytes(render(manifest))

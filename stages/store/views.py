@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from stages.store.local import AUDIT_DIR, CACHE_DIR, RECORD, STORE_DIR, WEIGHTS_STAGE, Store
+from stages.store.local import AUDIT_DIR, CACHE_DIR, RECORD, STORE_DIR, WEIGHTS_STAGE, Store, crashpoint
 
 MANIFEST = "manifest.json"
 RESERVED = (STORE_DIR, CACHE_DIR, AUDIT_DIR)  # names a recipe view cannot take
@@ -76,8 +76,6 @@ def prune(store: Store, name: str, keep: set[str]) -> None:
 
 def write_manifest(store: Store, name: str, manifest: dict[str, Any]) -> Path:
     """Atomic: written in the store's scratch space under the view lock, then renamed over the old one."""
-    from stages.store.local import crashpoint
-
     path = view_dir(store, name) / MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = store.scratch_path(view_lock(name), ".json")
