@@ -16,12 +16,13 @@ RECIPE = str(REPO / "tests" / "recipes" / "transformer-only.yaml")
 
 @pytest.fixture(scope="module")
 def release_transformer(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The released 60-block transformer's shards as sparse files: real headers and sizes, no bytes on disk."""
+    """The released checkpoint's shards (60-block transformer, Qwen2.5-VL text encoder, VAE) as sparse files: real
+    headers and sizes, no bytes on disk."""
     sys.path.insert(0, str(REPO / "scripts"))
     from synthetic_checkpoint import generate
 
     out = tmp_path_factory.mktemp("release-sparse")
-    generate(out, components=["transformer"], sparse=True)
+    generate(out, sparse=True)  # every component: the shipped recipes build all three
     return out
 
 
@@ -56,3 +57,70 @@ def test_a_larger_gpu_fits_without_streaming(release_transformer: Path) -> None:
     unfrozen = {"components.transformer.surgery.passes": "[fold_constants, infer_shapes, fix_text_padding, cleanup]"}
     assert load(release_transformer, **{"target.gpu": "l40s", **no_streaming, **unfrozen}).startswith("transformer-only-"), \
         "without the fp32 text branch the fp16 engine holds ~38.1 GiB: the L40S fits it"
+
+
+def header_bytes_of_int8_plan(folder: Path, kept: list[str]) -> int:
+    """Independent arithmetic from the raw headers: INT8 GEMM weights (2-D `.weight`, not embeddings) at 1 byte plus
+    one fp32 scale per output channel, tensors matching `kept` (the frozen text branch) and the rest at fp16."""
+    import json
+    import re
+    import struct
+
+    total = 0
+    for shard in folder.glob("*.safetensors"):
+        with open(shard, "rb") as handle:
+            header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            count = 1
+            for size in entry["shape"]:
+                count *= size
+            gemm = len(entry["shape"]) == 2 and name.endswith(".weight") and "embed_tokens" not in name
+            if any(re.search(p, name) for p in kept) or not gemm:
+                total += 2 * count
+            else:
+                total += count + 4 * entry["shape"][0]
+    return total
+
+
+def test_a_quantized_plan_prices_its_frozen_text_branch_unquantized(release_transformer: Path) -> None:
+    """a10-int8 keeps the frozen text branch fp16 (no Q/DQ there): ~28.5 GiB, not the ~19 GiB of an all-INT8
+    engine, so the A10 must stream it."""
+    from stages.families.qwen_image.text_branch import TEXT_BRANCH_PATTERNS
+    from stages.recipe.fit import estimated_engine_bytes
+
+    loaded = load_recipe("a10-int8", model=str(release_transformer))
+    estimate = estimated_engine_bytes(loaded.recipe, release_transformer, "transformer")
+    assert estimate == header_bytes_of_int8_plan(release_transformer / "transformer", TEXT_BRANCH_PATTERNS)
+    assert 28 * 2**30 < estimate < 29 * 2**30
+    message = load_shipped("a10-int8", release_transformer, **{"components.transformer.build.weight_streaming": "null"})
+    assert "transformer needs ~28.5 GiB of weights" in message and "a10 has 24 GiB" in message
+
+
+def load_shipped(recipe: str, checkpoint: Path, **overrides: str) -> str:
+    try:
+        return load_recipe(recipe, overrides, model=str(checkpoint)).name
+    except ForgeError as error:
+        return str(error)
+
+
+def test_every_shipped_recipe_fits_its_gpu_or_streams_on_release_shapes(release_transformer: Path) -> None:
+    """Checked the way a build checks it: each shipped recipe loads against the release checkpoint's headers (or
+    names a backend this machine lacks); the GPUs that hold the engine whole do not stream."""
+    from stages.recipe.load import shipped_recipes
+
+    streams = {}
+    for name in shipped_recipes():
+        outcome = load_shipped(name, release_transformer)
+        if "needs the Python package" in outcome:
+            assert "target.backend: tensorrt" in outcome, outcome  # h100-fp8 needs full TensorRT
+            continue
+        assert outcome.startswith(name), outcome
+        recipe = load_recipe(name, model=str(release_transformer)).recipe
+        streams[name] = {c: s.build.weight_streaming is not None for c, s in recipe.components.items()}
+    assert streams["a10-fp16"]["transformer"] and streams["a10-int8"]["transformer"]
+    assert not streams["l40s-fp8"]["transformer"], "the L40S holds the FP8 engine whole"
+    assert streams["rtx5090-fp8"]["transformer"]
+    for name in streams:
+        assert not streams[name]["text_encoder"] and not streams[name]["vae_decoder"], name

@@ -88,3 +88,58 @@ def test_manifest_is_portable_and_points_into_the_store(built: dict[str, Path]) 
     for label, entry in manifest["store"].items():
         assert (built["recipe"] / label).resolve() == (built["artifacts"] / entry).resolve()
         assert json.loads((built["artifacts"] / entry / "record.json").read_text())["key"] == Path(entry).name
+
+
+def test_each_engine_records_its_fit_estimate_and_built_bytes(built: dict[str, Path]) -> None:
+    """`fit`: the weight bytes the GPU fit check prices (from the checkpoint's headers, under the plan) and the built
+    engine file's bytes; at tiny width the engine is mostly code, so no fit warning is due."""
+    import re
+
+    from safetensors import safe_open
+
+    from stages.families.qwen_image.text_branch import TEXT_BRANCH_PATTERNS
+    from stages.records.manifest import fit_warnings
+
+    manifest = manifest_of(built)
+    for component, entry in manifest["components"].items():
+        engine = (built["recipe"] / component / "engine" / "engine.plan").stat().st_size
+        assert entry["fit"]["engine_bytes"] == engine, component
+    # a10-fp16's transformer: fp16 weights, the frozen text branch at fp32 (its high precision)
+    expected = 0
+    for shard in (built["recipe"] / "checkpoint" / "transformer").glob("*.safetensors"):
+        with safe_open(str(shard), framework="pt") as handle:
+            for name in handle.keys():
+                count = 1
+                for size in handle.get_slice(name).get_shape():
+                    count *= size
+                expected += count * (4 if any(re.search(p, name) for p in TEXT_BRANCH_PATTERNS) else 2)
+    assert manifest["components"]["transformer"]["fit"]["estimated_bytes"] == expected
+    assert fit_warnings(manifest) == []
+
+
+def test_an_engine_far_above_its_estimate_is_said_in_one_line() -> None:
+    from stages.records.manifest import fit_warnings
+
+    def manifest(estimated: int, engine: int) -> dict:
+        return {"components": {"transformer": {"fit": {"estimated_bytes": estimated, "engine_bytes": engine}}}}
+
+    gib = 2**30
+    assert fit_warnings(manifest(30 * gib, int(31.4 * gib))) == []  # 4.7% over
+    [line] = fit_warnings(manifest(30 * gib, 32 * gib))
+    assert line.startswith("warning: transformer engine is 32.00 GiB, 7% above the fit check's 30.00 GiB estimate")
+    assert fit_warnings(manifest(10 << 20, 40 << 20)) == [], "a few MB of engine code on a tiny model is not a miss"
+
+
+def test_streaming_costs_are_priced_at_the_gpus_host_link() -> None:
+    """a10-fp16's release transformer engine (61.0 GB measured) at the 18 GiB budget streams the rest over PCIe 4.0
+    x16 on every call; CFG runs as one batch-2 call per step, 50 steps an image."""
+    from stages.recipe.load import load_recipe
+    from stages.records.manifest import _streaming_entry
+
+    entry = _streaming_entry(load_recipe("a10-fp16").recipe, "transformer", 61_000_000_000)
+    streamed = 61_000_000_000 - 18 * 2**30
+    assert entry["resident_bytes"] == 18 * 2**30 and entry["streamed_bytes_per_call"] == streamed
+    assert entry["host_link"] == "PCIe 4.0 x16" and abs(entry["seconds_per_call"] - streamed / 31.5e9) < 1e-9
+    assert entry["calls_per_image"] == 50 and abs(entry["seconds_per_image"] - 50 * streamed / 31.5e9) < 1e-6
+    whole = _streaming_entry(load_recipe("l40s-fp8").recipe, "transformer", 30_700_000_000)
+    assert whole["budget_gib"] is None and whole["streamed_bytes_per_call"] == 0 and whole["seconds_per_image"] == 0

@@ -181,12 +181,14 @@ def test_fit_counts_the_frozen_text_branch_at_fp32(built: dict[str, Path]) -> No
     import onnx
     from safetensors import safe_open
 
-    from stages.families.qwen_image.fit import fp32_islands
+    from stages.families.qwen_image.fit import precision_plan
     from stages.recipe.load import load_recipe
 
     recipe = built["recipe"]
     section = load_recipe("a10-fp16").recipe.components["transformer"]
-    islands = fp32_islands("transformer", section)
+    plan = precision_plan("transformer", section)
+    islands = plan.high_precision_patterns
+    assert plan.dtype == "fp16" and plan.high_precision == "fp32"
     frozen = set(json.loads((recipe / "transformer" / "surgery" / "record.json").read_text())["report"]["frozen_nodes"])
     graph = onnx.load(str(recipe / "transformer" / "surgery" / "model.onnx"), load_external_data=False).graph
     weights = {t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
@@ -206,6 +208,9 @@ def test_fit_counts_the_frozen_text_branch_at_fp32(built: dict[str, Path]) -> No
         with safe_open(str(shard), framework="pt") as handle:
             numel.update({k: handle.get_slice(k).get_shape() for k in handle.keys()})
     expected = sum(4 * math.prod(shape) for name, shape in numel.items() if any(re.search(p, name) for p in islands))
-    estimate = engine_weight_bytes(recipe / "checkpoint", "transformer", PrecisionPlan(dtype="fp16", fp32_islands=islands))
-    assert estimate.by_kind["fp32 islands"] == expected
-    assert fp32_islands("transformer", load_recipe("a10-int8").recipe.components["transformer"]) == ()
+    estimate = engine_weight_bytes(recipe / "checkpoint", "transformer", plan)
+    assert estimate.by_kind["fp32 (frozen or excluded)"] == expected
+    # An INT8 plan keeps the frozen branch unquantized at its high precision (fp16): 2 bytes, not 1.
+    int8 = precision_plan("transformer", load_recipe("a10-int8").recipe.components["transformer"])
+    quantized = engine_weight_bytes(recipe / "checkpoint", "transformer", int8)
+    assert quantized.by_kind["fp16 (frozen or excluded)"] == expected // 2

@@ -21,6 +21,8 @@ report.json (``schema_version`` 2; 1 had no ``execution`` or ``not_measured``, a
                       "engine_not_run": {part: reason}, "summary": "on ONNX Runtime — engine NOT run (...)"},
         "components": {component: {
             "precision", "validation_passed", "engine_run",
+            "fit": the manifest's {estimated_bytes, engine_bytes, streaming: {budget_gib, resident_bytes,
+                   streamed_bytes_per_call, host_link, seconds_per_call, calls_per_image, seconds_per_image}} | null,
             "errors": [validate rows: runner, against, output, gated, max_abs_diff, max_rel_diff, mean_abs_diff,
                        min_cosine_similarity, tolerance {atol, rtol, cosine}, would_pass_with {atol, cosine},
                        passed],

@@ -136,6 +136,7 @@ def component_figures(build: BuildView, component: str) -> dict[str, Any]:
                       if k in ("mode", "dtype", "weights", "activations", "converter", "quantizer", "high_precision")},
         "validation_passed": None if validation is None else validation.get("passed"),
         "engine_run": None if validation is None else validation.get("engine_run"),
+        "fit": entry.get("fit"),
         "errors": [],
         "freezing": None,
         "blocks": blocks,

@@ -15,6 +15,7 @@ from typing import Any
 
 from stages.audit.images import data_uri
 from stages.audit.request import RUNNER_NAMES
+from stages.log import human_bytes
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1280px;padding:16px 24px;color:#1d2330}
@@ -214,10 +215,23 @@ def _recipe(page: Page, name: str, figures: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def fit_line(fit: dict[str, Any]) -> str:
+    """The engine's size against the fit estimate, and what streaming it costs at the recipe's budget."""
+    line = f"engine {human_bytes(fit['engine_bytes'])} (fit estimate {human_bytes(fit['estimated_bytes'])} of weights)"
+    streaming = fit.get("streaming") or {}
+    if not streaming.get("streamed_bytes_per_call"):
+        return line + "; held whole on the GPU, nothing streamed"
+    return (f"{line}; {human_bytes(streaming['resident_bytes'])} resident, {human_bytes(streaming['streamed_bytes_per_call'])} "
+            f"streamed per call over {streaming['host_link']}: >= {streaming['seconds_per_call']:.2f} s per call, "
+            f">= {streaming['seconds_per_image']:.1f} s per image ({streaming['calls_per_image']} calls)")
+
+
 def _component(page: Page, name: str, component: str, entry: dict[str, Any]) -> str:
     precision = ", ".join(f"{k} {v}" for k, v in entry["precision"].items())
     parts = [page.heading(3, f"{name} / {component}", verdict(entry["validation_passed"])),
              f'<p class="muted">precision: {esc(precision)}</p>']
+    if entry.get("fit"):
+        parts.append(f'<p class="muted">{esc(fit_line(entry["fit"]))}</p>')
     engine = entry["engine_run"] or {}
     runs = runner_names(r["runner"] for r in entry["errors"] if r["gated"]) or "nothing"
     if engine.get("ran"):

@@ -49,7 +49,7 @@ class Family:
     pipeline_files: tuple[str, ...]  # checkpoint files/folders the whole pipeline reads besides the components'
     pipeline: ModuleThunk  # `save_tiny_checkpoint(seed, out_dir)` and the pipeline check's adapters
     calibration: ModuleThunk  # `CAPTURE`: component -> capture(checkpoint_dir, prompts, settings, text_length)
-    fit: ModuleThunk  # light: `engine_weight_bytes`, `activation_bytes`, `fp32_islands` (the GPU fit check)
+    fit: ModuleThunk  # light: `engine_weight_bytes`, `activation_bytes`, `precision_plan` (the GPU fit check)
 
     def module(self, component: str) -> ModuleType:
         return self.components[component].module()

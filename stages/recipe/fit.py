@@ -20,6 +20,14 @@ if TYPE_CHECKING:
     from stages.recipe.schema import Recipe
 
 
+def estimated_engine_bytes(recipe: Recipe, checkpoint: Path, component: str) -> int:
+    """The weight bytes the component's engine holds under the recipe's plan, from the checkpoint's headers: what
+    the fit check prices before any task runs, and what the manifest compares with the built engine."""
+    arithmetic = recipe.family_spec.fit()
+    plan = arithmetic.precision_plan(component, recipe.components[component])
+    return arithmetic.engine_weight_bytes(checkpoint, component, plan).total
+
+
 def check_recipe_fits(path: Path, recipe: Recipe) -> None:
     """Refuse an engine that cannot fit the GPU unless weight streaming is on with a workable budget."""
     checkpoint = Path(recipe.model.path)
@@ -28,14 +36,9 @@ def check_recipe_fits(path: Path, recipe: Recipe) -> None:
     candidates = [name for name, cc in GPUS.items() if cc in targets]
     family = recipe.family_spec
     arithmetic = family.fit()
-    engine_weight_bytes, activation_bytes, fp32_islands = (
-        arithmetic.engine_weight_bytes, arithmetic.activation_bytes, arithmetic.fp32_islands)
     for name, section in recipe.components.items():
-        plan = section.precision
-        weights = engine_weight_bytes(checkpoint, name, memory_fit.PrecisionPlan(
-            dtype=plan.dtype, weight_only=plan.weight_only, high_precision=plan.high_precision,
-            fp32_islands=fp32_islands(name, section))).total
-        activations = activation_bytes(name, section, checkpoint, recipe.text_length)
+        weights = estimated_engine_bytes(recipe, checkpoint, name)
+        activations = arithmetic.activation_bytes(name, section, checkpoint, recipe.text_length)
         key = f"components.{name}.build.weight_streaming"
         streaming = section.build.weight_streaming
         if streaming is None:

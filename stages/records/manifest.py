@@ -15,12 +15,14 @@ from stages.paths import REPO_DIR
 from stages.plan import fingerprint
 from stages.plan.registry import MANIFEST_PACKAGES, STAGES, Ref, stage_instances
 from stages.plan.resolve import Build
+from stages.recipe.fit import estimated_engine_bytes
 from stages.recipe.load import build_overrides
 from stages.recipe.schema import TINY_WARNING
 from stages.records.reproducibility import REPRODUCIBILITY
 from stages.reports import ValidationReport
 from stages.store import digests
 from stages.targets.backends import BACKENDS
+from stages.targets.gpus import HOST_LINKS
 
 SCHEMA_VERSION = 2
 
@@ -110,6 +112,7 @@ def _component_entry(build: Build, component: str) -> dict[str, Any]:
         "text_length": loaded.recipe.text_length,
         "tokenizer": _tokenizer_entry(component, reports.get("export") or {}),
         "profile": engine.get("profile"),
+        "fit": _fit_entry(build, component),
         "precision": _precision_entry(reports.get("precision") or {}),
         "calibration": reports.get("calibration") and {
             **{k: reports["calibration"][k] for k in ("samples", "files", "prompts", "settings", "inputs")
@@ -132,6 +135,47 @@ def _component_entry(build: Build, component: str) -> dict[str, Any]:
             "results": f"{component}/validate/{validation.results_file}",
         },
     }
+
+
+FIT_TOLERANCE = 0.05  # built engine bytes above the estimate by more than this share (and FIT_SLACK_BYTES) warn
+FIT_SLACK_BYTES = 64 << 20  # an engine's code and metadata (a few MB at tiny width, ~0.2% at release width)
+
+
+def _fit_entry(build: Build, component: str) -> dict[str, Any] | None:
+    """What the GPU fit check priced for this engine (weights under the plan, from the checkpoint's headers) and
+    what the built engine's files hold."""
+    checkpoint, engine = build.checkpoint_dir(), build.entry(Ref("engine", component))
+    if checkpoint is None or engine is None:
+        return None
+    recipe = build.loaded.recipe
+    built = sum(meta["bytes"] for meta in engine.outputs.values())
+    return {"estimated_bytes": estimated_engine_bytes(recipe, checkpoint, component), "engine_bytes": built,
+            "streaming": _streaming_entry(recipe, component, built)}
+
+
+def _streaming_entry(recipe: Any, component: str, engine_bytes: int) -> dict[str, Any]:
+    """Bytes resident on the GPU and streamed over the host link per call at the recipe's budget, and what that
+    costs per call and per image at the link's theoretical rate (a floor: real copies reach ~80% of it)."""
+    budget = recipe.components[component].build.weight_streaming
+    link, rate = HOST_LINKS[recipe.target.gpu]
+    resident = engine_bytes if budget is None else min(engine_bytes, int(budget.budget_gib * 2**30))
+    streamed = engine_bytes - resident
+    calls = recipe.family_spec.fit().calls_per_image(component, recipe.components[component])
+    return {"budget_gib": None if budget is None else budget.budget_gib, "resident_bytes": resident,
+            "streamed_bytes_per_call": streamed, "host_link": link, "host_link_bytes_per_s": rate,
+            "seconds_per_call": streamed / rate, "calls_per_image": calls, "seconds_per_image": streamed / rate * calls}
+
+
+def fit_warnings(manifest: dict[str, Any]) -> list[str]:
+    """One line per engine whose built bytes exceed the fit estimate by more than 5% (and 64 MiB)."""
+    lines = []
+    for component, entry in manifest["components"].items():
+        fit = entry.get("fit")
+        if fit and fit["engine_bytes"] > fit["estimated_bytes"] * (1 + FIT_TOLERANCE) + FIT_SLACK_BYTES:
+            lines.append(f"warning: {component} engine is {fit['engine_bytes'] / 2**30:.2f} GiB, "
+                         f"{fit['engine_bytes'] / max(fit['estimated_bytes'], 1) - 1:.0%} above the fit check's "
+                         f"{fit['estimated_bytes'] / 2**30:.2f} GiB estimate: the GPU fit decision may be wrong")
+    return lines
 
 
 BULKY_PRECISION_KEYS = ("excluded_nodes", "quantized_gemms", "detached_shared_qdq")
@@ -163,7 +207,7 @@ def _stage_outputs(build: Build, ref: Ref) -> list[dict[str, Any]] | None:
 
 def summary_lines(manifest: dict[str, Any], path: str) -> list[str]:
     """What a person needs at the end of a build: where the receipt is, what passed, what was not run."""
-    lines = [f"manifest: {path}"]
+    lines = [f"manifest: {path}", *fit_warnings(manifest)]
     if manifest["model"].get("warning"):
         lines.append(f"*** {manifest['model']['warning']} (seed {manifest['model'].get('seed')}) ***")
     check = manifest.get("pipeline_check")

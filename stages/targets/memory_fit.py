@@ -86,6 +86,9 @@ class PrecisionPlan:
     high_precision: str = "fp16"  # what non-quantized tensors of a quantized plan are stored as
     quantize_exclude: tuple[str, ...] = ()  # GEMMs kept in high precision (e.g. first/last blocks, embedders)
     fp32_islands: tuple[str, ...] = ()  # tensors kept in fp32 (e.g. a frozen text branch), overriding the rest
+    # tensors stored at `high_precision` whatever the plan (a frozen text branch, excluded nodes): matched against
+    # the tensor name and its node path (`a.b.weight` -> `/a/b/weight`), as recipe node-name regexes are written
+    high_precision_patterns: tuple[str, ...] = ()
     per_channel_scale_bytes: int = 4  # int8: one fp32 scale per output channel of each quantized GEMM
 
 
@@ -127,8 +130,9 @@ def weight_bytes(tensors: Iterable[TensorInfo], plan: PrecisionPlan) -> WeightEs
 
     fp32/fp16/bf16 plans: every floating tensor at the plan's width, whatever the checkpoint's dtype.
     int8 (weight-only or not) and fp8: each quantized GEMM weight at 1 byte per parameter (int8 adds one
-    per-output-channel scale), everything else at ``high_precision``. fp32 islands override all of it.
-    Integer tensors keep their own width.
+    per-output-channel scale), everything else at ``high_precision``. Tensors matching ``high_precision_patterns``
+    (frozen or excluded: never quantized, never lowered) are at ``high_precision`` in every plan; fp32 islands
+    override all of it. Integer tensors keep their own width.
     """
     quantized = plan.dtype in ("int8", "fp8")
     if plan.dtype not in PLAN_BYTES and not quantized:
@@ -141,6 +145,8 @@ def weight_bytes(tensors: Iterable[TensorInfo], plan: PrecisionPlan) -> WeightEs
             estimate.add("integer", tensor.numel * DTYPE_BYTES.get(tensor.dtype, 8))
         elif any(re.search(pattern, tensor.name) for pattern in plan.fp32_islands):
             estimate.add("fp32 islands", tensor.numel * 4)
+        elif plan.high_precision_patterns and _matches(tensor.name, plan.high_precision_patterns):
+            estimate.add(f"{plan.high_precision} (frozen or excluded)", tensor.numel * PLAN_BYTES[plan.high_precision])
         elif quantized and tensor.is_gemm_weight and not any(re.search(p, tensor.name) for p in plan.quantize_exclude):
             estimate.add(f"{plan.dtype} GEMM weights", tensor.numel)
             if plan.dtype == "int8":
@@ -148,6 +154,11 @@ def weight_bytes(tensors: Iterable[TensorInfo], plan: PrecisionPlan) -> WeightEs
         else:
             estimate.add(f"{plan.high_precision if quantized else plan.dtype}", tensor.numel * base)
     return estimate
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    node_path = "/" + name.replace(".", "/")
+    return any(re.search(pattern, name) or re.search(pattern, node_path) for pattern in patterns)
 
 
 def folder_weight_bytes(folder: str | Path, include: Sequence[str], exclude: Sequence[str],

@@ -10,6 +10,7 @@ from typing import Any
 from stages.families.qwen_image.text_branch import TEXT_BRANCH_PATTERNS
 from stages.targets import memory_fit
 
+DEFAULT_STEPS = 50  # QwenImagePipeline's default num_inference_steps, with true CFG (a negative prompt)
 PROMPT_TEMPLATE_TOKENS = 34  # the text encoder sees the pipeline's template prefix before it is dropped
 
 # (folder, include regexes, exclude regexes) on tensor names. Released Qwen2.5-VL keys are
@@ -27,11 +28,15 @@ def engine_weight_bytes(checkpoint: str | Path, component: str, plan: memory_fit
     return memory_fit.folder_weight_bytes(Path(checkpoint) / folder, include, exclude, plan)
 
 
-def fp32_islands(component: str, section: Any) -> tuple[str, ...]:
-    """Weights the engine keeps in fp32: the frozen text branch when frozen nodes stay fp32 (about half of each
-    block's weights: the fp16 release transformer engine is 61.0 GB, not 40.9)."""
-    frozen = "freeze_text_branch" in section.surgery.passes and section.precision.high_precision == "fp32"
-    return tuple(TEXT_BRANCH_PATTERNS) if component == "transformer" and frozen else ()
+def precision_plan(component: str, section: Any) -> memory_fit.PrecisionPlan:
+    """How the component's engine stores its weights under the recipe: the plan's dtype, and at `high_precision`
+    the frozen text branch (about half of each transformer block: the fp16 release engine with an fp32 branch is
+    61.0 GB, not 40.9; an INT8 plan keeps it at fp16, unquantized) and the recipe's excluded nodes."""
+    plan = section.precision
+    frozen = component == "transformer" and "freeze_text_branch" in section.surgery.passes
+    kept = (*(TEXT_BRANCH_PATTERNS if frozen else ()), *plan.exclude)
+    return memory_fit.PrecisionPlan(dtype=plan.dtype, weight_only=plan.weight_only, high_precision=plan.high_precision,
+                                    high_precision_patterns=tuple(kept))
 
 
 def activation_bytes(component: str, section: Any, checkpoint: Path, text_length: int) -> int:
@@ -50,3 +55,9 @@ def activation_bytes(component: str, section: Any, checkpoint: Path, text_length
         return memory_fit.text_encoder_activation_bytes(loaded.get("text_config", loaded), batch,
                                                         text_length + PROMPT_TEMPLATE_TOKENS)
     return memory_fit.vae_decoder_activation_bytes(config("vae"), batch, profile.height.max, profile.width.max)
+
+
+def calls_per_image(component: str, section: Any, steps: int = DEFAULT_STEPS) -> int:
+    """Engine calls for one image with CFG: the two branches are one batch-2 call where the profile allows."""
+    branches = 1 if section.profile.batch.max >= 2 else 2
+    return {"transformer": steps * branches, "text_encoder": branches}.get(component, 1)
