@@ -136,6 +136,6 @@ def parse_request(sources: list[str], overrides: dict[str, str], model: str | No
 
 
 def audit_thresholds(loaded: Any) -> dict[str, float | None]:
-    """The recipe's optional `audit:` section (stages.recipe.AuditThresholds) as a plain dict."""
+    """The recipe's optional `audit:` section (stages.recipe.schema.AuditThresholds) as a plain dict."""
     section = getattr(loaded.recipe, "audit", None)
     return section.model_dump() if section is not None else {}

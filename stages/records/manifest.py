@@ -35,8 +35,8 @@ def manifest_versions(build: Build) -> dict[str, str | None]:
 def manifest_key(build: Build) -> str:
     """Identity of the manifest's content: the entries it lists, the recipe, versions and this module's code."""
     return digests.digest({"entries": {ref.label: build.key(ref) for ref in build.refs()},
-                               "recipe": _recipe_entry(build), "versions": manifest_versions(build),
-                               "code": build.code.digest(["stages.records.manifest"])})
+                           "recipe": _recipe_entry(build), "versions": manifest_versions(build),
+                           "code": build.code.digest(["stages.records.manifest"])})
 
 
 def _recipe_entry(build: Build) -> dict[str, Any]:
