@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -165,12 +166,39 @@ SMALL_RECIPE = REPO / "tests" / "recipes" / "transformer-only.yaml"
 SMALL_ARGS = ["build", f"recipe={SMALL_RECIPE}"]
 
 
+SHARED_WITH_SMALL = ("checkpoint", "transformer/export", "transformer/surgery", "transformer/precision",
+                     "transformer/engine")
+
+
+def copy_entries(view: Path, labels: tuple[str, ...], artifacts: Path) -> None:
+    """Copy (never link: tests damage them) the store entries a view links to into another artifacts root, keeping
+    the hard links between them (weights referenced in place) as hard links."""
+    copied: dict[int, Path] = {}
+    for label in labels:
+        entry = (view / label).resolve()
+        target = artifacts / "store" / entry.parent.name / entry.name
+        for source in sorted(entry.rglob("*")):
+            destination = target / source.relative_to(entry)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                destination.mkdir(exist_ok=True)
+            elif source.stat().st_ino in copied:
+                os.link(copied[source.stat().st_ino], destination)
+            else:
+                shutil.copy2(source, destination)
+                copied[source.stat().st_ino] = destination
+
+
 @pytest.fixture(scope="session")
-def small(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A transformer-only build in a root of its own, for tests that damage, edit or clean (they leave it built)."""
+def small(built: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A transformer-only build in a root of its own, for tests that damage, edit or clean (they leave it built).
+    Its root starts with copies of the session build's entries it shares (same keys: checkpoint, the transformer's
+    export to engine), so only its own validation is computed."""
     root = tmp_path_factory.mktemp("small")
     artifacts, db = root / "artifacts", root / "doit.db"
-    run_doit(SMALL_ARGS, artifacts, db)
+    copy_entries(built["recipe"], SHARED_WITH_SMALL, artifacts)
+    result = run_doit(SMALL_ARGS, artifacts, db)
+    assert {task.split(":")[0] for task in built_tasks(result.stderr)} == {"validate"}, result.stderr[-2000:]
     name = view_name(str(SMALL_RECIPE))
     return {"artifacts": artifacts, "db": db, "args": SMALL_ARGS, "name": name, "view": artifacts / name}
 
