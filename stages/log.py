@@ -9,6 +9,7 @@ transformers warnings, diffusers deprecations, progress bars) is silenced only a
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import sys
@@ -27,14 +28,18 @@ def get(stage: str | None = None) -> logging.Logger:
     return logging.getLogger(f"{LOGGER_NAME}.{stage}" if stage else LOGGER_NAME)
 
 
-_component: str | None = None
+_COMPONENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("forge_component", default=None)
 
 
-def for_component(component: str | None) -> None:
+@contextlib.contextmanager
+def for_component(component: str | None) -> Iterator[None]:
     """Stage lines name the component they are about (`[export transformer] ...`): with `doit -n 2` two tasks'
     lines arrive side by side, and each must say whose it is."""
-    global _component
-    _component = component
+    token = _COMPONENT.set(component)
+    try:
+        yield
+    finally:
+        _COMPONENT.reset(token)
 
 
 class _StageFormatter(logging.Formatter):
@@ -43,7 +48,8 @@ class _StageFormatter(logging.Formatter):
         message = record.getMessage()
         if not stage:
             return message
-        return f"[{stage} {_component}] {message}" if _component else f"[{stage}] {message}"
+        component = _COMPONENT.get()
+        return f"[{stage} {component}] {message}" if component else f"[{stage}] {message}"
 
 
 class Steps:
@@ -166,7 +172,7 @@ class Captured:
         return [line for line in self.lines if "[E]" in line or "ERROR" in line or "Error" in line]
 
 
-_capturing = False
+_CAPTURING: contextvars.ContextVar[bool] = contextvars.ContextVar("forge_capturing", default=False)
 
 
 def _forge_handler() -> logging.Handler | None:
@@ -179,13 +185,12 @@ def captured_output() -> Iterator[Captured]:
     chatter of native libraries (TensorRT's builder warnings, Polygraphy's and ONNX Runtime's prints, Python
     warnings) stays off the terminal; the forge's own log lines keep going to it. FORGE_LOG=debug shows the
     captured text afterwards; a block that raises logs its error lines at debug level."""
-    global _capturing
     captured = Captured()
     handler = _forge_handler()
-    if _capturing or level() <= logging.DEBUG or not isinstance(handler, logging.StreamHandler):
+    if _CAPTURING.get() or level() <= logging.DEBUG or not isinstance(handler, logging.StreamHandler):
         yield captured  # nested blocks: the outer one captures
         return
-    _capturing = True
+    capturing = _CAPTURING.set(True)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -207,7 +212,7 @@ def captured_output() -> Iterator[Captured]:
                 os.close(fd)
             handler.setStream(previous)
             terminal.close()
-            _capturing = False
+            _CAPTURING.reset(capturing)
             sink.seek(0)
             captured.lines = sink.read().decode("utf-8", errors="replace").splitlines()
 

@@ -40,13 +40,9 @@ def component_bytes(loaded: Any, ref: Ref, checkpoint: Path | None) -> int:
 
 
 def _configure_and_run(module: ModuleThunk, loaded: Any, ref: Ref, inputs: StageInputs, scratch: Path) -> dict[str, Any]:
-    log.for_component(ref.component)
-    try:
-        with log.quiet_tools(), log.captured_output():
-            stage = module()  # inside: import-time warnings are tool chatter too
-            return stage.from_recipe(loaded, ref.component, inputs)(scratch)
-    finally:
-        log.for_component(None)
+    with log.for_component(ref.component), log.quiet_tools(), log.captured_output():
+        stage = module()  # inside: import-time warnings are tool chatter too
+        return stage.from_recipe(loaded, ref.component, inputs)(scratch)
 
 
 def run(module: ModuleThunk, loaded: Any, ref: Ref, inputs: StageInputs, scratch: Path, isolate: bool) -> dict[str, Any]:
