@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from stages import safetensors
-from stages.store.digests import sha256_file
+from stages.store.digests import sha256_file, signature
 from stages.store.local import KNOWN_DIGESTS, RECORD
 
 
@@ -96,16 +96,11 @@ def external_files(model: Any) -> list[str]:
 # -- placing files: hard links, a shared copy across filesystems, and the digests the store may trust -------------
 
 
-def signature(path: Path) -> list[int]:
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
-
-
 def note_known_digest(out_dir: Path, name: str, sha256: str) -> None:
     """Tell the store the sha256 of `out_dir/name` (valid while its size, mtime and inode stay the same)."""
     sidecar = out_dir / KNOWN_DIGESTS
     known = json.loads(sidecar.read_text()) if sidecar.exists() else {}
-    known[name] = {"sha256": sha256, "signature": signature(out_dir / name)}
+    known[name] = {"sha256": sha256, "signature": signature((out_dir / name).stat())}
     sidecar.write_text(json.dumps(known, sort_keys=True))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.paths import REPO_DIR
-from stages.store.digests import write_json_atomic
+from stages.store.digests import signature, write_json_atomic
 
 LOG = logging.getLogger("forge.identity")
 
@@ -144,13 +144,12 @@ class CodeIndex:
 
     def _parsed(self, path: Path) -> list[Any]:
         memo = self._load()
-        stat = path.stat()
-        signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        current = signature(path.stat())
         name = str(path)  # absolute: two checkouts may share one artifacts root
         known = memo.get(name)
-        if not (isinstance(known, list) and len(known) == 5 and known[:3] == signature):
+        if not (isinstance(known, list) and len(known) == 5 and known[:3] == current):
             imports, thunks = _parse_imports(path.read_text(), str(path))
-            known = [*signature, list(imports), thunks]
+            known = [*current, list(imports), thunks]
             memo[name] = known
             self._dirty = True
         return known

@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 from stages.paths import REPO_DIR, artifacts_root
 from stages.store import views
+from stages.store.digests import signature, write_json_atomic
 from stages.store.local import CACHE_DIR, Store
 
 SNAPSHOT_DIR = (CACHE_DIR, "noop")
@@ -38,11 +38,11 @@ Signature = list[int] | None
 
 
 def _signature(path: str) -> Signature:
+    """The store's file signature, or None for a file that is not there (a file that appears is a change too)."""
     try:
-        stat = os.stat(path)
+        return signature(os.stat(path))
     except OSError:
         return None
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
 
 
 def _dir_signature(path: str) -> Signature:
@@ -138,12 +138,7 @@ def save(cli_vars: dict[str, str], reads: Reads, trees: list[Path], store: Store
             "dirs": {p: _dir_signature(p) for p in sorted(reads.dirs)}, **_environment(trees),
             "store": str(store.root), "view": view, "entries": entries, "links": links,
             "manifest": [manifest[0], str(manifest[1]), _signature(str(manifest[1]))], "banners": banners}
-    path = snapshot_path(command)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle)
-    os.replace(tmp, path)
+    write_json_atomic(snapshot_path(command), data)
 
 
 def forget(cli_vars: dict[str, str]) -> None:

@@ -23,6 +23,7 @@ from stages.reports import ValidationReport
 from stages.store import digests
 from stages.targets.backends import BACKENDS
 from stages.targets.gpus import HOST_LINKS
+from stages.targets.memory_fit import GIB
 
 SCHEMA_VERSION = 2
 
@@ -158,7 +159,7 @@ def _streaming_entry(recipe: Any, component: str, engine_bytes: int) -> dict[str
     costs per call and per image at the link's theoretical rate (a floor: real copies reach ~80% of it)."""
     budget = recipe.components[component].build.weight_streaming
     link, rate = HOST_LINKS[recipe.target.gpu]
-    resident = engine_bytes if budget is None else min(engine_bytes, int(budget.budget_gib * 2**30))
+    resident = engine_bytes if budget is None else min(engine_bytes, int(budget.budget_gib * GIB))
     streamed = engine_bytes - resident
     calls = recipe.family_spec.fit().calls_per_image(component, recipe.components[component])
     return {"budget_gib": None if budget is None else budget.budget_gib, "resident_bytes": resident,
@@ -172,9 +173,9 @@ def fit_warnings(manifest: dict[str, Any]) -> list[str]:
     for component, entry in manifest["components"].items():
         fit = entry.get("fit")
         if fit and fit["engine_bytes"] > fit["estimated_bytes"] * (1 + FIT_TOLERANCE) + FIT_SLACK_BYTES:
-            lines.append(f"warning: {component} engine is {fit['engine_bytes'] / 2**30:.2f} GiB, "
+            lines.append(f"warning: {component} engine is {fit['engine_bytes'] / GIB:.2f} GiB, "
                          f"{fit['engine_bytes'] / max(fit['estimated_bytes'], 1) - 1:.0%} above the fit check's "
-                         f"{fit['estimated_bytes'] / 2**30:.2f} GiB estimate: the GPU fit decision may be wrong")
+                         f"{fit['estimated_bytes'] / GIB:.2f} GiB estimate: the GPU fit decision may be wrong")
     return lines
 
 

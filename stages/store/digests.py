@@ -17,6 +17,11 @@ LOG = logging.getLogger("forge.identity")
 FILE_DIGESTS = "file-digests.json"  # the FileDigests memo, under the artifacts root's cache folder
 
 
+def signature(stat: os.stat_result) -> list[int]:
+    """(size, mtime_ns, inode): while these hold, a file is taken as unchanged (every stat cache of the forge)."""
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+
+
 def canonical(data: Any) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -69,13 +74,12 @@ class FileDigests:
         for name in sorted(relative):
             path = (root / name).resolve()
             stat = path.stat()
-            signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
             known = memo.get(str(path))
-            if self.rehash or known is None or known[:3] != signature:
+            if self.rehash or known is None or known[:3] != signature(stat):
                 started = time.perf_counter()
                 if stat.st_size >= self.PROGRESS_BYTES:
                     LOG.info(f"hashing {name} ({stat.st_size / 1e9:.2f} GB)")
-                known = [*signature, sha256_file(path)]
+                known = [*signature(stat), sha256_file(path)]
                 memo[str(path)] = known
                 self._dirty = True
                 if stat.st_size >= self.PROGRESS_BYTES:

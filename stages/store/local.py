@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.store.digests import sha256_file
+from stages.store.digests import sha256_file, signature
 
 LOG = logging.getLogger("forge")
 RECORD = "record.json"
@@ -220,11 +220,11 @@ class Store:
                 return f"{self.relative(path)}: missing"
             if stat.st_size != meta["bytes"]:
                 return f"{self.relative(path)}: {stat.st_size} bytes, recorded {meta['bytes']}"
-            signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
-            if deep or stats.get(name) != signature:
+            current = signature(stat)
+            if deep or stats.get(name) != current:
                 if sha256_file(path) != meta["sha256"]:
                     return f"{self.relative(path)}: sha256 differs from the record"
-            fresh[name] = signature
+            fresh[name] = current
         if fresh != stats:
             _write_stats(folder, fresh)
         return None
@@ -265,17 +265,15 @@ class Store:
             if path.is_file() and path.name not in (RECORD, STAT_CACHE, KNOWN_DIGESTS):
                 name = str(path.relative_to(scratch))
                 stat = path.stat()
-                signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
                 claim = known.get(name)
-                if claim is not None and list(claim.get("signature", [])) == signature:
+                if claim is not None and list(claim.get("signature", [])) == signature(stat):
                     sha = claim["sha256"]
                 else:
                     path.chmod(0o444)
                     stat = path.stat()
-                    signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
                     sha = sha256_file(path)
                 outputs[name] = {"sha256": sha, "bytes": stat.st_size}
-                stats[name] = signature
+                stats[name] = signature(stat)
         for sidecar in scratch.rglob(KNOWN_DIGESTS):
             sidecar.unlink()
         report, timings = split_timings(report)
@@ -290,7 +288,7 @@ class Store:
         stats = {}
         for name in record["outputs"]:
             stat = (scratch / name).stat()
-            stats[name] = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+            stats[name] = signature(stat)
         return self._place(scratch, stage, key, stats, data)
 
     def _place(self, scratch: Path, stage: str, key: str, stats: dict[str, list[int]], data: bytes) -> Entry:

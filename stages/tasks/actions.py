@@ -245,20 +245,16 @@ def record_noop_action(cli_vars: dict[str, str], load: Callable[[dict[str, str]]
     try:
         with noop.recording() as reads:
             build = load(cli_vars)
-            entries = []
-            for ref in build.refs():
-                entry = build.entry(ref)
-                if entry is None or entry.report.get("passed") is False:
-                    noop.forget(cli_vars)
-                    return
-                entries.append((label(build, ref), ref.stage, entry.key))
-            if not manifest_uptodate(build):
+            entries = {ref: build.entry(ref) for ref in build.refs()}
+            complete = all(e is not None and e.report.get("passed") is not False for e in entries.values())
+            if not (complete and manifest_uptodate(build)):
                 noop.forget(cli_vars)
                 return
-            links = {ref.label: str(build.entry(ref).path) for ref in build.refs()}  # type: ignore[union-attr]
         model = build.loaded.recipe.model
         trees = [] if model.is_tiny else [Path(model.path).resolve()]
-        noop.save(cli_vars, reads, trees, build.store, build.name, entries, links,
+        noop.save(cli_vars, reads, trees, build.store, build.name,
+                  [(label(build, ref), ref.stage, entry.key) for ref, entry in entries.items()],  # type: ignore[union-attr]
+                  {ref.label: str(entry.path) for ref, entry in entries.items()},  # type: ignore[union-attr]
                   (f"manifest:{build.name}", views.view_dir(build.store, build.name) / views.MANIFEST), banners(build))
     except Exception as error:  # noqa: BLE001 - a missing snapshot only costs the next no-op its full path
         LOG.debug(f"no-op snapshot not written: {type(error).__name__}: {error}")
