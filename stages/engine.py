@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from stages import log
 from stages.errors import fail
 from stages.inputs import StageInputs
-from stages.store.local import CACHE_DIR
+from stages.store.local import CACHE_DIR, scratch_beside
 from stages.targets.backends import BACKENDS
 
 if TYPE_CHECKING:
@@ -37,12 +37,37 @@ class BuildEngine:
     timing_cache: Path | None = None
     weight_streaming_budget_gib: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    part: int | None = None  # build this part of `parts` block-range engines (stages.graphs.parts)
+    parts: int = 1
+    block_pattern: str | None = None
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
+        if self.part is None:
+            return self._build_engine(out_dir, self.onnx_path, self.shapes, {})
+        from stages.graphs import parts
+
+        with scratch_beside(out_dir, "part") as scratch:
+            import onnx
+
+            assert self.block_pattern is not None
+            model = onnx.load(str(self.onnx_path), load_external_data=False)
+            plan = parts.plan_parts(model, self.block_pattern, self.parts)[self.part]
+            path, graph_sha256 = parts.write_part(self.onnx_path, plan, Path(scratch), model)
+            shapes = parts.input_profiles(model, plan, self.shapes)
+            share = parts.weight_share(model, plan)
+            LOG.info("%s (of parts 0-%d): blocks %d-%d, %d nodes, %.1f%% of the weights", plan.name, plan.count - 1,
+                     plan.blocks[0], plan.blocks[-1], len(plan.nodes), 100 * share)
+            contract = {"index": plan.index, "count": plan.count, "blocks": [plan.blocks[0], plan.blocks[-1]],
+                        "graph_sha256": graph_sha256, "weight_share": round(share, 6),
+                        **parts.io_contract(model, plan, shapes)}
+            return self._build_engine(out_dir, path, shapes, {"part": contract}, share)
+
+    def _build_engine(self, out_dir: Path, onnx_path: Path, shapes: dict[str, list[tuple[int, ...]]],
+                      extra: dict[str, Any], weight_share: float = 1.0) -> dict[str, Any]:
         backend = BACKENDS[self.backend]
         with backend.polygraphy() as polygraphy_trt:
             profile = polygraphy_trt.Profile()
-            for name, (low, opt, high) in self.shapes.items():
+            for name, (low, opt, high) in shapes.items():
                 profile.add(name, low, opt, high)
             cache = self._usable_timing_cache()
             create_config = backend.create_config(
@@ -53,7 +78,7 @@ class BuildEngine:
                 progress_monitor=make_progress_monitor(),
                 weight_streaming=self.weight_streaming_budget_gib is not None,
             )
-            network = polygraphy_trt.NetworkFromOnnxPath(str(self.onnx_path), strongly_typed=True)
+            network = polygraphy_trt.NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
             started = time.perf_counter()
             LOG.info("building %s for sm_%s with %s", self.component, self.sm, self.backend)
             engine = self._build(polygraphy_trt, network, create_config, cache, out_dir / ".timing.cache")
@@ -68,12 +93,14 @@ class BuildEngine:
             "strongly_typed": True,
             "builder_optimization_level": self.optimization_level,
             "timing_cache": str(cache) if cache else self._timing_cache_note(),
-            "profile": {name: {"min": s[0], "opt": s[1], "max": s[2]} for name, s in self.shapes.items()},
+            "profile": {name: {"min": s[0], "opt": s[1], "max": s[2]} for name, s in shapes.items()},
             "build_seconds": round(seconds, 3),
             "weight_streaming": None if self.weight_streaming_budget_gib is None else {
-                "budget_gib": self.weight_streaming_budget_gib,
-                "note": "set the runtime's weight streaming budget (IEngine.weight_streaming_budget_v2) to this"},
+                "budget_gib": round(self.weight_streaming_budget_gib * weight_share, 3),
+                "note": "set the runtime's weight streaming budget (IEngine.weight_streaming_budget_v2) to this"
+                        + ("" if self.part is None else "; the component's budget shared by weight")},
             **self.extra,
+            **extra,
         }
 
     def _build(self, polygraphy_trt: Any, network: Any, config: Any, cache: Path | None, scratch_cache: Path) -> Any:
@@ -152,6 +179,9 @@ def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs
         timing_cache=cache if settings.build.timing_cache else None,
         weight_streaming_budget_gib=settings.build.weight_streaming.budget_gib if settings.build.weight_streaming else None,
         extra={"text_length": loaded.recipe.text_length, "gpu": target.gpu},
+        part=inputs.part,
+        parts=loaded.part_count(component),
+        block_pattern=loaded.family.components[component].block_pattern,
     )
 
 

@@ -16,15 +16,18 @@ from stages.errors import fail
 
 @dataclass(frozen=True, order=True)
 class Ref:
-    """One task: a stage for one component (or recipe-wide, component None)."""
+    """One task: a stage for one component (or recipe-wide, component None); `part`: one engine of a component
+    built as consecutive block-range parts (stages.graphs.parts)."""
 
     stage: str
     component: str | None = None
+    part: int | None = None
 
     @property
     def label(self) -> str:
-        """`component/stage` or `stage`: the task's path inside a recipe's view."""
-        return f"{self.component}/{self.stage}" if self.component else self.stage
+        """`component/stage[-partN]` or `stage`: the task's path inside a recipe's view."""
+        base = f"{self.component}/{self.stage}" if self.component else self.stage
+        return base if self.part is None else f"{base}-part{self.part}"
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class StageInputs:
     dirs: dict[Ref, Path]
     root: Path
     shared_copy: Callable[[Path, str], Path] | None = None  # the store's copy of a checkpoint file (another filesystem)
+    part: int | None = None  # the part this task builds, for a component split into block-range engines
 
     def dir(self, stage: str, component: str | None = None) -> Path:
         try:
@@ -45,6 +49,20 @@ class StageInputs:
 
     def report(self, stage: str, component: str | None = None) -> dict[str, Any]:
         return json.loads((self.dir(stage, component) / "record.json").read_text())["report"]
+
+    def parts(self, stage: str, component: str) -> list[Path]:
+        """The upstream entries of a stage split into parts, in part order (one entry when it is not split)."""
+        found = sorted((ref.part, path) for ref, path in self.dirs.items()
+                       if ref.stage == stage and ref.component == component and ref.part is not None)
+        return [path for _, path in found] if found else [self.dir(stage, component)]
+
+    def part_contracts(self, stage: str, component: str) -> tuple[dict[str, Any], ...]:
+        """The `part` section of each part's report (its blocks, inputs and outputs), in part order; () when the
+        stage is not split."""
+        paths = self.parts(stage, component)
+        if len(paths) == 1:
+            return ()
+        return tuple(json.loads((path / "record.json").read_text())["report"]["part"] for path in paths)
 
     def has(self, stage: str, component: str | None = None) -> bool:
         return Ref(stage, component) in self.dirs

@@ -34,7 +34,7 @@ import numpy as np
 from stages import log
 from stages.errors import fail
 from stages.families import DEFAULT_FAMILY, FAMILIES
-from stages.graphs.runners import EngineRunner, OnnxRuntimeRunner, RunnerName, engine_unrunnable_reason
+from stages.graphs.runners import OnnxRuntimeRunner, RunnerName, engine_runner, engine_unrunnable_reason
 from stages.language import prompt_language
 
 REFERENCE, ORT, TRT = RunnerName.REFERENCE.value, RunnerName.ONNXRUNTIME.value, RunnerName.ENGINE.value
@@ -92,7 +92,8 @@ class PipelineCheck:
     onnx_paths: Mapping[str, Path]
     text_length: int
     settings: Any  # PipelineCheckSettings or the recipe's pydantic section with the same fields
-    engine_paths: Mapping[str, Path] = field(default_factory=dict)
+    engine_paths: Mapping[str, Sequence[Path]] = field(default_factory=dict)  # per component: its engine or parts
+    engine_parts: Mapping[str, Sequence[Mapping[str, Any]]] = field(default_factory=dict)  # split: part contracts
     compute_capability: tuple[int, int] | None = None
     backend: str = "tensorrt-rtx"
     display_root: Path | None = None  # reports name graphs relative to it (the artifacts root): portable
@@ -150,7 +151,8 @@ class PipelineCheck:
         for component in self.graph_components:
             config = hooks.feed_config(self.checkpoint_dir, component)
             if runner == TRT and component in self.engine_paths:
-                session = stack.enter_context(EngineRunner(self.engine_paths[component], self.backend))
+                session = stack.enter_context(engine_runner(self.engine_paths[component], self.backend,
+                                                            self.engine_parts.get(component, ())))
                 runs[component], kinds[component] = hooks.graph_component_run(component, session.infer, config), TRT
             elif component in self.onnx_paths:
                 session = stack.enter_context(OnnxRuntimeRunner(self.onnx_paths[component]))
@@ -167,11 +169,11 @@ class PipelineCheck:
         if reason:
             LOG.debug("engine run skipped: %s", reason)
             return {"ran": False, "skipped_because": reason}
-        missing = {c: str(p) for c, p in self.engine_paths.items() if not Path(p).is_file()}
+        missing = {c: str(p) for c, paths in self.engine_paths.items() for p in paths if not Path(p).is_file()}
         if missing:
             raise fail(next(iter(missing.values())), "engine_paths", f"engines not found for {sorted(missing)} "
                        "(run the engine stage first)")
-        return {"ran": True, "engines": {c: str(p) for c, p in self.engine_paths.items()}}
+        return {"ran": True, "engines": {c: [str(p) for p in paths] for c, paths in self.engine_paths.items()}}
 
     # -- metrics and report ---------------------------------------------------------------------------------
 
@@ -344,7 +346,8 @@ def from_recipe(loaded: Any, component: str | None, inputs: Any) -> PipelineChec
     return PipelineCheck(
         checkpoint_dir=inputs.weights,
         onnx_paths={c: inputs.dir("precision", c) / "model.onnx" for c in built},
-        engine_paths={c: inputs.dir("engine", c) / "engine.plan" for c in built},
+        engine_paths={c: tuple(path / "engine.plan" for path in inputs.parts("engine", c)) for c in built},
+        engine_parts={c: inputs.part_contracts("engine", c) for c in built},
         text_length=loaded.recipe.text_length,
         settings=section,
         compute_capability=loaded.recipe.target.compute_capability,

@@ -56,6 +56,7 @@ class OnnxRuntimeRun(Record):
     onnx: str  # the graph, relative to the artifacts root
     ran: bool
     execution: str | None = None  # how ORT ran it (Q/DQ as float arithmetic, default optimizations); None: older record
+    parts: int | None = None  # the engine's block-range parts: ORT ran their graphs chained (block-wise: segments)
 
 
 class FreezingEffect(Record):

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 from stages import log
 from stages.errors import fail
 from stages.families import DEFAULT_FAMILY, FAMILIES, component_module
-from stages.graphs import blockwise
-from stages.graphs.runners import (ComparisonGraph, EngineRunner, OnnxRuntimeRunner, RunnerName,
-                                   engine_unrunnable_reason, onnxruntime_execution, run_all)
+from stages.graphs import blockwise, parts
+from stages.graphs.runners import (ChainedRunner, ComparisonGraph, OnnxRuntimeRunner, Runner, RunnerName,
+                                   engine_runner, engine_unrunnable_reason, onnxruntime_execution, run_all)
 from stages.inputs import StageInputs
 from stages.reports import (BlockError, Comparison, EngineRun, FreezingEffect, OnnxRuntimeRun, Tolerances,
                             ValidationReport, WouldPass)
@@ -37,7 +37,7 @@ class ValidateAgainstPytorch:
     component: str
     checkpoint_dir: Path
     onnx_path: Path
-    engine_path: Path
+    engine_paths: tuple[Path, ...]
     compute_capability: tuple[int, int]
     backend: str
     settings: ValidateSettings
@@ -46,6 +46,7 @@ class ValidateAgainstPytorch:
     onnx_label: str = ""  # how the report names the graph (relative to the artifacts root: portable)
     family: str = DEFAULT_FAMILY
     blockwise: bool = False
+    part_contracts: tuple[dict[str, Any], ...] = ()  # the engine's parts (stages.graphs.parts), when it is split
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         from polygraphy.comparator import RunResults
@@ -55,16 +56,19 @@ class ValidateAgainstPytorch:
         LOG.info("%s %s on %s: %s", self.component, ORT, self.onnx_label or self.onnx_path.name, execution)
         blocks = None
         results = RunResults()
-        if self.blockwise:
-            blocks, cases = self._blockwise(spec, out_dir, results)
-        else:
-            model = spec.load(self.checkpoint_dir)
-            cases = self._cases(spec, model)
-            LOG.debug("%d cases: PyTorch fp32 reference", len(cases))
-            results.add([spec.reference_outputs(model, case) for case in cases], runner_name=REFERENCE)
-            del model
-            LOG.debug("ONNX Runtime on %s", self.onnx_path.name)
-            results.add(run_all(OnnxRuntimeRunner(self.onnx_path), [c["feed"] for c in cases]), runner_name=ORT)
+        with scratch_beside(out_dir, "parts") as scratch:
+            built_graph = self._built_graph(spec, Path(scratch))
+            if self.blockwise:
+                blocks, cases = self._blockwise(spec, out_dir, results)
+            else:
+                model = spec.load(self.checkpoint_dir)
+                cases = self._cases(spec, model)
+                LOG.debug("%d cases: PyTorch fp32 reference", len(cases))
+                results.add([spec.reference_outputs(model, case) for case in cases], runner_name=REFERENCE)
+                del model
+                LOG.debug("ONNX Runtime on %s", self.onnx_path.name)
+                results.add(run_all(built_graph, [c["feed"] for c in cases]), runner_name=ORT)
+        if not self.blockwise:
             for graph, path in self.comparison_graphs:
                 LOG.debug("ONNX Runtime on comparison graph %s", graph.value)
                 results.add(run_all(OnnxRuntimeRunner(path, graph.runner), [c["feed"] for c in cases]),
@@ -83,7 +87,8 @@ class ValidateAgainstPytorch:
             passed=passed,
             reference=REFERENCE,
             runners=[name for name in results.keys() if name != REFERENCE],
-            onnxruntime=OnnxRuntimeRun(onnx=self.onnx_label or self.onnx_path.name, ran=True, execution=execution),
+            onnxruntime=OnnxRuntimeRun(onnx=self.onnx_label or self.onnx_path.name, ran=True, execution=execution,
+                                       parts=len(self.part_contracts) or None),
             engine=engine_status,
             cases=[case["description"] for case in cases],
             comparisons=gated,
@@ -94,6 +99,26 @@ class ValidateAgainstPytorch:
             blocks=blocks,
             failure=f"validation of {self.component} failed: " + "; ".join(failed) if failed else None,
         ).dump()
+
+    def _built_graph(self, spec: Any, work: Path) -> Runner:
+        """ONNX Runtime on the graph the engine was built from: the precision graph, or for a split engine its part
+        graphs chained, each checked to be the very graph its engine part was built from."""
+        if not self.part_contracts:
+            return OnnxRuntimeRunner(self.onnx_path)
+        import onnx
+
+        model = onnx.load(str(self.onnx_path), load_external_data=False)
+        pattern = FAMILIES[self.family].components[self.component].block_pattern
+        plans = parts.plan_parts(model, pattern, len(self.part_contracts))
+        runners = []
+        for plan, contract in zip(plans, self.part_contracts):
+            path, sha256 = parts.write_part(self.onnx_path, plan, work, model)
+            if sha256 != contract["graph_sha256"]:
+                raise fail(self.engine_paths[plan.index], "part", f"{plan.name} of {self.component} was built from "
+                           "another graph than this precision graph's part; rebuild the engine")
+            runners.append(OnnxRuntimeRunner(path, name=f"{ORT} {plan.name}"))
+        LOG.info("%s: %d engine parts; ONNX Runtime runs their graphs chained", self.component, len(plans))
+        return ChainedRunner(runners, [p.inputs for p in plans], spec.OUTPUT_NAMES, ORT)
 
     def _cases(self, spec: Any, model: Any) -> list[dict[str, Any]]:
         return spec.validation_cases(model, self.settings, self.text_length)[: self.settings.max_cases]
@@ -127,7 +152,7 @@ class ValidateAgainstPytorch:
         if reason:
             LOG.debug("engine run skipped: %s", reason)
             return EngineRun(ran=False, skipped_because=reason)
-        results.add(run_all(EngineRunner(self.engine_path, self.backend), feeds), runner_name=TRT)
+        results.add(run_all(engine_runner(self.engine_paths, self.backend, self.part_contracts), feeds), runner_name=TRT)
         return EngineRun(ran=True)
 
 
@@ -287,13 +312,14 @@ def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs
         component=component,
         checkpoint_dir=inputs.weights,
         onnx_path=precision_dir / "model.onnx",
-        engine_path=inputs.dir("engine", component) / "engine.plan",
+        engine_paths=tuple(path / "engine.plan" for path in inputs.parts("engine", component)),
         compute_capability=loaded.recipe.target.compute_capability,
         backend=loaded.recipe.target.backend,
         settings=loaded.recipe.components[component].validate_,
         text_length=loaded.recipe.text_length,
         comparison_graphs=graphs,
         onnx_label=inputs.relative(precision_dir / "model.onnx"),
+        part_contracts=inputs.part_contracts("engine", component),
         family=loaded.recipe.family,
         blockwise=blockwise.wanted(loaded.recipe.components[component].validate_.blockwise, loaded.family,
                                    component, inputs.weights),

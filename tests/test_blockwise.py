@@ -62,7 +62,7 @@ def test_blockwise_validation_reports_every_block(tiny_checkpoint: Path, fp16_ou
         out.mkdir()
         return ValidateAgainstPytorch(
             component="transformer", checkpoint_dir=tiny_checkpoint, onnx_path=fp16_output[0],
-            engine_path=Path("unused.plan"), compute_capability=(8, 6), backend="tensorrt-rtx", settings=settings,
+            engine_paths=(Path("unused.plan"),), compute_capability=(8, 6), backend="tensorrt-rtx", settings=settings,
             text_length=256, blockwise=blockwise_on)(out)
 
     whole, blocks = validate(False, tmp_path / "whole"), validate(True, tmp_path / "blocks")
@@ -82,7 +82,7 @@ def test_max_cases_validates_the_first_cases_only(tiny_checkpoint: Path, fp16_ou
     loaded = load_recipe("a10-fp16", {**SMALL, "components.transformer.validate.max_cases": "1"})
     report = ValidateAgainstPytorch(
         component="transformer", checkpoint_dir=tiny_checkpoint, onnx_path=fp16_output[0],
-        engine_path=Path("unused.plan"), compute_capability=(8, 6), backend="tensorrt-rtx",
+        engine_paths=(Path("unused.plan"),), compute_capability=(8, 6), backend="tensorrt-rtx",
         settings=loaded.recipe.components["transformer"].validate_, text_length=256, blockwise=True)(tmp_path)
     assert len(cases) > 1 and report["cases"] == [cases[0]["description"]]
     assert report["passed"] and [b["block"] for b in report["blocks"]] == [0, 1]

@@ -9,6 +9,7 @@ import pytest
 
 from stages.errors import ForgeError
 from stages.recipe.load import load_recipe
+from stages.targets.memory_fit import GIB
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = str(REPO / "tests" / "recipes" / "transformer-only.yaml")
@@ -124,3 +125,36 @@ def test_every_shipped_recipe_fits_its_gpu_or_streams_on_release_shapes(release_
     assert streams["rtx5090-fp8"]["transformer"]
     for name in streams:
         assert not streams[name]["text_encoder"] and not streams[name]["vae_decoder"], name
+
+
+def test_auto_parts_keep_every_part_builder_under_the_host_memory(release_transformer: Path) -> None:
+    """`build.parts: auto` on the released shapes: the fewest parts whose builder peak fits `host_memory_gib`."""
+    from stages.recipe.fit import estimated_engine_bytes, estimated_part_bytes
+    from stages.targets.backends import BACKENDS
+
+    backend, counts = BACKENDS["tensorrt-rtx"], {}
+    for memory in (16, 64):
+        loaded = load_recipe(RECIPE, {"components.transformer.build.host_memory_gib": str(memory)},
+                             model=str(release_transformer))
+        count, choice = loaded.part_count("transformer"), loaded.parts["transformer"]
+        assert max(choice["builder_peak_bytes"]) <= memory * GIB
+        fewer = estimated_part_bytes(loaded.recipe, release_transformer, "transformer", count - 1)
+        assert max(backend.builder_peak_bytes(size) for size in fewer) > memory * GIB, "one part fewer would not fit"
+        assert sum(choice["estimated_bytes"]) == estimated_engine_bytes(loaded.recipe, release_transformer, "transformer")
+        counts[memory] = count
+    assert counts[16] > counts[64] > 1, counts
+    pinned = load_recipe(RECIPE, {"components.transformer.build.parts": "60"}, model=str(release_transformer))
+    per_block = pinned.parts["transformer"]["estimated_bytes"]
+    assert max(per_block[1:-1]) == min(per_block[1:-1]), "every block is priced alike"
+    message = load(release_transformer, **{"components.transformer.build.host_memory_gib": "2"})
+    assert "build.host_memory_gib: 2 GiB cannot build transformer even one block per part" in message
+
+
+def test_tiny_block_counts_are_the_tiny_configurations() -> None:
+    """The fit module (stdlib only) knows the tiny model's layer counts to refuse `build.parts` above them."""
+    from stages.families.qwen_image import fit
+    from stages.families.qwen_image.text_encoder import TINY_TEXT_ENCODER_CONFIG
+    from stages.families.qwen_image.transformer import TINY_TRANSFORMER_CONFIG
+
+    assert fit.TINY_BLOCKS == {"transformer": TINY_TRANSFORMER_CONFIG["num_layers"],
+                               "text_encoder": TINY_TEXT_ENCODER_CONFIG["text_config"]["num_hidden_layers"]}

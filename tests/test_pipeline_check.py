@@ -217,7 +217,7 @@ def test_from_recipe_points_at_the_built_graphs(tmp_path: Path) -> None:
     dirs = {Ref("precision", "transformer"): tmp_path / "p", Ref("engine", "transformer"): tmp_path / "e"}
     check = from_recipe(loaded, None, StageInputs(tmp_path / "ckpt", dirs, tmp_path))
     assert check.onnx_paths == {"transformer": tmp_path / "p" / "model.onnx"}
-    assert check.engine_paths == {"transformer": tmp_path / "e" / "engine.plan"}
+    assert check.engine_paths == {"transformer": (tmp_path / "e" / "engine.plan",)}
     assert check.checkpoint_dir == tmp_path / "ckpt" and check.display_root == tmp_path
     assert (check.text_length, check.compute_capability) == (256, (8, 6))
     assert check.settings == loaded.recipe.pipeline_check

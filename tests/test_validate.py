@@ -14,7 +14,7 @@ from stages.validate import ValidateAgainstPytorch, format_line
 def validator(checkpoint: Path, onnx_path: Path, overrides: dict[str, str]) -> ValidateAgainstPytorch:
     loaded = load_recipe("a10-fp16", overrides)
     return ValidateAgainstPytorch(
-        component="transformer", checkpoint_dir=checkpoint, onnx_path=onnx_path, engine_path=Path("unused.plan"),
+        component="transformer", checkpoint_dir=checkpoint, onnx_path=onnx_path, engine_paths=(Path("unused.plan"),),
         compute_capability=(8, 6), backend="tensorrt-rtx",
         settings=loaded.recipe.components["transformer"].validate_, text_length=256,
     )

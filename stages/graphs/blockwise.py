@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from stages.errors import fail
-from stages.graphs.runners import OnnxRuntimeRunner
 
-AUTO_BYTES = 4 * 1024**3  # `blockwise: auto` turns on above this many checkpoint weight bytes per component
+# `blockwise: auto` turns on above this many checkpoint weight bytes per component: whole-graph runs peaked at ~5x
+# (validation: 7.8 GB for a 1.5 GB text encoder) to 13.5x (precision) the weight bytes, and non-engine tasks must
+# stay under 6 GB at every checkpoint size; the tiny model (a few MB) still runs whole.
+AUTO_BYTES = 384 * 1024**2
 
 
 def wanted(choice: str | bool, family: Any, component: str, checkpoint: Path) -> bool:
@@ -37,6 +39,7 @@ class Segment:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     nodes: int
+    members: tuple[int, ...] = ()  # positions of its nodes in the graph's node list
 
 
 @dataclass
@@ -121,7 +124,7 @@ def _segments(nodes: list[Any], segment_of: list[int], blocks: list[int], produc
         for name_in in inputs:
             last_use[name_in] = len(segments)
         block = blocks[segment - 1] if 0 < segment <= len(blocks) else None
-        segments.append(Segment(name, block, tuple(inputs), tuple(outputs), len(members)))
+        segments.append(Segment(name, block, tuple(inputs), tuple(outputs), len(members), tuple(members)))
     return Partition(segments, tuple(sorted(graph_outputs)), last_use)
 
 
@@ -131,7 +134,7 @@ def write_segments(onnx_path: Path, part: Partition, work: Path) -> list[Path]:
     from onnx.utils import Extractor
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    _link_external_data(model, onnx_path.parent, work)
+    link_external_data(model, onnx_path.parent, work)
     extractor = Extractor(model)
     paths = []
     for number, segment in enumerate(part.segments):
@@ -142,12 +145,14 @@ def write_segments(onnx_path: Path, part: Partition, work: Path) -> list[Path]:
     return paths
 
 
-def _link_external_data(model: Any, source: Path, work: Path) -> None:
+def link_external_data(model: Any, source: Path, work: Path) -> None:
     """External data files beside the segments: hardlinks (no bytes copied) or, across filesystems, copies."""
     locations = {entry.value for tensor in model.graph.initializer for entry in tensor.external_data
                  if entry.key == "location"}
     for location in locations:
         target = work / location
+        if target.exists():
+            continue  # linked for an earlier graph written to the same folder
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.link(source / location, target)
@@ -161,6 +166,8 @@ def run_chained(segment_paths: Sequence[Path], part: Partition, feed: Mapping[st
 
     Tensors are dropped as soon as no later segment reads them, so memory holds one segment's weights and
     the activations crossing the current cut."""
+    from stages.graphs.runners import OnnxRuntimeRunner
+
     values: dict[str, Any] = dict(feed)
     for number, (segment, path) in enumerate(zip(part.segments, segment_paths)):
         with OnnxRuntimeRunner(path, name=segment.name, optimize=optimize) as runner:

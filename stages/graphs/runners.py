@@ -129,6 +129,43 @@ class EngineRunner:
         return {name: _as_float32(value) for name, value in self._runner.infer(dict(feed)).items()}
 
 
+class ChainedRunner:
+    """The parts of one graph (or their engines) run one after another, as a component split into block-range
+    engines runs (stages.graphs.parts): each takes the graph inputs and earlier parts' outputs it names."""
+
+    def __init__(self, runners: Sequence[Runner], inputs: Sequence[Sequence[str]], outputs: Sequence[str],
+                 name: str) -> None:
+        self.runners, self.inputs, self.outputs, self.name = list(runners), [tuple(i) for i in inputs], tuple(outputs), name
+        self._stack: Any = None
+
+    def __enter__(self) -> ChainedRunner:
+        import contextlib
+
+        self._stack = contextlib.ExitStack()
+        for runner in self.runners:
+            self._stack.enter_context(runner)
+        return self
+
+    def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
+        self._stack.close()
+
+    def infer(self, feed: Mapping[str, Any]) -> dict[str, Any]:
+        values = dict(feed)
+        for runner, names in zip(self.runners, self.inputs):
+            values.update(runner.infer({name: values[name] for name in names}))
+        return {name: values[name] for name in self.outputs}
+
+
+def engine_runner(paths: Sequence[Path], backend: str, contracts: Sequence[Mapping[str, Any]] = ()) -> Runner:
+    """A component's engine, or the parts of a split one chained by the contracts their engine stage recorded."""
+    if not contracts:
+        return EngineRunner(paths[0], backend)
+    engine = RunnerName.ENGINE.value
+    return ChainedRunner([EngineRunner(path, backend, name=f"{engine} part {n}") for n, path in enumerate(paths)],
+                         [[i["name"] for i in c["inputs"]] for c in contracts],
+                         [o["name"] for c in contracts for o in c["outputs"] if o["to"] == "graph output"], engine)
+
+
 def run_all(runner: Runner, feeds: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Every feed through one runner, activated once."""
     with runner:

@@ -57,6 +57,13 @@ def _pipeline_check_settings(loaded: LoadedRecipe, component: str | None) -> dic
             "text_length": loaded.recipe.text_length}
 
 
+def _engine_settings(loaded: LoadedRecipe, component: str | None) -> dict[str, Any]:
+    """The build section without `host_memory_gib`: it only chooses the part count, which is in the key."""
+    settings = _with_target("build", "profile")(loaded, component)
+    settings["build"] = {k: v for k, v in settings["build"].items() if k != "host_memory_gib"}
+    return settings
+
+
 def _always(loaded: LoadedRecipe, component: str | None) -> bool:
     return True
 
@@ -125,6 +132,7 @@ class StageSpec:
     reads_model: ModelReads = None
     applies: Callable[[LoadedRecipe, str | None], bool] = _always
     family_hook: Callable[[Family], ModuleThunk] | None = None  # family code this stage runs besides components
+    split: bool = False  # one task per part where the component's `build.parts` is above 1
 
 
 STAGES: dict[str, StageSpec] = {
@@ -143,8 +151,8 @@ STAGES: dict[str, StageSpec] = {
                   ("onnx", "onnx-graphsurgeon", "polygraphy", "numpy")),
         StageSpec("precision", _precision_module, ("surgery", "calibration"), True, _section("precision"),
                   ("onnx", "nvidia-modelopt", "onnxruntime", "numpy")),
-        StageSpec("engine", lambda *_: _engine, ("precision",), True, _with_target("build", "profile"),
-                  ("polygraphy",), reads_model="component"),
+        StageSpec("engine", lambda *_: _engine, ("precision",), True, _engine_settings,
+                  ("polygraphy",), reads_model="component", split=True),
         StageSpec("validate", lambda *_: _validate, ("checkpoint", "precision", "engine"), True,
                   _with_target("validate"), ("torch", "diffusers", "transformers", "onnxruntime", "polygraphy"),
                   reads_model="component"),
@@ -163,19 +171,25 @@ def stage_instances(loaded: LoadedRecipe, spec: StageSpec) -> list[str | None]:
     return [c for c in components if spec.applies(loaded, c)]
 
 
+def stage_refs(loaded: LoadedRecipe, spec: StageSpec) -> list[Ref]:
+    """The stage's tasks: one per component it applies to (or one recipe-wide), one per part where split."""
+    found = []
+    for component in stage_instances(loaded, spec):
+        count = loaded.part_count(component) if spec.split and component is not None else 1
+        found.extend([Ref(spec.name, component)] if count == 1 else [Ref(spec.name, component, p) for p in range(count)])
+    return found
+
+
 def refs(loaded: LoadedRecipe) -> list[Ref]:
     """Every task of the recipe, in pipeline order."""
-    return [Ref(spec.name, c) for spec in STAGES.values() for c in stage_instances(loaded, spec)]
+    return [ref for spec in STAGES.values() for ref in stage_refs(loaded, spec)]
 
 
 def upstream_refs(loaded: LoadedRecipe, ref: Ref) -> list[Ref]:
-    """Tasks whose outputs this one reads: same component upstream, every component's for a recipe-wide stage."""
-    found = []
-    for name in STAGES[ref.stage].upstream:
-        for instance in stage_instances(loaded, STAGES[name]):
-            if instance is None or ref.component is None or instance == ref.component:
-                found.append(Ref(name, instance))
-    return found
+    """Tasks whose outputs this one reads: same component upstream (every part of a split stage), every
+    component's for a recipe-wide stage."""
+    return [dep for name in STAGES[ref.stage].upstream for dep in stage_refs(loaded, STAGES[name])
+            if dep.component is None or ref.component is None or dep.component == ref.component]
 
 
 def stage_module(loaded: LoadedRecipe, ref: Ref) -> ModuleThunk:

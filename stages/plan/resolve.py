@@ -98,6 +98,7 @@ class Build:
             "schema": SCHEMA,
             "stage": ref.stage,
             "component": ref.component,
+            **({} if ref.part is None else {"part": ref.part}),
             "settings": spec.settings(self.loaded, ref.component),
             "model": model,
             "upstream": upstream,

@@ -8,10 +8,13 @@ profile's largest shape, and `build.weight_streaming`
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stages.errors import fail
+from stages.graphs import parts
 from stages.targets import memory_fit
 from stages.targets.backends import BACKENDS
 from stages.targets.gpus import GPUS
@@ -26,6 +29,14 @@ def estimated_engine_bytes(recipe: Recipe, checkpoint: Path, component: str) -> 
     arithmetic = recipe.family_spec.fit()
     plan = arithmetic.precision_plan(component, recipe.components[component])
     return arithmetic.engine_weight_bytes(checkpoint, component, plan).total
+
+
+def estimated_part_bytes(recipe: Recipe, checkpoint: Path, component: str, count: int) -> list[int]:
+    """:func:`estimated_engine_bytes` of each part of an engine split into `count` block ranges."""
+    arithmetic = recipe.family_spec.fit()
+    plan = arithmetic.precision_plan(component, recipe.components[component])
+    blocks = list(range(arithmetic.block_count(checkpoint, component)))
+    return [e.total for e in arithmetic.part_weight_bytes(checkpoint, component, plan, parts.block_ranges(blocks, count))]
 
 
 def check_recipe_fits(path: Path, recipe: Recipe) -> None:
@@ -51,3 +62,56 @@ def check_recipe_fits(path: Path, recipe: Recipe) -> None:
             raise fail(path, f"{key}.budget_gib", f"{streaming.budget_gib:g} GiB of weights on {gpu} leaves no room "
                        f"for ~{memory_fit.gib(activations)} of {name} activations; allowed: at most "
                        f"{max(room, 0) / memory_fit.GIB:.1f}")
+
+
+@dataclass(frozen=True)
+class PartsChoice:
+    """How a component's engine is split: the part count and, from the checkpoint headers, each part's weight
+    bytes and expected builder peak (None for the tiny model, whose checkpoint is built by the first task)."""
+
+    count: int
+    requested: str | int
+    host_memory_bytes: int
+    estimated_bytes: tuple[int, ...] | None = None
+    builder_peak_bytes: tuple[int, ...] | None = None
+
+
+def resolve_parts(path: Path, recipe: Recipe) -> dict[str, PartsChoice]:
+    """`build.parts` of every component as a count: `auto` is the fewest parts whose builder peak stays under
+    `build.host_memory_gib` (default two thirds of this machine's RAM). Refused in one line when impossible."""
+    arithmetic = recipe.family_spec.fit()
+    backend = BACKENDS[recipe.target.backend]
+    checkpoint = None if recipe.model.is_tiny else Path(recipe.model.path)
+    choices = {}
+    for name, section in recipe.components.items():
+        build, key = section.build, f"components.{name}.build"
+        memory = (int(build.host_memory_gib * memory_fit.GIB) if build.host_memory_gib is not None
+                  else memory_fit.physical_memory_bytes() * 2 // 3)
+        if memory <= backend.builder_fixed_bytes:
+            raise fail(path, f"{key}.host_memory_gib", f"{memory / memory_fit.GIB:g} GiB is less than the builder's "
+                       f"own ~{memory_fit.gib(backend.builder_fixed_bytes)}; allowed: more than "
+                       f"{backend.builder_fixed_bytes / memory_fit.GIB:.2f}")
+        if not recipe.family_spec.components[name].block_pattern:
+            choices[name] = PartsChoice(1, build.parts, memory)
+            continue
+        blocks = list(range(arithmetic.block_count(checkpoint, name)))
+        if build.parts != "auto" and build.parts > len(blocks):
+            raise fail(path, f"{key}.parts", f"{build.parts} parts for {name}'s {len(blocks)} blocks; allowed: auto "
+                       f"or 1 to {len(blocks)}")
+        if checkpoint is None:
+            choices[name] = PartsChoice(1 if build.parts == "auto" else build.parts, build.parts, memory)
+            continue
+        whole = estimated_engine_bytes(recipe, checkpoint, name)
+        fewest = min(len(blocks), max(1, math.ceil(backend.builder_bytes_per_weight_byte * whole
+                                                    / (memory - backend.builder_fixed_bytes))))
+        for count in ([build.parts] if build.parts != "auto" else range(fewest, len(blocks) + 1)):
+            sizes = tuple(estimated_part_bytes(recipe, checkpoint, name, count))
+            peaks = tuple(backend.builder_peak_bytes(size) for size in sizes)
+            if build.parts != "auto" or max(peaks) <= memory:
+                choices[name] = PartsChoice(count, build.parts, memory, sizes, peaks)
+                break
+        else:
+            raise fail(path, f"{key}.host_memory_gib", f"{memory / memory_fit.GIB:g} GiB cannot build {name} even one "
+                       f"block per part (~{memory_fit.gib(max(peaks))} of builder RAM for the largest part); allowed: "
+                       f"at least {max(peaks) / memory_fit.GIB:.1f}, or a machine with more RAM")
+    return choices

@@ -6,6 +6,7 @@ half-written artifacts behind. Light (pydantic + yaml): the task graph imports i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -17,11 +18,12 @@ from pydantic import BaseModel, ValidationError
 from stages.errors import ForgeError, fail
 from stages.paths import RECIPES_DIR
 from stages.recipe.checkpoint_checks import check_model_dir
-from stages.recipe.fit import check_recipe_fits
+from stages.recipe.fit import check_recipe_fits, resolve_parts
 from stages.recipe.prompts import check_settings
 from stages.recipe.schema import (MAX_RECIPE_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, NAME_PATTERN, LoadedRecipe,
                                   ModelSource, Recipe)
 from stages.recipe.target_checks import check_target
+from stages.targets.memory_fit import GIB
 from stages.store.views import RESERVED as RESERVED_NAMES  # a view's name must not shadow the store or the caches
 
 def check_name(name: str, source: str | Path) -> None:
@@ -79,12 +81,18 @@ def load_recipe(recipe: str, overrides: dict[str, str] | None = None, model: str
     if validated.pipeline_check is not None:
         check_settings(validated.pipeline_check, validated.text_length, source=path)
     check_target(path, validated)
+    split = resolve_parts(path, validated)
+    resolved = validated.model_dump(mode="json", by_alias=True)
+    for component, choice in split.items():
+        resolved["components"][component]["build"]["parts"] = choice.count
+        resolved["components"][component]["build"]["host_memory_gib"] = round(choice.host_memory_bytes / GIB, 2)
     return LoadedRecipe(
         name=view_name(path, validated.model, parsed_overrides),
         source=str(path),
         recipe=validated,
-        resolved=validated.model_dump(mode="json", by_alias=True),
+        resolved=resolved,
         overrides=parsed_overrides,
+        parts={component: dataclasses.asdict(choice) for component, choice in split.items()},
     )
 
 

@@ -173,9 +173,14 @@ class WeightStreaming(Strict):
 
 
 class BuildSettings(Strict):
+    """`parts`: build the engine as N consecutive block-range engines (stages.graphs.parts); `auto` picks the
+    fewest whose builder peak stays under `host_memory_gib` (default: two thirds of the building machine's RAM)."""
+
     optimization_level: int = Field(default=3, ge=0, le=5)
     timing_cache: bool = True
     weight_streaming: WeightStreaming | None = None
+    parts: Literal["auto"] | Annotated[int, Field(ge=1, le=1024)] = "auto"
+    host_memory_gib: float | None = Field(default=None, gt=0, le=1 << 20)
 
 
 class Tolerance(Strict):
@@ -256,6 +261,9 @@ def check_component(name: str, component: Component, text_length: int, family: F
         if choice is True and not info.block_pattern:
             raise ValueError(f"{prefix}.{section}.blockwise: {name} has no repeated blocks to work on one by one; "
                              f"allowed: auto, false")
+    parts = component.build.parts
+    if parts != "auto" and parts > 1 and not info.block_pattern:
+        raise ValueError(f"{prefix}.build.parts: {name} has no repeated blocks to split its engine at; allowed: auto, 1")
     if component.precision.quantized and not info.quantizable:
         raise ValueError(f"{prefix}.precision.dtype: {name} is kept in fp32/fp16/bf16; quantization applies to "
                          f"{', '.join(n for n, i in family.components.items() if i.quantizable)}")
@@ -326,7 +334,12 @@ class LoadedRecipe(BaseModel):
     recipe: Recipe
     resolved: dict[str, Any]
     overrides: dict[str, Any]
+    parts: dict[str, dict[str, Any]] = {}  # component -> stages.recipe.fit.PartsChoice as a dict
 
     @property
     def family(self) -> Family:
         return self.recipe.family_spec
+
+    def part_count(self, component: str) -> int:
+        """How many engines the component is built as (`build.parts` resolved at load time)."""
+        return int(self.resolved["components"][component]["build"].get("parts", 1))

@@ -13,9 +13,9 @@ from typing import Any
 
 from stages.paths import REPO_DIR
 from stages.plan import fingerprint
-from stages.plan.registry import MANIFEST_PACKAGES, STAGES, Ref, stage_instances
+from stages.plan.registry import MANIFEST_PACKAGES, STAGES, Ref, stage_instances, stage_refs
 from stages.plan.resolve import Build
-from stages.recipe.fit import estimated_engine_bytes
+from stages.recipe.fit import estimated_engine_bytes, estimated_part_bytes
 from stages.recipe.load import build_overrides
 from stages.recipe.schema import TINY_WARNING
 from stages.records.reproducibility import REPRODUCIBILITY
@@ -104,16 +104,18 @@ def _pipeline_check_entry(build: Build) -> dict[str, Any] | None:
 def _component_entry(build: Build, component: str) -> dict[str, Any]:
     loaded = build.loaded
     stages = [spec.name for spec in STAGES.values() if component in stage_instances(loaded, spec)]
-    reports = {stage: _report(build, Ref(stage, component)) for stage in stages}
-    engine = reports.get("engine") or {}
+    reports = {stage: _report(build, Ref(stage, component)) for stage in stages if stage != "engine"}
+    engines = [_report(build, ref) or {} for ref in _engine_refs(loaded, component)]
     validation = ValidationReport.model_validate(reports["validate"]) if reports.get("validate") else None
     return {
-        "artifacts": {stage: _stage_outputs(build, Ref(stage, component)) for stage in stages},
+        "artifacts": {stage: _stage_outputs(build, Ref(stage, component)) if stage != "engine" else
+                      _engine_outputs(build, component) for stage in stages},
         "feed_function": build.code.thunk_target(loaded.family.components[component].feed_function),
         "text_length": loaded.recipe.text_length,
         "tokenizer": _tokenizer_entry(component, reports.get("export") or {}),
-        "profile": engine.get("profile"),
+        "profile": _graph_profile(engines),
         "fit": _fit_entry(build, component),
+        "parts": _parts_entry(build, component, engines),
         "precision": _precision_entry(reports.get("precision") or {}),
         "calibration": reports.get("calibration") and {
             **{k: reports["calibration"][k] for k in ("samples", "files", "prompts", "settings", "inputs")
@@ -142,14 +144,55 @@ FIT_TOLERANCE = 0.05  # built engine bytes above the estimate by more than this 
 FIT_SLACK_BYTES = 64 << 20  # an engine's code and metadata (a few MB at tiny width, ~0.2% at release width)
 
 
+def _engine_refs(loaded: Any, component: str) -> list[Ref]:
+    return [ref for ref in stage_refs(loaded, STAGES["engine"]) if ref.component == component]
+
+
+def _engine_outputs(build: Build, component: str) -> list[dict[str, Any]] | None:
+    found = [_stage_outputs(build, ref) for ref in _engine_refs(build.loaded, component)]
+    return None if any(outputs is None for outputs in found) else [o for outputs in found for o in outputs or []]
+
+
+def _graph_profile(engines: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The profile of the component's graph inputs (a split engine's parts also profile what they hand on)."""
+    if len(engines) == 1:
+        return engines[0].get("profile")
+    profile: dict[str, Any] = {}
+    for report in engines:
+        taken = {i["name"] for i in (report.get("part") or {}).get("inputs", []) if i["from"] == "graph input"}
+        profile.update({name: shape for name, shape in (report.get("profile") or {}).items() if name in taken})
+    return profile or None
+
+
+def _parts_entry(build: Build, component: str, engines: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """A split engine's parts in run order: files, blocks, what each takes and hands on, and its fit. To run the
+    component, run the parts in order; feed each the graph inputs and earlier parts' outputs its `inputs` name."""
+    refs = _engine_refs(build.loaded, component)
+    if len(refs) == 1:
+        return None
+    checkpoint = build.checkpoint_dir()
+    estimates = (estimated_part_bytes(build.loaded.recipe, checkpoint, component, len(refs))
+                 if checkpoint is not None else [None] * len(refs))
+    entries = []
+    for ref, report, estimate in zip(refs, engines, estimates):
+        outputs = _stage_outputs(build, ref) or []
+        contract = report.get("part") or {}
+        entries.append({"index": ref.part, "blocks": contract.get("blocks"), "files": outputs,
+                        "inputs": contract.get("inputs"), "outputs": contract.get("outputs"),
+                        "graph_sha256": contract.get("graph_sha256"), "build_seconds": report.get("build_seconds"),
+                        "weight_streaming": report.get("weight_streaming"),
+                        "fit": {"estimated_bytes": estimate, "engine_bytes": sum(o["bytes"] for o in outputs)}})
+    return entries
+
+
 def _fit_entry(build: Build, component: str) -> dict[str, Any] | None:
     """What the GPU fit check priced for this engine (weights under the plan, from the checkpoint's headers) and
-    what the built engine's files hold."""
-    checkpoint, engine = build.checkpoint_dir(), build.entry(Ref("engine", component))
-    if checkpoint is None or engine is None:
+    what the built engine's files hold (all parts of a split one)."""
+    checkpoint, outputs = build.checkpoint_dir(), _engine_outputs(build, component)
+    if checkpoint is None or outputs is None:
         return None
     recipe = build.loaded.recipe
-    built = sum(meta["bytes"] for meta in engine.outputs.values())
+    built = sum(meta["bytes"] for meta in outputs)
     return {"estimated_bytes": estimated_engine_bytes(recipe, checkpoint, component), "engine_bytes": built,
             "streaming": _streaming_entry(recipe, component, built)}
 
@@ -171,11 +214,14 @@ def fit_warnings(manifest: dict[str, Any]) -> list[str]:
     """One line per engine whose built bytes exceed the fit estimate by more than 5% (and 64 MiB)."""
     lines = []
     for component, entry in manifest["components"].items():
-        fit = entry.get("fit")
-        if fit and fit["engine_bytes"] > fit["estimated_bytes"] * (1 + FIT_TOLERANCE) + FIT_SLACK_BYTES:
-            lines.append(f"warning: {component} engine is {fit['engine_bytes'] / GIB:.2f} GiB, "
-                         f"{fit['engine_bytes'] / max(fit['estimated_bytes'], 1) - 1:.0%} above the fit check's "
-                         f"{fit['estimated_bytes'] / GIB:.2f} GiB estimate: the GPU fit decision may be wrong")
+        named = [(f"{component} engine", entry.get("fit"))]
+        named += [(f"{component} engine part {part['index']}", part["fit"]) for part in entry.get("parts") or []]
+        for name, fit in named:
+            if fit and fit["estimated_bytes"] is not None and \
+                    fit["engine_bytes"] > fit["estimated_bytes"] * (1 + FIT_TOLERANCE) + FIT_SLACK_BYTES:
+                lines.append(f"warning: {name} is {fit['engine_bytes'] / GIB:.2f} GiB, "
+                             f"{fit['engine_bytes'] / max(fit['estimated_bytes'], 1) - 1:.0%} above the fit check's "
+                             f"{fit['estimated_bytes'] / GIB:.2f} GiB estimate: the GPU fit decision may be wrong")
     return lines
 
 

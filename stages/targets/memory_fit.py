@@ -156,6 +156,32 @@ def weight_bytes(tensors: Iterable[TensorInfo], plan: PrecisionPlan) -> WeightEs
     return estimate
 
 
+def part_weight_bytes(tensors: Sequence[TensorInfo], plan: PrecisionPlan, block_key: str,
+                      epilogue_keys: Sequence[str], ranges: Sequence[Sequence[int]]) -> list[WeightEstimate]:
+    """:func:`weight_bytes` of each part of an engine split by block ranges: a block's tensors (group 1 of
+    `block_key` is the block index) go to the part holding it, tensors matching `epilogue_keys` to the last part,
+    every other tensor (embeddings, input projections) to the first."""
+    pattern = re.compile(block_key)
+    part_of = {block: index for index, blocks in enumerate(ranges) for block in blocks}
+    members: list[list[TensorInfo]] = [[] for _ in ranges]
+    for tensor in tensors:
+        match = pattern.search(tensor.name)
+        if match and int(match.group(1)) in part_of:
+            members[part_of[int(match.group(1))]].append(tensor)
+        elif any(re.search(p, tensor.name) for p in epilogue_keys):
+            members[-1].append(tensor)
+        else:
+            members[0].append(tensor)
+    return [weight_bytes(group, plan) for group in members]
+
+
+def physical_memory_bytes() -> int:
+    """This machine's RAM (what `build.host_memory_gib` defaults from)."""
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     node_path = "/" + name.replace(".", "/")
     return any(re.search(pattern, name) or re.search(pattern, node_path) for pattern in patterns)

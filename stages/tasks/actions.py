@@ -37,7 +37,8 @@ LOG = log.get()
 
 
 def task_name(build: Build, ref: Ref) -> str:
-    return f"{build.name}/{ref.component}" if ref.component else build.name
+    name = f"{build.name}/{ref.component}" if ref.component else build.name
+    return name if ref.part is None else f"{name}/part{ref.part}"
 
 
 def label(build: Build, ref: Ref) -> str:
@@ -91,7 +92,8 @@ def run_stage(build: Build, ref: Ref) -> TaskFailed | dict[str, Any]:
                 build.invalidate()
             if entry is None:
                 inputs, checkpoint = _inputs(build, ref), build.checkpoint_dir()
-                isolate = isolation.component_bytes(build.loaded, ref, checkpoint) >= isolation.threshold()
+                isolate = (ref.part is not None  # a part is built in its own process: that is what bounds its memory
+                           or isolation.component_bytes(build.loaded, ref, checkpoint) >= isolation.threshold())
                 with store.scratch(key) as scratch:
                     report = isolation.run(registry.stage_module(build.loaded, ref), build.loaded, ref, inputs, scratch,
                                            isolate)
@@ -155,7 +157,7 @@ def publish_action(build: Build) -> TaskFailed | dict[str, Any]:
 def _inputs(build: Build, ref: Ref) -> StageInputs:
     """Where the stage reads: its upstream store entries and the checkpoint; where a shard copy goes."""
     return StageInputs(checkpoint=build.checkpoint_dir(), dirs=build.upstream_dirs(ref), root=build.root,
-                       shared_copy=functools.partial(shared_weights_copy, build.root))
+                       shared_copy=functools.partial(shared_weights_copy, build.root), part=ref.part)
 
 
 def shared_weights_copy(root: Path, source: Path, sha256: str) -> Path:

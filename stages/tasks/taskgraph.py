@@ -14,7 +14,6 @@ from typing import Any
 
 from stages.paths import artifacts_root
 from stages.plan import registry
-from stages.plan.registry import Ref
 from stages.plan.resolve import Build
 from stages.recipe.load import build_overrides, load_recipe
 from stages.recipe.schema import TINY_WARNING, LoadedRecipe
@@ -66,10 +65,9 @@ def _flag(value: str) -> bool:
 
 
 def stage_tasks(build: Build, stage: str) -> Iterator[dict[str, Any]]:
-    """One doit sub-task per component (or one per recipe for recipe-wide stages)."""
+    """One doit sub-task per component (or one per recipe for recipe-wide stages, one per part of a split engine)."""
     loaded: LoadedRecipe = build.loaded
-    for component in registry.stage_instances(loaded, registry.STAGES[stage]):
-        ref = Ref(stage, component)
+    for ref in registry.stage_refs(loaded, registry.STAGES[stage]):
         yield {
             "name": actions.task_name(build, ref),
             "actions": [(actions.run_stage, [build, ref])],

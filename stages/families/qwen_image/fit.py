@@ -23,6 +23,31 @@ ENGINE_WEIGHTS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
+# Checkpoint keys of the repeated blocks (group 1: the block index) and of what follows the last block, for
+# pricing an engine split by block ranges (stages.graphs.parts cuts the graph at the same blocks).
+BLOCK_KEYS = {"transformer": r"^transformer_blocks\.(\d+)\.", "text_encoder": r"(?:^|\.)layers\.(\d+)\."}
+EPILOGUE_KEYS = {"transformer": (r"^norm_out\.", r"^proj_out\."), "text_encoder": (r"(?:^|\.)norm\.weight$",)}
+
+
+TINY_BLOCKS = {"transformer": 2, "text_encoder": 2}  # the tiny configurations' layer counts (tests check them)
+
+
+def block_count(checkpoint: str | Path | None, component: str) -> int:
+    """How many repeated blocks the component's engine holds, from its config (None: the tiny model's)."""
+    if checkpoint is None:
+        return TINY_BLOCKS[component]
+    folder, _, _ = ENGINE_WEIGHTS[component]
+    config = json.loads((Path(checkpoint) / folder / "config.json").read_text())
+    return int(config.get("text_config", config)["num_hidden_layers" if component == "text_encoder" else "num_layers"])
+
+
+def part_weight_bytes(checkpoint: str | Path, component: str, plan: memory_fit.PrecisionPlan,
+                      ranges: list[tuple[int, ...]]) -> list[memory_fit.WeightEstimate]:
+    folder, include, exclude = ENGINE_WEIGHTS[component]
+    tensors = memory_fit.checkpoint_tensors(Path(checkpoint) / folder, include, exclude)
+    return memory_fit.part_weight_bytes(tensors, plan, BLOCK_KEYS[component], EPILOGUE_KEYS[component], ranges)
+
+
 def engine_weight_bytes(checkpoint: str | Path, component: str, plan: memory_fit.PrecisionPlan) -> memory_fit.WeightEstimate:
     folder, include, exclude = ENGINE_WEIGHTS[component]
     return memory_fit.folder_weight_bytes(Path(checkpoint) / folder, include, exclude, plan)

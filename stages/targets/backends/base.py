@@ -26,6 +26,14 @@ class Backend:
     timing_cache_works: bool
     timing_cache_note: str  # what the manifest says about a recipe's timing cache on this backend
     rtx: bool  # Polygraphy's TensorRT-RTX mode
+    # builder RAM ~ fixed + factor x the weight bytes built (TensorRT-RTX 1.7 on CPU, external data, fp16 plans at
+    # real width: 0.7 GB + 2.5x at 1.8 GB of weights, 0.2 GB + 2.84x at 1.3-5.4 GB; docs/scale.md)
+    builder_fixed_bytes: int = 768 << 20
+    builder_bytes_per_weight_byte: float = 2.9
+
+    def builder_peak_bytes(self, weight_bytes: int) -> int:
+        """The builder's expected peak RAM for an engine holding `weight_bytes` (what `build.parts: auto` sizes by)."""
+        return int(self.builder_fixed_bytes + self.builder_bytes_per_weight_byte * weight_bytes)
 
     def installed(self) -> bool:
         return importlib.util.find_spec(self.module) is not None

@@ -121,7 +121,7 @@ def test_blockwise_validation_reports_every_layer(tiny_checkpoint: Path, fp16_gr
         out.mkdir()
         return ValidateAgainstPytorch(
             component="text_encoder", checkpoint_dir=tiny_checkpoint, onnx_path=fp16_graph,
-            engine_path=Path("unused.plan"), compute_capability=(8, 6), backend="tensorrt-rtx", settings=settings,
+            engine_paths=(Path("unused.plan"),), compute_capability=(8, 6), backend="tensorrt-rtx", settings=settings,
             text_length=TEXT_LENGTH, blockwise=blockwise_on)(out)
 
     whole, blocks = validate(False, tmp_path / "whole"), validate(True, tmp_path / "blocks")
