@@ -132,15 +132,23 @@ def main() -> int:
     args = [f"recipe={options.recipe}", f"model={options.model}", *options.overrides]
     from stages.recipe.load import load_recipe
 
-    name = load_recipe(options.recipe, model=str(options.model)).name
+    loaded = load_recipe(options.recipe, dict(o.split("=", 1) for o in options.overrides), model=str(options.model))
+    name = loaded.name
     components = [c.strip() for c in options.components.split(",") if c.strip()]
     print(f"{options.recipe} on {options.model}; artifacts in {workdir}; {os.cpu_count()} CPUs")
     print(f"{'task':<28}{'wall s':>8}{'peak GB':>9}{'x weights':>10}{'written GB':>11}{'x weights':>10}")
     rows = [hash_checkpoint(options.model, workdir / "artifacts")]
     for component in components:
         weights = weight_bytes(options.model, component)
-        for stage in [s.strip() for s in options.stages.split(",") if s.strip()]:
-            task = f"{stage}:{name}/{component}"
+        stages = [s.strip() for s in options.stages.split(",") if s.strip()]
+        count = loaded.part_count(component)
+        tasks = [(s, f"{s}:{name}/{component}/part{p}", f"{s}-part{p}") for s in stages for p in range(count)
+                 if s == "engine" and count > 1] if "engine" in stages and count > 1 else []
+        planned = [(s, f"{s}:{name}/{component}", s) for s in stages]
+        if tasks:
+            at = stages.index("engine")
+            planned = [*planned[:at], *tasks, *planned[at + 1:]]
+        for stage, task, folder in planned:
             report: dict = {}
             if stage == "validate" and options.validate_without_engine:
                 wall, peak, code, last, report = validate_directly(workdir / "artifacts", options.recipe, options.model,
@@ -150,7 +158,7 @@ def main() -> int:
                     code, last = 0, "" if report["passed"] else f"outside tolerance: {report['failure']}"
             else:
                 wall, peak, code, last = run_task(task, args, env, workdir / "doit.db")
-                entry = (workdir / "artifacts" / name / component / stage).resolve()
+                entry = (workdir / "artifacts" / name / component / folder).resolve()
                 written = new_bytes(entry) if code == 0 and entry.is_dir() else 0
             row = {"task": task, "wall_s": round(wall, 2), "peak_rss_gb": round(peak, 3),
                    "peak_over_weights": round(peak * 1e9 / weights, 3), "written_gb": round(written / 1e9, 4),
@@ -159,7 +167,7 @@ def main() -> int:
             if report:
                 row["validation"] = {key: report.get(key) for key in ("passed", "cases", "comparisons", "blocks")}
             rows.append(row)
-            print(f"{stage + '/' + component:<28}{wall:>8.1f}{peak:>9.2f}{row['peak_over_weights']:>10.2f}"
+            print(f"{folder + '/' + component:<28}{wall:>8.1f}{peak:>9.2f}{row['peak_over_weights']:>10.2f}"
                   f"{written / 1e9:>11.3f}{row['written_over_weights']:>10.3f}" + ("" if code == 0 else "  FAILED")
                   + (f"  {last}" if last else ""))
             if code != 0:

@@ -235,7 +235,7 @@ def input_profiles(model: Any, plan: PartPlan, graph_shapes: Mapping[str, Sequen
                 for level in range(3):
                     symbols[level].setdefault(dim.dim_param, int(shapes[level][axis]))
     declared = {v.name: v for v in (*graph.input, *graph.value_info, *graph.output)}
-    profiles = {}
+    profiles, undetermined = {}, []
     for name in plan.inputs:
         if name in graph_shapes:
             profiles[name] = [tuple(int(d) for d in shape) for shape in graph_shapes[name]]
@@ -243,10 +243,40 @@ def input_profiles(model: Any, plan: PartPlan, graph_shapes: Mapping[str, Sequen
         dims = declared[name].type.tensor_type.shape.dim
         try:
             profiles[name] = [tuple(_dimension(dim, symbols[level]) for dim in dims) for level in range(3)]
-        except ValueError as error:
-            raise fail("engine", "parts", f"{name} (handed to {plan.name}) has dimension {error} that the profile "
-                       f"does not determine (known: {', '.join(sorted(symbols[0]))})") from None
+        except ValueError:
+            undetermined.append(name)
+    if undetermined:
+        levels = [_concrete_shapes(model, {n: s[level] for n, s in graph_shapes.items()}, undetermined)
+                  for level in range(3)]
+        for name in undetermined:
+            if any(name not in shapes for shapes in levels):
+                raise fail("engine", "parts", f"{name} (handed to {plan.name}) has a shape that the profile does not "
+                           f"determine (declared {[d.dim_param or d.dim_value for d in declared[name].type.tensor_type.shape.dim]}, "
+                           f"known: {', '.join(sorted(symbols[0]))})")
+            profiles[name] = [shapes[name] for shapes in levels]
     return profiles
+
+
+def _concrete_shapes(model: Any, shapes: Mapping[str, Sequence[int]], names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of `names` with every graph input at a concrete shape, by ONNX shape inference with data propagation:
+    a shape the declared dimensions leave open (`unk__79` after a pass re-inferred shapes) is still determined."""
+    import onnx
+
+    concrete = onnx.ModelProto()
+    concrete.CopyFrom(model)
+    concrete.graph.ClearField("value_info")
+    for value in concrete.graph.input:
+        if value.name in shapes:
+            for dim, size in zip(value.type.tensor_type.shape.dim, shapes[value.name]):
+                dim.Clear()
+                dim.dim_value = int(size)
+    inferred = onnx.shape_inference.infer_shapes(concrete, data_prop=True)
+    found = {}
+    for value in (*inferred.graph.value_info, *inferred.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if value.name in names and dims and all(d.HasField("dim_value") for d in dims):
+            found[value.name] = tuple(int(d.dim_value) for d in dims)
+    return found
 
 
 def _dimension(dim: Any, values: Mapping[str, int]) -> int:
