@@ -48,7 +48,7 @@ class StageInputs:
             raise fail(stage, component, "upstream output not among this stage's inputs") from None
 
     def report(self, stage: str, component: str | None = None) -> dict[str, Any]:
-        return json.loads((self.dir(stage, component) / "record.json").read_text())["report"]
+        return _report_in(self.dir(stage, component))
 
     def parts(self, stage: str, component: str) -> list[Path]:
         """The upstream entries of a stage split into parts, in part order (one entry when it is not split)."""
@@ -62,7 +62,7 @@ class StageInputs:
         paths = self.parts(stage, component)
         if len(paths) == 1:
             return ()
-        return tuple(json.loads((path / "record.json").read_text())["report"]["part"] for path in paths)
+        return tuple(_report_in(path)["part"] for path in paths)
 
     def has(self, stage: str, component: str | None = None) -> bool:
         return Ref(stage, component) in self.dirs
@@ -79,3 +79,7 @@ class StageInputs:
             return str(Path(path).resolve().relative_to(self.root.resolve()))
         except ValueError:
             return Path(path).name
+
+
+def _report_in(entry: Path) -> dict[str, Any]:
+    return json.loads((entry / "record.json").read_text())["report"]

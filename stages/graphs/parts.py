@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.errors import fail
-from stages.graphs.blockwise import Partition, Segment, link_external_data, partition
+from stages.graphs.blockwise import link_external_data, partition
 
 MAX_RECOMPUTED_NODES = 256  # a weight-free chain longer than this is handed over instead of computed again
 
@@ -150,11 +150,9 @@ class _GraphIndex:
         return found, taken
 
 
-def as_partition(plans: Sequence[PartPlan], graph_outputs: Sequence[str]) -> Partition:
-    """The parts as a Partition, so stages.graphs.blockwise.run_chained runs their graphs one after the other."""
-    segments = [Segment(plan.name, None, plan.inputs, plan.outputs, len(plan.nodes), plan.nodes) for plan in plans]
-    last_use = {name: index for index, plan in enumerate(plans) for name in plan.inputs}  # the last reader wins
-    return Partition(segments, tuple(sorted(graph_outputs)), last_use)
+def _declared(graph: Any) -> dict[str, Any]:
+    """Every typed tensor of the graph (inputs, inferred intermediates, outputs) by name."""
+    return {v.name: v for v in (*graph.input, *graph.value_info, *graph.output)}
 
 
 def extract(model: Any, plan: PartPlan) -> Any:
@@ -163,7 +161,7 @@ def extract(model: Any, plan: PartPlan) -> Any:
     import onnx
 
     graph = model.graph
-    declared = {v.name: v for v in (*graph.input, *graph.value_info, *graph.output)}
+    declared = _declared(graph)
     missing = [name for name in (*plan.inputs, *plan.outputs) if name not in declared]
     if missing:
         raise fail("engine", "parts", f"no declared type for {missing[:3]} crossing the cut after {plan.name} "
@@ -234,7 +232,7 @@ def input_profiles(model: Any, plan: PartPlan, graph_shapes: Mapping[str, Sequen
             if dim.dim_param:
                 for level in range(3):
                     symbols[level].setdefault(dim.dim_param, int(shapes[level][axis]))
-    declared = {v.name: v for v in (*graph.input, *graph.value_info, *graph.output)}
+    declared = _declared(graph)
     profiles, undetermined = {}, []
     for name in plan.inputs:
         if name in graph_shapes:
@@ -319,7 +317,7 @@ def io_contract(model: Any, plan: PartPlan, profiles: Mapping[str, Sequence[Sequ
     import onnx
 
     graph = model.graph
-    declared = {v.name: v for v in (*graph.input, *graph.value_info, *graph.output)}
+    declared = _declared(graph)
     graph_inputs = {i.name for i in graph.input}
     graph_outputs = {o.name for o in graph.output}
 

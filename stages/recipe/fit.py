@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from stages.errors import fail
 from stages.graphs import parts
@@ -31,12 +31,24 @@ def estimated_engine_bytes(recipe: Recipe, checkpoint: Path, component: str) -> 
     return arithmetic.engine_weight_bytes(checkpoint, component, plan).total
 
 
-def estimated_part_bytes(recipe: Recipe, checkpoint: Path, component: str, count: int) -> list[int]:
-    """:func:`estimated_engine_bytes` of each part of an engine split into `count` block ranges."""
+def part_pricer(recipe: Recipe, checkpoint: Path, component: str) -> Callable[[int], list[int]]:
+    """`count -> bytes of each part` of an engine split into `count` block ranges (:func:`estimated_engine_bytes` per
+    part), the checkpoint headers read once for every count asked."""
     arithmetic = recipe.family_spec.fit()
     plan = arithmetic.precision_plan(component, recipe.components[component])
     blocks = list(range(arithmetic.block_count(checkpoint, component)))
-    return [e.total for e in arithmetic.part_weight_bytes(checkpoint, component, plan, parts.block_ranges(blocks, count))]
+    tensors = arithmetic.engine_tensors(checkpoint, component)
+
+    def price(count: int) -> list[int]:
+        ranges = parts.block_ranges(blocks, count)
+        return [e.total for e in arithmetic.part_weight_bytes(tensors, component, plan, ranges)]
+
+    return price
+
+
+def estimated_part_bytes(recipe: Recipe, checkpoint: Path, component: str, count: int) -> list[int]:
+    """:func:`estimated_engine_bytes` of each part of an engine split into `count` block ranges."""
+    return part_pricer(recipe, checkpoint, component)(count)
 
 
 def check_recipe_fits(path: Path, recipe: Recipe) -> None:
@@ -101,11 +113,12 @@ def resolve_parts(path: Path, recipe: Recipe) -> dict[str, PartsChoice]:
         if checkpoint is None:
             choices[name] = PartsChoice(1 if build.parts == "auto" else build.parts, build.parts, memory)
             continue
-        whole = estimated_engine_bytes(recipe, checkpoint, name)
+        price = part_pricer(recipe, checkpoint, name)
+        whole = sum(price(1))
         fewest = min(len(blocks), max(1, math.ceil(backend.builder_bytes_per_weight_byte * whole
                                                     / (memory - backend.builder_fixed_bytes))))
         for count in ([build.parts] if build.parts != "auto" else range(fewest, len(blocks) + 1)):
-            sizes = tuple(estimated_part_bytes(recipe, checkpoint, name, count))
+            sizes = tuple(price(count))
             peaks = tuple(backend.builder_peak_bytes(size) for size in sizes)
             if build.parts != "auto" or max(peaks) <= memory:
                 choices[name] = PartsChoice(count, build.parts, memory, sizes, peaks)

@@ -41,10 +41,14 @@ def block_count(checkpoint: str | Path | None, component: str) -> int:
     return int(config.get("text_config", config)["num_hidden_layers" if component == "text_encoder" else "num_layers"])
 
 
-def part_weight_bytes(checkpoint: str | Path, component: str, plan: memory_fit.PrecisionPlan,
-                      ranges: list[tuple[int, ...]]) -> list[memory_fit.WeightEstimate]:
+def engine_tensors(checkpoint: str | Path, component: str) -> list[memory_fit.TensorInfo]:
+    """The checkpoint tensors the component's engine holds, from the safetensors headers."""
     folder, include, exclude = ENGINE_WEIGHTS[component]
-    tensors = memory_fit.checkpoint_tensors(Path(checkpoint) / folder, include, exclude)
+    return memory_fit.checkpoint_tensors(Path(checkpoint) / folder, include, exclude)
+
+
+def part_weight_bytes(tensors: list[memory_fit.TensorInfo], component: str, plan: memory_fit.PrecisionPlan,
+                      ranges: list[tuple[int, ...]]) -> list[memory_fit.WeightEstimate]:
     return memory_fit.part_weight_bytes(tensors, plan, BLOCK_KEYS[component], EPILOGUE_KEYS[component], ranges)
 
 
