@@ -58,7 +58,25 @@ scratch = Path(tempfile.mkdtemp(dir=artifacts, prefix="validate-"))
 inputs = StageInputs(Path(model), {Ref("precision", component): (view / "precision").resolve(),
                                    Ref("engine", component): scratch / "engine"}, Path(artifacts))
 (scratch / "out").mkdir()
-report = from_recipe(loaded, component, inputs)(scratch / "out")
+stage = from_recipe(loaded, component, inputs)
+factor = float(sys.argv[6])
+if factor != 1:
+    import dataclasses
+    import onnx
+    from onnx import numpy_helper
+    from stages.graphs.blockwise import link_external_data
+    graph = onnx.load(str(stage.onnx_path), load_external_data=False)
+    inits = {i.name: i for i in graph.graph.initializer}
+    scales = [inits[n.input[1]] for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    for scale in scales:
+        scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale, str(stage.onnx_path.parent)) * factor,
+                                               scale.name))
+    (scratch / "broken").mkdir()
+    link_external_data(graph, stage.onnx_path.parent, scratch / "broken")
+    onnx.save_model(graph, str(scratch / "broken" / "model.onnx"))
+    print(f"[validate] {len(scales)} weight scales x{factor:g}", file=sys.stderr)
+    stage = dataclasses.replace(stage, onnx_path=scratch / "broken" / "model.onnx", part_contracts=())
+report = stage(scratch / "out")
 print("REPORT", json.dumps(report), file=sys.stderr)
 print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
       file=sys.stderr)
@@ -67,12 +85,14 @@ sys.exit(0 if report["passed"] else 1)
 
 
 def validate_directly(artifacts: Path, recipe: str, model: Path, component: str, overrides: list[str],
-                      env: dict[str, str]) -> tuple[float, float, int, str, dict]:
+                      env: dict[str, str], scale_factor: float = 1.0) -> tuple[float, float, int, str, dict]:
     """The validate stage's own callable, without its engine task: the engine of a release-size component
-    needs ~150 GB of builder RAM, so it is measured elsewhere (scripts/engine_build_benchmark.py)."""
+    needs ~150 GB of builder RAM, so it is measured elsewhere (scripts/engine_build_benchmark.py). A
+    `scale_factor` other than 1 validates a deliberately broken copy of a quantized graph instead: every weight
+    scale multiplied by it (the gate must fail it)."""
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", VALIDATE_DIRECTLY, str(artifacts), recipe, str(model), component,
-                             json.dumps(overrides)], cwd=REPO, env=env, capture_output=True, text=True)
+                             json.dumps(overrides), str(scale_factor)], cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
     lines = result.stderr.splitlines()
     peak = peak_rss_kb(lines)
@@ -122,6 +142,9 @@ def main() -> int:
     parser.add_argument("--components", default="transformer,text_encoder,vae_decoder")
     parser.add_argument("--validate-without-engine", action="store_true",
                         help="run the validate stage's callable directly, without building the engine first")
+    parser.add_argument("--break-weight-scales", type=float, default=1.0, metavar="FACTOR",
+                        help="with --validate-without-engine on a quantized plan: validate a copy of the graph with "
+                             "every weight scale multiplied by FACTOR (a gate must fail it)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="reuse this folder's artifacts (tasks already up to date are not rerun; default: a new one)")
     parser.add_argument("overrides", nargs="*", help="key.path=value recipe overrides")
@@ -152,7 +175,8 @@ def main() -> int:
             report: dict = {}
             if stage == "validate" and options.validate_without_engine:
                 wall, peak, code, last, report = validate_directly(workdir / "artifacts", options.recipe, options.model,
-                                                                   component, options.overrides, env)
+                                                                   component, options.overrides, env,
+                                                                   options.break_weight_scales)
                 written = 0
                 if report:  # it ran: a result outside the tolerances is a finding, not a reason to stop
                     code, last = 0, "" if report["passed"] else f"outside tolerance: {report['failure']}"

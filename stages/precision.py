@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from stages import log
 from stages.errors import fail
-from stages.graphs import blockwise
+from stages.graphs import bf16, blockwise
 from stages.graphs.blockwise import partition
 from stages.graphs.onnx_io import save_model
 from stages.graphs.segmented import transform_segments
@@ -51,6 +51,7 @@ class ConvertPrecision:
     frozen_nodes: tuple[str, ...]
     exclude_patterns: tuple[str, ...]
     block_pattern: str | None = None  # set: AutoCast one block at a time
+    frozen_storage: str = "high_precision"  # bf16: the frozen branch's weight GEMMs compute in bf16 (graphs.bf16)
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         import onnx
@@ -61,8 +62,10 @@ class ConvertPrecision:
             model = self._autocast_by_block(model, excluded)
         elif self.dtype != "fp32":
             model = self._autocast_weightless(model, excluded)
+        in_bf16 = set(bf16.gemms_to_bf16(model, self.frozen_nodes)) if self.frozen_storage == "bf16" else set()
         dtypes = node_output_dtypes(model)
-        leaked = [name for name in excluded if dtypes.get(name) not in (None, self.high_precision)]
+        leaked = [name for name in excluded
+                  if dtypes.get(name) not in (None, "bf16" if name in in_bf16 else self.high_precision)]
         if leaked:
             raise fail(self.source, "precision.exclude", f"{len(leaked)} excluded nodes left {self.high_precision}: {leaked[:3]}")
         link_upstream_files(model, self.source.parent, out_dir)
@@ -72,6 +75,8 @@ class ConvertPrecision:
             "model_file": MODEL_FILE,
             "dtype": self.dtype,
             "high_precision": self.high_precision,
+            "frozen_storage": self.frozen_storage,
+            "bf16_gemms": len(in_bf16),
             "converter": "modelopt.onnx.autocast" if self.dtype != "fp32" else None,
             "blockwise": bool(self.block_pattern) and self.dtype != "fp32",
             "node_precisions": dict(Counter(dtypes.values())),
@@ -163,4 +168,5 @@ def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs
     if plan.quantized:
         raise fail("precision", component, f"{plan.dtype} plans are run by stages.quantize")
     source, frozen, pattern = surgery_inputs(loaded, component, inputs)
-    return ConvertPrecision(component, source, plan.dtype, plan.high_precision, frozen, tuple(plan.exclude), pattern)
+    return ConvertPrecision(component, source, plan.dtype, plan.high_precision, frozen, tuple(plan.exclude), pattern,
+                            plan.frozen_storage)

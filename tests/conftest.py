@@ -86,6 +86,19 @@ def artifact_digests(manifest: dict) -> dict[str, str]:
 
 WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1 under `pytest -n 2` (./forge test); "" alone
 
+# The longest files first, so that neither worker is left with one at the end (`./forge test` passes
+# --no-loadscope-reorder: xdist keeps this order and hands each worker the next file as it finishes one). The
+# first file needs the session build (`built`, both cores); the second does not, so the other worker works
+# meanwhile. Measured wall seconds per file on the 2-core machine; files not listed follow in their own order.
+LONGEST_FIRST = ("test_recipes.py", "test_weights.py", "test_crash.py", "test_pipeline_check.py", "test_code_change.py",
+                 "test_audit.py", "test_parts.py", "test_views.py", "test_remote.py", "test_dodo.py", "test_quantize.py",
+                 "test_command_line.py", "test_isolation.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: tests keep their order in a file
+
 
 @pytest.fixture(scope="session")
 def shared_artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -131,8 +131,9 @@ def test_component_errors_and_identity_come_from_the_manifests(audited: dict) ->
             for mine, theirs in zip(errors, rows):
                 assert mine["max_abs_diff"] == theirs["max_abs_diff"]
                 assert mine["min_cosine_similarity"] == theirs["min_cosine_similarity"]
-                assert mine["would_pass_with"] == {"atol": theirs["max_abs_diff"], "cosine": theirs["min_cosine_similarity"]}
-                assert mine["tolerance"]["atol"] == theirs["tolerance"]["atol"]
+                assert mine["would_pass_with"] == {"max_error": theirs["max_error"], "rms_error": theirs["rms_error"],
+                                                   "cosine": theirs["min_cosine_similarity"]}
+                assert mine["tolerance"] == theirs["tolerance"]
             assert figures["components"][component]["blocks_status"] == "not measured"
             assert figures["components"][component]["freezing"] == validation["freezing_effect"]
     int8 = report["recipes"]["a10-int8"]["components"]["transformer"]
@@ -357,7 +358,8 @@ def test_log_axes_over_a_decade_or_two_still_get_tick_labels() -> None:
     from stages.audit import charts
 
     components = [{"recipe": recipe, "component": "transformer", "output": "sample", "min_cosine_similarity": 1 - gap,
-                   "max_abs_diff": share * 0.05, "atol": 0.05}
+                   "max_error": share * 0.01, "max_error_gate": 0.01, "rms_error": share * 0.001,
+                   "rms_error_gate": 0.01}
                   for recipe, gap, share in (("a", 3e-7, 0.12), ("b", 5e-7, 0.16))]
     pipeline = [{"recipe": "a", "min_step_cosine": 1 - 1.02e-7}, {"recipe": "b", "min_step_cosine": 1 - 1.05e-7}]
     for svg in (charts.cross_recipe_chart(components, pipeline),

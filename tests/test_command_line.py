@@ -63,10 +63,10 @@ def test_every_build_says_it_is_the_tiny_model(built: dict[str, Any]) -> None:
 def test_every_failed_check_is_run_and_listed_once_at_the_end(built: dict[str, Any]) -> None:
     """Two validations out of tolerance: the third component is still validated, the pipeline check still
     runs, the manifest and junit.xml list both failures, the exit code is 4."""
-    tight = ["components.text_encoder.validate.tolerances.hidden_states.atol=1e-9",
-             "components.text_encoder.validate.tolerances.hidden_states.rtol=1e-9",
-             "components.vae_decoder.validate.tolerances.image.atol=1e-9",
-             "components.vae_decoder.validate.tolerances.image.rtol=1e-9"]
+    tight = ["components.text_encoder.validate.tolerances.hidden_states.max_error=1e-9",
+             "components.text_encoder.validate.tolerances.hidden_states.rms_error=1e-9",
+             "components.vae_decoder.validate.tolerances.image.max_error=1e-9",
+             "components.vae_decoder.validate.tolerances.image.rms_error=1e-9"]
     name = view_name("a10-fp16", overrides=tight)
     result = run_doit(["build", "recipe=a10-fp16", *tight], built["artifacts"], built["db"], check=False)
     assert result.returncode == 4, result.stderr[-2000:]

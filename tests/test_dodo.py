@@ -179,17 +179,17 @@ def test_checkpoint_builds_and_outside_recipes_get_views_of_their_own(checkpoint
 
 def test_tolerance_change_reruns_only_validation_and_gates(checkpoint_build: dict) -> None:
     build, name = checkpoint_build, checkpoint_build["name"]
-    tight = ["components.transformer.validate.tolerances.sample.atol=1e-9",
-             "components.transformer.validate.tolerances.sample.rtol=1e-9"]
+    tight = ["components.transformer.validate.tolerances.sample.max_error=1e-9",
+             "components.transformer.validate.tolerances.sample.rms_error=1e-9"]
     own_before = (build["recipe"] / "manifest.json").read_bytes()
     tight_name = view_name(str(RECIPE_FILE), str(build["checkpoint"]), overrides=tight)
     result = run_doit([*build["args"], *tight], build["artifacts"], build["db"], check=False)
     assert result.returncode == 4, result.stderr[-2000:]
     assert built_tasks(result.stderr) == [f"validate:{tight_name}/transformer"], "everything else is reused"
-    assert "onnxruntime sample" in result.stderr and "would pass with atol >=" in result.stderr
+    assert "onnxruntime sample" in result.stderr and "would pass with max_error >=" in result.stderr
     manifest = json.loads((build["artifacts"] / tight_name / "manifest.json").read_text())
     assert manifest["components"]["transformer"]["validation"]["passed"] is False
-    assert manifest["recipe"]["overrides"]["components.transformer.validate.tolerances.sample.atol"] == 1e-9
+    assert manifest["recipe"]["overrides"]["components.transformer.validate.tolerances.sample.max_error"] == 1e-9
     repeat = run_doit([*build["args"], *tight], build["artifacts"], build["db"], check=False)
     assert repeat.returncode == 4 and built_tasks(repeat.stderr) == [], "a recorded failure is reused, still failing"
     assert reused_tasks(repeat.stderr) == [f"validate:{tight_name}/transformer"]

@@ -38,14 +38,15 @@ def test_release_transformer_does_not_fit_an_a10_without_streaming(release_trans
     shards = list((release_transformer / "transformer").glob("*.safetensors"))
     assert sum(p.stat().st_size for p in shards) > 40e9 > sum(p.stat().st_blocks * 512 for p in shards) * 1000
     message = load(release_transformer, **{"components.transformer.build.weight_streaming": "null"})
-    # fp16 weights (38.1 GiB) but the frozen text branch, half of each block, stays fp32: the real engine is 61.0 GB
-    assert "components.transformer.build.weight_streaming: transformer needs ~57.1 GiB of weights" in message
-    assert "a10 has 24 GiB" in message and "budget of at most ~20.3 GiB" in message and "a100" in message
+    # fp16 weights, the frozen text branch's GEMMs bf16 and the rest of it fp32; activations at 1328x1328, batch 2
+    assert "components.transformer.build.weight_streaming: transformer needs ~38.1 GiB of weights" in message
+    assert "~5.4 GiB activations" in message
+    assert "a10 has 24 GiB" in message and "budget of at most ~17.1 GiB" in message and "l40s" in message
     assert "\n" not in message
 
 
 def test_streaming_budget_must_leave_room_for_activations(release_transformer: Path) -> None:
-    assert load(release_transformer).startswith("transformer-only-"), "a10-fp16 streams with an 18 GiB budget"
+    assert load(release_transformer).startswith("transformer-only-"), "a10-fp16 streams with a 17 GiB budget"
     message = load(release_transformer, **{"components.transformer.build.weight_streaming.budget_gib": "30"})
     assert "build.weight_streaming.budget_gib: 30 GiB of weights on a10 leaves no room" in message
 
@@ -53,11 +54,14 @@ def test_streaming_budget_must_leave_room_for_activations(release_transformer: P
 def test_a_larger_gpu_fits_without_streaming(release_transformer: Path) -> None:
     no_streaming = {"components.transformer.build.weight_streaming": "null"}
     assert load(release_transformer, **{"target.gpu": "a100", **no_streaming}).startswith("transformer-only-")
-    message = load(release_transformer, **{"target.gpu": "l40s", **no_streaming})
+    assert load(release_transformer, **{"target.gpu": "l40s", **no_streaming}).startswith("transformer-only-"), \
+        "with its text-branch GEMMs in bf16 the fp16 engine holds ~38.1 GiB: the L40S fits it"
+    fp32 = {"components.transformer.precision.frozen_storage": "high_precision"}
+    message = load(release_transformer, **{"target.gpu": "l40s", **no_streaming, **fp32})
     assert "~57.1 GiB of weights" in message and "l40s has 48 GiB" in message
     unfrozen = {"components.transformer.surgery.passes": "[fold_constants, infer_shapes, fix_text_padding, cleanup]"}
-    assert load(release_transformer, **{"target.gpu": "l40s", **no_streaming, **unfrozen}).startswith("transformer-only-"), \
-        "without the fp32 text branch the fp16 engine holds ~38.1 GiB: the L40S fits it"
+    assert load(release_transformer, **{"target.gpu": "l40s", **no_streaming, **unfrozen, **fp32}).startswith(
+        "transformer-only-"), "without the fp32 text branch the fp16 engine holds ~38.1 GiB: the L40S fits it"
 
 
 def header_bytes_of_int8_plan(folder: Path, kept: list[str]) -> int:
@@ -97,6 +101,29 @@ def test_a_quantized_plan_prices_its_frozen_text_branch_unquantized(release_tran
     assert 28 * 2**30 < estimate < 29 * 2**30
     message = load_shipped("a10-int8", release_transformer, **{"components.transformer.build.weight_streaming": "null"})
     assert "transformer needs ~28.5 GiB of weights" in message and "a10 has 24 GiB" in message
+
+
+def test_bf16_frozen_storage_prices_the_text_branch_gemms_at_two_bytes(release_transformer: Path) -> None:
+    """a10-fp16's frozen text branch stores its GEMM weights bf16: ~38 GiB on release shapes, not the ~57 GiB of
+    fp32 storage; the difference is 2 bytes per text-branch GEMM parameter."""
+    import json
+    import re
+
+    from stages.families.qwen_image.text_branch import TEXT_BRANCH_PATTERNS
+    from stages.recipe.fit import estimated_engine_bytes
+    from stages.safetensors import tensors
+
+    loaded = {storage: load_recipe("a10-fp16", {"components.transformer.precision.frozen_storage": storage},
+                                   model=str(release_transformer)) for storage in ("bf16", "high_precision")}
+    estimate = {s: estimated_engine_bytes(l.recipe, release_transformer, "transformer") for s, l in loaded.items()}
+    gemm = 0
+    index = json.loads((release_transformer / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        for name, entry in tensors(release_transformer / "transformer" / shard).items():
+            if len(entry["shape"]) == 2 and name.endswith(".weight") and any(re.search(p, name) for p in TEXT_BRANCH_PATTERNS):
+                gemm += entry["shape"][0] * entry["shape"][1]
+    assert estimate["high_precision"] - estimate["bf16"] == 2 * gemm
+    assert 37 * 2**30 < estimate["bf16"] < 39 * 2**30 < 56 * 2**30 < estimate["high_precision"]
 
 
 def load_shipped(recipe: str, checkpoint: Path, **overrides: str) -> str:

@@ -104,15 +104,19 @@ def test_each_engine_records_its_fit_estimate_and_built_bytes(built: dict[str, P
     for component, entry in manifest["components"].items():
         engine = (built["recipe"] / component / "engine" / "engine.plan").stat().st_size
         assert entry["fit"]["engine_bytes"] == engine, component
-    # a10-fp16's transformer: fp16 weights, the frozen text branch at fp32 (its high precision)
+    # a10-fp16's transformer: fp16 weights; the frozen text branch's GEMM weights bf16 (frozen_storage), the rest of
+    # the branch (biases, norms) at fp32, its high precision
     expected = 0
     for shard in (built["recipe"] / "checkpoint" / "transformer").glob("*.safetensors"):
         with safe_open(str(shard), framework="pt") as handle:
             for name in handle.keys():
+                shape = handle.get_slice(name).get_shape()
                 count = 1
-                for size in handle.get_slice(name).get_shape():
+                for size in shape:
                     count *= size
-                expected += count * (4 if any(re.search(p, name) for p in TEXT_BRANCH_PATTERNS) else 2)
+                frozen = any(re.search(p, name) for p in TEXT_BRANCH_PATTERNS)
+                gemm = len(shape) == 2 and name.endswith(".weight")
+                expected += count * (4 if frozen and not gemm else 2)
     assert manifest["components"]["transformer"]["fit"]["estimated_bytes"] == expected
     assert fit_warnings(manifest) == []
 

@@ -185,7 +185,8 @@ def test_fit_counts_the_frozen_text_branch_at_fp32(built: dict[str, Path]) -> No
     from stages.recipe.load import load_recipe
 
     recipe = built["recipe"]
-    section = load_recipe("a10-fp16").recipe.components["transformer"]
+    section = load_recipe("a10-fp16", {"components.transformer.precision.frozen_storage": "high_precision"}
+                          ).recipe.components["transformer"]
     plan = precision_plan("transformer", section)
     islands = plan.high_precision_patterns
     assert plan.dtype == "fp16" and plan.high_precision == "fp32"

@@ -49,7 +49,7 @@ def surgery(built: dict[str, Path]) -> SimpleNamespace:
 
 def make_feeds(model: Any, seed: int, sizes: list[list[int]], timesteps: list[float]) -> list[dict]:
     settings = ValidateSettings(sizes=sizes, batch=2, timesteps=timesteps, text_tokens=[37, 180], seed=seed,
-                                tolerances={"sample": {"atol": 1, "rtol": 1, "cosine": 0.5}})
+                                tolerances={"sample": {"max_error": 1, "rms_error": 1, "cosine": 0.5}})
     return [case["feed"] for case in qwen_image.validation_cases(model, settings, TEXT_LENGTH)]
 
 

@@ -44,13 +44,13 @@ def test_extends_merges_parent_and_child(tmp_path: Path) -> None:
     assert loaded.name.startswith("child-") and loaded.name != "child", "outside recipes/ gets a view of its own"
     assert loaded.recipe.text_length == 200
     assert loaded.recipe.components["transformer"].build.optimization_level == 1
-    assert loaded.recipe.components["transformer"].profile.width.max == 1024
+    assert loaded.recipe.components["transformer"].profile.width.max == 1664
 
 
 def test_dotted_overrides_are_typed_and_recorded() -> None:
-    loaded = load_recipe("a10-fp16", {"components.transformer.validate.tolerances.sample.atol": "0.5"})
-    assert loaded.recipe.components["transformer"].validate_.tolerances["sample"].atol == 0.5
-    assert loaded.overrides == {"components.transformer.validate.tolerances.sample.atol": 0.5}
+    loaded = load_recipe("a10-fp16", {"components.transformer.validate.tolerances.sample.max_error": "0.5"})
+    assert loaded.recipe.components["transformer"].validate_.tolerances["sample"].max_error == 0.5
+    assert loaded.overrides == {"components.transformer.validate.tolerances.sample.max_error": 0.5}
 
 
 @pytest.mark.parametrize(
@@ -66,6 +66,15 @@ def test_dotted_overrides_are_typed_and_recorded() -> None:
         ({"components.vae_decoder.precision.blockwise": "true"}, "components.vae_decoder.precision.blockwise", "auto, false"),
         ({"components.transformer.precision.blockwise": "sometimes"}, "components.transformer.precision.blockwise", "'auto'"),
         ({"components.transformer.validate.max_cases": "0"}, "components.transformer.validate.max_cases", "greater than 0"),
+        ({"components.transformer.profile.sizes": "[[1472, 1140]]"}, "components.transformer.profile", "1140 -> 1136"),
+        ({"components.transformer.profile.sizes": "[[1328, 2048]]"}, "components.transformer.profile", "width 512-1664"),
+        ({"components.transformer.validate.sizes": "[[512, 512], [1664, 1664]]"}, "components.transformer",
+         "area up to 1328x1328"),
+        ({"pipeline_check.height": "1664", "pipeline_check.width": "1664"}, "pipeline_check", "area up to 1328x1328"),
+        ({"components.transformer.precision.frozen_storage": "bf16", "components.transformer.precision.high_precision":
+          "fp16"}, "components.transformer.precision", "allowed: high_precision"),
+        ({"components.transformer.validate.tolerances.sample.atol": "0.05"}, "components.transformer.validate",
+         "atol"),
     ],
 )
 def test_bad_values_name_file_key_and_allowed(overrides: dict[str, str], key: str, allowed: str) -> None:
@@ -113,10 +122,10 @@ def test_circular_extends(tmp_path: Path) -> None:
 
 
 def test_override_values_parse_like_yaml_and_exponents() -> None:
-    loaded = load_recipe("a10-fp16", {"components.transformer.validate.tolerances.sample.rtol": "1e-9",
+    loaded = load_recipe("a10-fp16", {"components.transformer.validate.tolerances.sample.rms_error": "1e-9",
                                       "components.transformer.validate.sizes": "[[512, 512], [1024, 512]]"})
     component = loaded.recipe.components["transformer"]
-    assert component.validate_.tolerances["sample"].rtol == 1e-9
+    assert component.validate_.tolerances["sample"].rms_error == 1e-9
     assert component.validate_.sizes == [[512, 512], [1024, 512]]
 
 
@@ -125,7 +134,7 @@ def test_component_kinds_have_their_own_requirements(tmp_path: Path) -> None:
     data["components"]["text_encoder"] = {
         "profile": {"batch": {"min": 1, "opt": 1, "max": 2}},
         "surgery": {"passes": ["fold_constants", "freeze_text_branch"]},
-        "validate": {"batch": 1, "text_tokens": [10], "tolerances": {"hidden_states": {"atol": 1, "rtol": 1, "cosine": 0.9}}},
+        "validate": {"batch": 1, "text_tokens": [10], "tolerances": {"hidden_states": {"max_error": 1, "rms_error": 1, "cosine": 0.9}}},
     }
     message = error_of(str(write(tmp_path, "te.yaml", data)))
     assert "components.text_encoder.surgery.passes" in message and "freeze_text_branch" in message
@@ -133,6 +142,7 @@ def test_component_kinds_have_their_own_requirements(tmp_path: Path) -> None:
     data["components"]["text_encoder"]["surgery"]["passes"] = ["fold_constants"]
     assert load_recipe(str(write(tmp_path, "te.yaml", data))).recipe.components["text_encoder"].profile.height is None
     del data["components"]["transformer"]["profile"]["height"]
+    del data["components"]["transformer"]["profile"]["sizes"]
     assert "components.transformer.profile: transformer needs height and width" in error_of(
         str(write(tmp_path, "te.yaml", data)))
 
@@ -154,3 +164,26 @@ def test_null_drops_a_parent_key_in_extends_and_overrides() -> None:
     full = load_recipe("a10-fp16", {"components.vae_decoder": "null", "pipeline_check": "null"})
     assert sorted(full.recipe.components) == ["text_encoder", "transformer"]
     assert full.overrides["pipeline_check"] is None
+
+
+def test_native_sizes_bound_the_transformer_tokens_not_each_side() -> None:
+    """Every native size is served; the transformer's token range stops at the largest area (1328x1328), not at
+    1664x1664, and the VAE, which takes both sides, keeps the side ranges."""
+    from stages.families.qwen_image import transformer, vae
+    from stages.targets.memory_fit import transformer_activation_bytes
+
+    loaded = load_recipe("a10-fp16")
+    components = loaded.recipe.components
+    profile = components["transformer"].profile
+    natives = [(1328, 1328), (1664, 928), (928, 1664), (1472, 1136), (1136, 1472), (1584, 1056), (1056, 1584)]
+    assert sorted(map(tuple, profile.sizes)) == sorted(natives) and all(profile.serves(h, w) for h, w in natives)
+    assert not profile.serves(1664, 1664) and profile.serves(1664, 512)
+    config = {"patch_size": 2, "attention_head_dim": 128, "in_channels": 64, "joint_attention_dim": 3584}
+    tokens = [shape[1] for shape in transformer.profile_shapes(profile, 256, config)["hidden_states"]]
+    assert tokens == [32 * 32, 83 * 83, 83 * 83] and max(h * w for h, w in natives) == 1328 * 1328
+    latents = vae.profile_shapes(components["vae_decoder"].profile, 256,
+                                 {"z_dim": 16, "temperal_downsample": [False, True, True]})
+    assert latents["latents"][2][-2:] == (208, 208)
+    release = {"num_attention_heads": 24, "attention_head_dim": 128, "patch_size": 2}
+    priced = transformer_activation_bytes(release, 2, *profile.largest, 256)
+    assert profile.largest == (1328, 1328) and priced < transformer_activation_bytes(release, 2, 1664, 1664, 256)

@@ -60,7 +60,7 @@ def test_keys_of_an_unchanged_recipe_are_the_built_entries(built: dict[str, Path
 
 
 def test_tolerance_change_touches_only_validation(built: dict[str, Path]) -> None:
-    before, after = keys(built), keys(built, **{"components.transformer.validate.tolerances.sample.atol": "0.01"})
+    before, after = keys(built), keys(built, **{"components.transformer.validate.tolerances.sample.max_error": "0.01"})
     assert {label for label in before if before[label] != after[label]} == {"transformer/validate"}
 
 

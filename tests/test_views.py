@@ -38,7 +38,7 @@ def test_concurrent_builds_share_entries_and_clean_keeps_what_others_use(tmp_pat
     assert manifests[small]["store"] == manifests[other]["store"]
     assert not list((artifacts / "store" / ".tmp").iterdir())
 
-    tuned = ["components.transformer.validate.tolerances.sample.atol=0.04"]
+    tuned = ["components.transformer.validate.tolerances.sample.cosine=0.99"]
     retuned = run_doit(["build", f"recipe={SMALL_RECIPE}", *tuned], artifacts, db)
     overridden = view_name(str(SMALL_RECIPE), overrides=tuned)
     assert overridden not in (small, other) and f"1 override: {tuned[0]} -> view {overridden}" in retuned.stderr
@@ -46,7 +46,7 @@ def test_concurrent_builds_share_entries_and_clean_keeps_what_others_use(tmp_pat
     own = json.loads((artifacts / small / "manifest.json").read_text())
     assert own == manifests[small], "an override never changes the recipe's own view"
     assert json.loads((artifacts / overridden / "manifest.json").read_text())["recipe"]["overrides"] == {
-        "components.transformer.validate.tolerances.sample.atol": 0.04}
+        "components.transformer.validate.tolerances.sample.cosine": 0.99}
     assert freed(run_doit(["gc"], artifacts, db).stderr) == 0, "every entry is in some view"
 
     cleaned = run_doit(["clean", f"recipe={twin}"], artifacts, db)

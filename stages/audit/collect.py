@@ -122,8 +122,9 @@ def blocks_of(build: BuildView, component: str) -> list[dict[str, Any]] | None:
     return clean
 
 
-ERROR_KEYS = ("runner", "against", "output", "gated", "max_abs_diff", "max_rel_diff", "mean_abs_diff",
-              "min_cosine_similarity", "tolerance", "would_pass_with", "passed")
+ERROR_KEYS = ("runner", "against", "output", "gated", "max_abs_diff", "mean_abs_diff", "reference_max_abs",
+              "reference_rms", "max_error", "rms_error", "min_cosine_similarity", "tolerance", "would_pass_with",
+              "passed")
 
 
 def component_figures(build: BuildView, component: str) -> dict[str, Any]:

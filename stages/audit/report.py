@@ -147,14 +147,15 @@ def headline(report: dict[str, Any]) -> str:
 
 def _cross_recipe(page: Page, cross: dict[str, Any]) -> str:
     rows = [(esc(r["recipe"]), esc(r["component"]), esc(r["output"]), esc(r["runner"]), esc(r["precision"]),
-             num(r["max_abs_diff"]), num(r["atol"]), cosine(r["min_cosine_similarity"]), num(r["cosine_gate"]),
-             num((r["vs_fp16_graph"] or {}).get("max_abs_diff")),
+             num(r["max_error"]), num(r["max_error_gate"]), num(r["rms_error"]), num(r["rms_error_gate"]),
+             cosine(r["min_cosine_similarity"]), num(r["cosine_gate"]),
+             num((r["vs_fp16_graph"] or {}).get("max_error")),
              cosine((r["vs_fp16_graph"] or {}).get("min_cosine_similarity")), verdict(r["passed"]))
             for r in cross["components"]]
     parts = [page.heading(2, "Across recipes"), page.heading(3, "Component outputs vs PyTorch fp32"),
-             table(("recipe", "component", "output", "run", "precision", "max |diff|", "atol", "min cosine",
-                    "cosine gate", "max |diff| vs fp16 graph", "cosine vs fp16 graph", "gate"),
-                   rows, numeric=(5, 6, 7, 8, 9, 10))]
+             table(("recipe", "component", "output", "run", "precision", "max error", "max error gate",
+                    "rms error", "rms error gate", "min cosine", "cosine gate", "max error vs fp16 graph",
+                    "cosine vs fp16 graph", "gate"), rows, numeric=(5, 6, 7, 8, 9, 10, 11, 12))]
     if cross["pipeline"]:
         rows = [(esc(r["recipe"]), esc(", ".join(r["runners"])), num(r["prompts"]), num(r["steps"]),
                  cosine(r["min_step_cosine"]), num(r["min_psnr_db"]), num(r["min_ssim"]),
@@ -165,7 +166,7 @@ def _cross_recipe(page: Page, cross: dict[str, Any]) -> str:
                          "worst OCR agreement", "worst text accuracy (built)", "audit"), rows,
                         numeric=(2, 3, 4, 5, 6, 7, 8))]
     parts.append(page.chart(cross["charts"]["cross_recipe"], "Which recipe drifts where: higher is worse on every "
-                            "panel (1 - cosine on a log axis; max |diff| as a share of the recipe's atol)."))
+                            "panel (1 - cosine on a log axis; each error as a share of its gate)."))
     return "\n".join(parts)
 
 
@@ -239,14 +240,13 @@ def _component(page: Page, name: str, component: str, entry: dict[str, Any]) -> 
     elif engine:
         parts.append(_engine(f"validated on {runs}; engine NOT run: {engine.get('skipped_because')}", False))
     rows = [(esc(r["runner"]), esc(r["against"]), esc(r["output"]), num(r["max_abs_diff"]),
-             num((r["tolerance"] or {}).get("atol")), num((r["tolerance"] or {}).get("rtol")),
-             num((r["would_pass_with"] or {}).get("atol")), cosine(r["min_cosine_similarity"]),
-             num((r["tolerance"] or {}).get("cosine")), cosine((r["would_pass_with"] or {}).get("cosine")),
-             verdict(r["passed"]) if r["gated"] else _measured(r["passed"]))
+             num(r["reference_max_abs"]), num(r["max_error"]), num(r["tolerance"]["max_error"]),
+             num(r["rms_error"]), num(r["tolerance"]["rms_error"]), cosine(r["min_cosine_similarity"]),
+             num(r["tolerance"]["cosine"]), verdict(r["passed"]) if r["gated"] else _measured(r["passed"]))
             for r in entry["errors"]]
-    parts.append(table(("run", "against", "output", "max |diff|", "atol", "rtol", "passes with atol >=",
-                        "min cosine", "cosine gate", "passes with cosine >=", "gate"), rows,
-                       numeric=(3, 4, 5, 6, 7, 8, 9)) if rows else '<p class="muted">not validated</p>')
+    parts.append(table(("run", "against", "output", "max |diff|", "max |ref|", "max error", "max error gate",
+                        "rms error", "rms error gate", "min cosine", "cosine gate", "gate"), rows,
+                       numeric=(3, 4, 5, 6, 7, 8, 9, 10)) if rows else '<p class="muted">not validated</p>')
     if entry["freezing"]:
         rows = [(esc(output), num(f["max_abs_diff_frozen"]), num(f["max_abs_diff_unfrozen"]),
                  cosine(f["cosine_frozen"]), cosine(f["cosine_unfrozen"]), num(f["cosine_gain_from_freezing"]))

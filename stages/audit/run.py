@@ -213,10 +213,12 @@ def cross_recipe(recipes: dict[str, dict[str, Any]]) -> dict[str, Any]:
                 components.append({
                     "recipe": name, "component": component, "output": row["output"], "runner": row["runner"],
                     "precision": entry["precision"].get("mode") or entry["precision"].get("dtype"),
-                    "max_abs_diff": row["max_abs_diff"], "atol": row["tolerance"]["atol"],
+                    "max_abs_diff": row["max_abs_diff"], "max_error": row["max_error"],
+                    "max_error_gate": row["tolerance"]["max_error"], "rms_error": row["rms_error"],
+                    "rms_error_gate": row["tolerance"]["rms_error"],
                     "min_cosine_similarity": row["min_cosine_similarity"], "cosine_gate": row["tolerance"]["cosine"],
                     "passed": row["passed"],
-                    "vs_fp16_graph": fp16 and {"max_abs_diff": fp16["max_abs_diff"],
+                    "vs_fp16_graph": fp16 and {"max_error": fp16["max_error"],
                                                "min_cosine_similarity": fp16["min_cosine_similarity"]},
                 })
         check = figures["pipeline_check"]

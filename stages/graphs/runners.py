@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from stages.errors import fail
+from stages.graphs import bf16
 from stages.graphs.qdq import ONNX_BFLOAT16, QDQ_OPS, has_fp8
 from stages.targets.backends import BACKENDS
 
@@ -191,6 +192,8 @@ WEIGHT_ONLY_AS_FLOAT = ("weight-only Q/DQ as float arithmetic (graph optimizatio
                         "weights in a float GEMM, as the engine's weight-only GEMM, no int8 activations)")
 FP8_AS_WRITTEN = "FP8 Q/DQ as written (graph optimizations off; real FP8 rounding, GEMMs in float)"
 DEFAULT_OPTIMIZATIONS = "default graph optimizations"
+BF16_AS_FP32 = ("bf16 nodes computed in fp32 on their bf16 inputs, outputs rounded to bf16 (ORT CPU has no bf16 "
+                "kernels; a bf16 GEMM with fp32 accumulation, as TensorRT runs it)")
 NO_OPTIMIZATIONS = "graph optimizations off (every node as written)"
 
 
@@ -199,8 +202,8 @@ def onnxruntime_cpu_note(model: Any) -> dict[str, Any]:
 
     Every graph with Q/DQ runs with graph optimizations off: ORT's QDQ fusions swap the written arithmetic for
     fused kernels whose numbers depend on the CPU or on ORT's own choices, not on what the engine computes."""
-    bf16 = {i.name for i in model.graph.initializer if i.data_type == ONNX_BFLOAT16}  # bf16 weights in place are fine
-    if any(node.op_type in QDQ_OPS and len(node.input) > 1 and node.input[1] in bf16 for node in model.graph.node):
+    bf16_scales = {i.name for i in model.graph.initializer if i.data_type == ONNX_BFLOAT16}  # bf16 weights are fine
+    if any(node.op_type in QDQ_OPS and len(node.input) > 1 and node.input[1] in bf16_scales for node in model.graph.node):
         return {"runs": False, "why": "ORT CPU has no bfloat16 QuantizeLinear/DequantizeLinear kernels; "
                                       "validate a fp16 or fp32 high-precision build instead"}
     if has_fp8(model):
@@ -222,13 +225,15 @@ def onnxruntime_cpu_note(model: Any) -> dict[str, Any]:
                        "accuracy level also quantizes the activations to int8 on the fly (a W8A8 approximation "
                        "the engine's weight-only GEMM does not make, run by CPU-specific int8 kernels); with "
                        "optimizations off DequantizeLinear runs as written and the GEMMs take its float weights"}
+    if bf16.bf16_compute_nodes(model):
+        return {"runs": True, "graph_optimization": "default", "execution": DEFAULT_OPTIMIZATIONS, "bf16": True}
     return {"runs": True, "graph_optimization": "default", "execution": DEFAULT_OPTIMIZATIONS}
 
 
 def _execution(note: dict[str, Any], optimize: bool) -> str:
     if note["graph_optimization"] == "disabled":
         return note["execution"]
-    return DEFAULT_OPTIMIZATIONS if optimize else NO_OPTIMIZATIONS
+    return (DEFAULT_OPTIMIZATIONS if optimize else NO_OPTIMIZATIONS) + (f"; {BF16_AS_FP32}" if note.get("bf16") else "")
 
 
 def onnxruntime_execution(path: Path | str, optimize: bool = True) -> str:
@@ -244,10 +249,16 @@ def onnxruntime_session(path: Path | str, optimize: bool = True) -> Any:
     import onnx
     import onnxruntime as ort
 
-    note = onnxruntime_cpu_note(onnx.load(str(path), load_external_data=False))
+    model = onnx.load(str(path), load_external_data=False)
+    note = onnxruntime_cpu_note(model)
     if not note["runs"]:
         raise fail(path, "validate", note["why"])
     options = ort.SessionOptions()
-    if _execution(note, optimize) != DEFAULT_OPTIMIZATIONS:
+    if not _execution(note, optimize).startswith(DEFAULT_OPTIMIZATIONS):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if note.get("bf16"):
+        bf16.as_fp32_between_bf16_roundings(model)
+        # the rewritten graph is only in memory; its external data stays where the file's is
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(path).parent))
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -159,7 +159,8 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("pipeline_check", lambda *_: _pipeline_check, ("checkpoint", "precision", "engine"), False,
                   _pipeline_check_settings,
                   ("torch", "diffusers", "transformers", "onnxruntime", "scikit-image", "pillow"),
-                  reads_model="all", applies=lambda loaded, _: loaded.recipe.pipeline_check is not None,
+                  reads_model="all", applies=lambda loaded, _: loaded.recipe.pipeline_check is not None
+                  and loaded.pipeline_check_not_run is None,
                   family_hook=lambda family: family.pipeline),
     )
 }

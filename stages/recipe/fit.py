@@ -76,6 +76,19 @@ def check_recipe_fits(path: Path, recipe: Recipe) -> None:
                        f"{max(room, 0) / memory_fit.GIB:.1f}")
 
 
+def pipeline_check_refusal(recipe: Recipe) -> str | None:
+    """Why the pipeline check cannot run with this checkpoint within `pipeline_check.memory_gib` (None: it can):
+    its reference is the whole pipeline in fp32, every component loaded at once."""
+    check = recipe.pipeline_check
+    if check is None or recipe.model.is_tiny:
+        return None
+    needed = recipe.family_spec.fit().pipeline_reference_bytes(Path(recipe.model.path))
+    if needed <= check.memory_gib * memory_fit.GIB:
+        return None
+    return (f"the fp32 reference pipeline needs ~{memory_fit.gib(needed)} (pipeline_check.memory_gib "
+            f"{check.memory_gib:g}); raise it on a machine with that much RAM")
+
+
 @dataclass(frozen=True)
 class PartsChoice:
     """How a component's engine is split: the part count and, from the checkpoint headers, each part's weight

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 from stages.errors import ForgeError, fail
 from stages.paths import RECIPES_DIR
 from stages.recipe.checkpoint_checks import check_model_dir
-from stages.recipe.fit import check_recipe_fits, resolve_parts
+from stages.recipe.fit import check_recipe_fits, pipeline_check_refusal, resolve_parts
 from stages.recipe.prompts import check_settings
 from stages.recipe.schema import (MAX_RECIPE_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, NAME_PATTERN, LoadedRecipe,
                                   ModelSource, Recipe)
@@ -93,6 +93,7 @@ def load_recipe(recipe: str, overrides: dict[str, str] | None = None, model: str
         resolved=resolved,
         overrides=parsed_overrides,
         parts={component: dataclasses.asdict(choice) for component, choice in split.items()},
+        pipeline_check_not_run=pipeline_check_refusal(validated),
     )
 
 

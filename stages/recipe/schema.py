@@ -75,12 +75,61 @@ class PixelRange(Range):
         return self
 
 
+Size = Annotated[list[int], Field(min_length=2, max_length=2)]
+
+
 class Profile(Strict):
-    """Pixel ranges apply to image components (transformer, VAE); the text encoder has a batch range only."""
+    """Pixel ranges apply to image components (transformer, VAE); the text encoder has a batch range only.
+
+    `sizes` lists the [height, width] sizes the engine must serve (e.g. Qwen-Image's native resolutions). An engine
+    that takes image tokens rather than height and width (the transformer) then serves image areas up to the
+    largest of them, not height.max x width.max: 1664x928 and 928x1664 need 1664 on both sides, but their area is
+    that of 1248x1248, not 1664x1664. The GPU fit prices activations at that largest area.
+    """
 
     batch: Range
     height: PixelRange | None = None
     width: PixelRange | None = None
+    sizes: list[Size] = []
+
+    @model_validator(mode="after")
+    def _sizes_inside_ranges(self) -> Profile:
+        if self.sizes and (self.height is None or self.width is None):
+            raise ValueError("sizes: needs the height and width ranges they lie in")
+        for height, width in self.sizes:
+            if height % 16 or width % 16:
+                raise ValueError(f"sizes: {height}x{width} must be multiples of 16 (8x VAE x 2x2 patches; "
+                                 f"QwenImagePipeline rounds a side down to one, e.g. 1140 -> 1136)")
+            assert self.height is not None and self.width is not None
+            if not (self.height.min <= height <= self.height.max and self.width.min <= width <= self.width.max):
+                raise ValueError(f"sizes: {height}x{width} lies outside height {self.height.min}-{self.height.max}, "
+                                 f"width {self.width.min}-{self.width.max}")
+        if self.sizes and self.largest[0] * self.largest[1] < self.height.opt * self.width.opt:  # type: ignore[union-attr]
+            raise ValueError(f"sizes: the largest area {self.largest[0]}x{self.largest[1]} is below the profile's "
+                             f"opt {self.height.opt}x{self.width.opt}")  # type: ignore[union-attr]
+        return self
+
+    @property
+    def largest(self) -> tuple[int, int]:
+        """The [height, width] of the largest image area served: the largest of `sizes`, else the ranges' max."""
+        assert self.height is not None and self.width is not None
+        if self.sizes:
+            height, width = max(self.sizes, key=lambda size: (size[0] * size[1], size[0]))
+            return height, width
+        return self.height.max, self.width.max
+
+    def bounds(self) -> str:
+        """`height a-b, width c-d[, area up to HxW]`: what `serves` accepts, for error messages."""
+        assert self.height is not None and self.width is not None
+        area = f", area up to {self.largest[0]}x{self.largest[1]}" if self.sizes else ""
+        return f"height {self.height.min}-{self.height.max}, width {self.width.min}-{self.width.max}{area}"
+
+    def serves(self, height: int, width: int) -> bool:
+        """Whether an image of this size lies in the ranges and, with `sizes`, within the largest area."""
+        assert self.height is not None and self.width is not None
+        largest = self.largest
+        return (self.height.min <= height <= self.height.max and self.width.min <= width <= self.width.max
+                and height * width <= largest[0] * largest[1])
 
 
 class ExportSettings(Strict):
@@ -135,6 +184,9 @@ class PrecisionSettings(Strict):
     weight_only: bool = False
     high_precision: Dtype = "fp32"
     exclude: list[str] = []
+    # the frozen text branch's GEMMs: at high_precision, or bf16 (they read the checkpoint's bf16 weights as stored
+    # and compute in bf16, the rest of the branch stays at high_precision; stages.graphs.bf16, docs/scale.md)
+    frozen_storage: Literal["high_precision", "bf16"] = "high_precision"
     calibration: CalibrationSettings | None = None
     # true: AutoCast / quantize one block at a time (time linear in layers, one block's weights in memory);
     # auto: when the component's checkpoint weights exceed stages.graphs.blockwise.AUTO_BYTES.
@@ -159,6 +211,10 @@ class PrecisionSettings(Strict):
             raise ValueError(f"weight_only: applies to dtype int8 only, not {self.dtype}")
         if self.needs_calibration and self.calibration is None:
             raise ValueError(f"calibration: dtype {self.dtype} needs a calibration section (method, prompts, samples)")
+        if self.frozen_storage == "bf16" and (self.quantized or self.high_precision != "fp32"):
+            raise ValueError("frozen_storage: bf16 applies to fp16/bf16 plans with high_precision fp32 (a quantized "
+                             "plan keeps the frozen branch at its high_precision, fp16: the same bytes); "
+                             "allowed: high_precision")
         if self.quantized and self.high_precision == "bf16":
             raise ValueError("high_precision: bf16 around Q/DQ cannot be validated on ONNX Runtime CPU "
                              "(no bf16 QuantizeLinear kernel); allowed: fp16, fp32")
@@ -184,12 +240,11 @@ class BuildSettings(Strict):
 
 
 class Tolerance(Strict):
-    atol: float = Field(gt=0)
-    rtol: float = Field(gt=0)
+    """Errors relative to the reference output's own scale (stages.validate.compare), and its cosine."""
+
+    max_error: float = Field(gt=0)  # max|diff| / max|reference|
+    rms_error: float = Field(gt=0)  # rms(diff) / rms(reference)
     cosine: float = Field(gt=0, le=1)
-
-
-Size = Annotated[list[int], Field(min_length=2, max_length=2)]
 
 
 class ValidateSettings(Strict):
@@ -204,6 +259,9 @@ class ValidateSettings(Strict):
     blockwise: Literal["auto"] | bool = "auto"
     # the first N cases only (a release-size model on CPU: one small case); the report lists the cases run
     max_cases: int | None = Field(default=None, gt=0)
+    # cases whose estimated activations exceed this are not run (and listed as such): a native size on ONNX Runtime
+    # CPU needs ~15 GiB at release width (an unfused [batch, heads, tokens, tokens] score matrix, the VAE's im2col)
+    case_memory_gib: float = Field(default=4.0, gt=0)
 
 
 class Component(Strict):
@@ -224,11 +282,8 @@ class Component(Strict):
         if p.height is None or p.width is None:
             return self
         for height, width in v.sizes:
-            if not (p.height.min <= height <= p.height.max and p.width.min <= width <= p.width.max):
-                raise ValueError(
-                    f"validate.sizes: {height}x{width} lies outside the profile "
-                    f"(height {p.height.min}-{p.height.max}, width {p.width.min}-{p.width.max})"
-                )
+            if not p.serves(height, width):
+                raise ValueError(f"validate.sizes: {height}x{width} lies outside the profile ({p.bounds()})")
             if height % 16 or width % 16:
                 raise ValueError(f"validate.sizes: {height}x{width} must be multiples of 16")
         return self
@@ -290,6 +345,9 @@ class PipelineCheckSection(Strict):
     true_cfg_scale: float = Field(default=4.0, gt=1)
     seed: int = 0
     thresholds: PipelineCheckThresholds
+    # the check holds the whole fp32 reference pipeline: with a checkpoint whose fp32 weights exceed this it is not
+    # run (the manifest and the build's last lines say so); the release needs ~108 GiB
+    memory_gib: float = Field(default=6.0, gt=0)
 
 
 class AuditThresholds(Strict):
@@ -321,6 +379,12 @@ class Recipe(Strict):
     def _consistent(self) -> Recipe:
         for name, component in self.components.items():
             check_component(name, component, self.text_length, self.family_spec)
+        check = self.pipeline_check
+        for name, component in self.components.items() if check is not None else ():
+            p = component.profile
+            if p.height is not None and p.width is not None and not p.serves(check.height, check.width):
+                raise ValueError(f"pipeline_check: {check.height}x{check.width} lies outside components.{name}.profile "
+                                 f"({p.bounds()})")
         return self
 
 
@@ -335,6 +399,7 @@ class LoadedRecipe(BaseModel):
     resolved: dict[str, Any]
     overrides: dict[str, Any]
     parts: dict[str, dict[str, Any]] = {}  # component -> stages.recipe.fit.PartsChoice as a dict
+    pipeline_check_not_run: str | None = None  # why the recipe's pipeline check does not run with this checkpoint
 
     @property
     def family(self) -> Family:

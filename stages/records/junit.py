@@ -54,12 +54,13 @@ def _validation_case(component: str, entry: dict[str, Any]) -> Case:
 
 
 def metric_line(metric: dict[str, Any]) -> str:
-    """`runner output: max|diff| x (atol a, rtol r), cosine c (min m) -> PASS|FAIL` from a manifest metric row."""
+    """`runner output: max_error x (max m), rms_error y (max n), cosine c (min k) -> PASS|FAIL` from a metric row."""
     try:
         tol = metric["tolerance"]
         verdict = "PASS" if metric["passed"] else "FAIL"
-        return (f"{metric['runner']} {metric['output']}: max|diff| {metric['max_abs_diff']:.3g} (atol {tol['atol']:g}, "
-                f"rtol {tol['rtol']:g}), cosine {metric['min_cosine_similarity']:.6f} (min {tol['cosine']:g}) -> {verdict}")
+        return (f"{metric['runner']} {metric['output']}: max|diff| {metric['max_abs_diff']:.3g}, max_error "
+                f"{metric['max_error']:.3g} (max {tol['max_error']:g}), rms_error {metric['rms_error']:.3g} (max "
+                f"{tol['rms_error']:g}), cosine {metric['min_cosine_similarity']:.6f} (min {tol['cosine']:g}) -> {verdict}")
     except (KeyError, TypeError, ValueError):
         return str(metric)
 

@@ -85,6 +85,8 @@ def build_manifest(build: Build) -> dict[str, Any]:
         "store": {label: build.store.relative(entry.path) for label, entry in entries.items() if entry},
         "components": {name: _component_entry(build, name) for name in recipe.components},
         "pipeline_check": _pipeline_check_entry(build),
+        **({"pipeline_check_not_run": build.loaded.pipeline_check_not_run} if build.loaded.pipeline_check_not_run
+           else {}),
         "reproducibility": REPRODUCIBILITY,
     }
 
@@ -133,6 +135,7 @@ def _component_entry(build: Build, component: str) -> dict[str, Any]:
             "engine_run": validation.engine.dump(),
             "onnxruntime_run": validation.onnxruntime.dump(),
             "cases": validation.cases,
+            "cases_not_run": validation.cases_not_run,
             "blockwise": validation.blockwise,
             "blocks": validation.blocks and [block.dump() for block in validation.blocks],
             "results": f"{component}/validate/{validation.results_file}",
@@ -258,6 +261,8 @@ def summary_lines(manifest: dict[str, Any], path: str) -> list[str]:
     if manifest["model"].get("warning"):
         lines.append(f"*** {manifest['model']['warning']} (seed {manifest['model'].get('seed')}) ***")
     check = manifest.get("pipeline_check")
+    if manifest.get("pipeline_check_not_run"):
+        lines.append(f"pipeline check: NOT RUN: {manifest['pipeline_check_not_run']}")
     if check is not None:
         lines.append(f"pipeline check: {'PASSED' if check['passed'] else 'FAILED'} on {check.get('runner')} "
                      f"({len(check.get('prompts', []))} prompts; images in pipeline_check/)")

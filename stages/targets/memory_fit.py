@@ -89,6 +89,7 @@ class PrecisionPlan:
     # tensors stored at `high_precision` whatever the plan (a frozen text branch, excluded nodes): matched against
     # the tensor name and its node path (`a.b.weight` -> `/a/b/weight`), as recipe node-name regexes are written
     high_precision_patterns: tuple[str, ...] = ()
+    bf16_gemm_patterns: tuple[str, ...] = ()  # GEMM weights stored bf16 whatever the rest (precision.frozen_storage)
     per_channel_scale_bytes: int = 4  # int8: one fp32 scale per output channel of each quantized GEMM
 
 
@@ -145,6 +146,8 @@ def weight_bytes(tensors: Iterable[TensorInfo], plan: PrecisionPlan) -> WeightEs
             estimate.add("integer", tensor.numel * DTYPE_BYTES.get(tensor.dtype, 8))
         elif any(re.search(pattern, tensor.name) for pattern in plan.fp32_islands):
             estimate.add("fp32 islands", tensor.numel * 4)
+        elif tensor.is_gemm_weight and plan.bf16_gemm_patterns and _matches(tensor.name, plan.bf16_gemm_patterns):
+            estimate.add("bf16 (frozen GEMMs)", tensor.numel * PLAN_BYTES["bf16"])
         elif plan.high_precision_patterns and _matches(tensor.name, plan.high_precision_patterns):
             estimate.add(f"{plan.high_precision} (frozen or excluded)", tensor.numel * PLAN_BYTES[plan.high_precision])
         elif quantized and tensor.is_gemm_weight and not any(re.search(p, tensor.name) for p in plan.quantize_exclude):

@@ -64,12 +64,14 @@ def precision_plan(component: str, section: Any) -> memory_fit.PrecisionPlan:
     plan = section.precision
     frozen = component == "transformer" and "freeze_text_branch" in section.surgery.passes
     kept = (*(TEXT_BRANCH_PATTERNS if frozen else ()), *plan.exclude)
+    bf16 = TEXT_BRANCH_PATTERNS if frozen and plan.frozen_storage == "bf16" else ()
     return memory_fit.PrecisionPlan(dtype=plan.dtype, weight_only=plan.weight_only, high_precision=plan.high_precision,
-                                    high_precision_patterns=tuple(kept))
+                                    high_precision_patterns=tuple(kept), bf16_gemm_patterns=bf16)
 
 
 def activation_bytes(component: str, section: Any, checkpoint: Path, text_length: int) -> int:
-    """Peak activations at the profile's largest shape (memory_fit's conservative per-block formulas)."""
+    """Peak activations at the profile's largest shape (memory_fit's conservative per-block formulas): the
+    transformer at its largest image area (tokens), the VAE at height.max x width.max (its input has both)."""
     profile = section.profile
     batch = profile.batch.max
 
@@ -77,8 +79,7 @@ def activation_bytes(component: str, section: Any, checkpoint: Path, text_length
         return json.loads((checkpoint / folder / "config.json").read_text())
 
     if component == "transformer":
-        return memory_fit.transformer_activation_bytes(config("transformer"), batch, profile.height.max,
-                                                       profile.width.max, text_length)
+        return memory_fit.transformer_activation_bytes(config("transformer"), batch, *profile.largest, text_length)
     if component == "text_encoder":
         loaded = config("text_encoder")
         return memory_fit.text_encoder_activation_bytes(loaded.get("text_config", loaded), batch,
@@ -90,3 +91,24 @@ def calls_per_image(component: str, section: Any, steps: int = DEFAULT_STEPS) ->
     """Engine calls for one image with CFG: the two branches are one batch-2 call where the profile allows."""
     branches = 1 if section.profile.batch.max >= 2 else 2
     return {"transformer": steps * branches, "text_encoder": branches}.get(component, 1)
+
+
+def transformer_validation_bytes(config: Any, batch: int, height: int, width: int, text_length: int) -> int:
+    """Activations of one validation case: ONNX Runtime CPU and the reference compute in fp32 and hold a score
+    matrix and its softmax at once, twice the engine formula's one fp16 score matrix, in 2x wider numbers."""
+    return 2 * memory_fit.transformer_activation_bytes(config, batch, height, width, text_length, act_bytes=4)
+
+
+def vae_validation_bytes(config: Any, batch: int, height: int, width: int) -> int:
+    """Activations of one VAE validation case in fp32, with ONNX Runtime's im2col buffers for the 3x3x3
+    convolutions at full resolution (3x the engine formula; measured: 3.25 GB peak at 512x512, release VAE)."""
+    return 3 * memory_fit.vae_decoder_activation_bytes(config, batch, height, width, act_bytes=4)
+
+
+PIPELINE_FOLDERS = ("transformer", "text_encoder", "vae")
+
+
+def pipeline_reference_bytes(checkpoint: Path) -> int:
+    """fp32 bytes of every floating weight the pipeline check's reference (QwenImagePipeline in fp32) loads."""
+    return sum(4 * tensor.numel for folder in PIPELINE_FOLDERS
+               for tensor in memory_fit.checkpoint_tensors(Path(checkpoint) / folder) if tensor.is_float)

@@ -20,6 +20,7 @@ from torch import nn
 import diffusers.models.transformers.transformer_qwenimage as qwen_module
 from diffusers import QwenImageTransformer2DModel
 
+from stages.families.qwen_image.fit import transformer_validation_bytes
 from stages.families.qwen_image.shards import ShardReader as _ShardReader
 from stages.families.qwen_image.shards import one_block_at_a_time
 from stages.families.qwen_image.text_branch import TEXT_BRANCH_PATTERNS  # noqa: F401 - the family contract
@@ -259,12 +260,14 @@ def image_tokens(height: int, width: int, config: dict[str, Any]) -> int:
 
 
 def profile_shapes(profile: Any, text_length: int, config: dict[str, Any]) -> dict[str, list[tuple[int, ...]]]:
-    """min/opt/max shape of every engine input for a recipe profile (batch, height, width ranges)."""
+    """min/opt/max shape of every engine input for a recipe profile (batch, height, width ranges); the image tokens
+    stop at the profile's largest area (its `sizes`, else height.max x width.max)."""
     rope_dim = config["attention_head_dim"] // 2
     shapes: dict[str, list[tuple[int, ...]]] = {name: [] for name in INPUT_NAMES}
     for level in ("min", "opt", "max"):
         batch = getattr(profile.batch, level)
-        tokens = image_tokens(getattr(profile.height, level), getattr(profile.width, level), config)
+        size = profile.largest if level == "max" else (getattr(profile.height, level), getattr(profile.width, level))
+        tokens = image_tokens(*size, config)
         shapes["hidden_states"].append((batch, tokens, config["in_channels"]))
         shapes["encoder_hidden_states"].append((batch, text_length, config["joint_attention_dim"]))
         shapes["encoder_hidden_states_mask"].append((batch, text_length))
@@ -302,6 +305,7 @@ def validation_cases(model: QwenImageTransformer2DModel, settings: Any, text_len
             }
             cases.append({
                 "description": f"{height}x{width} batch {batch} timestep {step}",
+                "activation_bytes": transformer_validation_bytes(config, batch, height, width, text_length),
                 "call": call,
                 "feed": transformer_engine_inputs(**call, axes_dims_rope=config.axes_dims_rope),
             })

@@ -46,6 +46,8 @@ from torch import nn
 from diffusers import AutoencoderKLQwenImage
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageUpsample
 
+from stages.families.qwen_image.fit import vae_validation_bytes
+
 CHECKPOINT_SUBFOLDER = "vae"
 
 # z_dim 4 matches the tiny transformer (out_channels 4, in_channels 16 = 4 * 2 * 2). Unlike diffusers' own
@@ -242,6 +244,7 @@ def validation_cases(model: AutoencoderKLQwenImage, settings: Any, text_length: 
         latents = torch.randn(*shape, generator=generator)
         cases.append({
             "description": f"{height}x{width} batch {settings.batch}",
+            "activation_bytes": vae_validation_bytes(model.config, settings.batch, height, width),
             "call": {"latents": latents},
             "feed": vae_decoder_engine_inputs(latents),
         })
