@@ -22,6 +22,7 @@ LIGHT = [
     "pipeline_check.num_inference_steps=2",
     "pipeline_check.height=256",
     "pipeline_check.width=256",
+    *(f"components.{c}.profile.{side}.min=256" for c in ("transformer", "vae_decoder") for side in ("height", "width")),
 ]
 # release-size code paths, switched on for the tiny transformer: FP8 graphs validated one block at a time (weights
 # behind DequantizeLinear stay in their block); INT8 weight-only quantized one block at a time is its own test

@@ -52,25 +52,32 @@ def gemms_to_bf16(model: Any, nodes: Iterable[str]) -> list[str]:
     wanted = set(nodes)
     producers = _producers(model)
     initializers = {init.name for init in model.graph.initializer}
-    rewritten: list[str] = []
+    chosen = [position for position, node in enumerate(model.graph.node)
+              if node.name in wanted and node.op_type in GEMMS
+              and any(reads_weight(t, producers, initializers) for t in node.input[:2])]
+    names = [model.graph.node[position].name for position in chosen]
+    _wrap(model, set(chosen), "bf16", inside=BFLOAT16, outside=FLOAT)
+    return names
+
+
+def _wrap(model: Any, positions: set[int], tag: str, inside: int, outside: int) -> None:
+    """Cast every input of the nodes at `positions` to `inside` and their first output back to `outside`, under
+    the output's original name (in place)."""
     out: list[Any] = []
-    for node in model.graph.node:
-        if node.name not in wanted or node.op_type not in GEMMS or \
-                not any(reads_weight(t, producers, initializers) for t in node.input[:2]):
+    for position, node in enumerate(model.graph.node):
+        if position not in positions:
             out.append(node)
             continue
-        for position, tensor in enumerate(node.input):
+        for index, tensor in enumerate(node.input):
             if tensor:
-                cast = f"{node.name}/bf16_in{position}"
-                out.append(_cast(cast, tensor, f"{cast}:0", BFLOAT16))
-                node.input[position] = f"{cast}:0"
+                cast = f"{node.name}/{tag}_in{index}"
+                out.append(_cast(cast, tensor, f"{cast}:0", inside))
+                node.input[index] = f"{cast}:0"
         result = node.output[0]
-        node.output[0] = f"{node.name}/bf16:0"
-        out += [node, _cast(f"{node.name}/bf16_out", node.output[0], result, FLOAT)]
-        rewritten.append(node.name)
+        node.output[0] = f"{node.name}/{tag}:0"
+        out += [node, _cast(f"{node.name}/{tag}_out", node.output[0], result, outside)]
     del model.graph.node[:]
     model.graph.node.extend(out)
-    return rewritten
 
 
 def bf16_compute_nodes(model: Any) -> list[str]:
@@ -89,24 +96,10 @@ def as_fp32_between_bf16_roundings(model: Any) -> int:
     """What ORT CPU runs for a graph with bf16 GEMMs (in place): each bf16 node computes in fp32 on its bf16 inputs
     (exact in fp32) and its output is rounded to bf16 again, which is a bf16 GEMM with fp32 accumulation, as
     TensorRT computes it, up to summation order. Returns how many nodes were wrapped."""
-    nodes = set(_bf16_compute_positions(model))
-    out: list[Any] = []
-    for position, node in enumerate(model.graph.node):
-        if position not in nodes:
-            out.append(node)
-            continue
-        for index, tensor in enumerate(node.input):
-            if tensor:
-                cast = f"{node.name}/as_fp32_in{index}"
-                out.append(_cast(cast, tensor, f"{cast}:0", FLOAT))
-                node.input[index] = f"{cast}:0"
-        result = node.output[0]
-        node.output[0] = f"{node.name}/as_fp32:0"
-        out += [node, _cast(f"{node.name}/as_bf16_out", node.output[0], result, BFLOAT16)]
-    del model.graph.node[:]
-    model.graph.node.extend(out)
+    positions = set(_bf16_compute_positions(model))
+    _wrap(model, positions, "as_fp32", inside=FLOAT, outside=BFLOAT16)
     model.graph.ClearField("value_info")
-    return len(nodes)
+    return len(positions)
 
 
 def _tensor_types(model: Any) -> dict[str, int]:

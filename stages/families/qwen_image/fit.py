@@ -93,18 +93,6 @@ def calls_per_image(component: str, section: Any, steps: int = DEFAULT_STEPS) ->
     return {"transformer": steps * branches, "text_encoder": branches}.get(component, 1)
 
 
-def transformer_validation_bytes(config: Any, batch: int, height: int, width: int, text_length: int) -> int:
-    """Activations of one validation case: ONNX Runtime CPU and the reference compute in fp32 and hold a score
-    matrix and its softmax at once, twice the engine formula's one fp16 score matrix, in 2x wider numbers."""
-    return 2 * memory_fit.transformer_activation_bytes(config, batch, height, width, text_length, act_bytes=4)
-
-
-def vae_validation_bytes(config: Any, batch: int, height: int, width: int) -> int:
-    """Activations of one VAE validation case in fp32, with ONNX Runtime's im2col buffers for the 3x3x3
-    convolutions at full resolution (3x the engine formula; measured: 3.25 GB peak at 512x512, release VAE)."""
-    return 3 * memory_fit.vae_decoder_activation_bytes(config, batch, height, width, act_bytes=4)
-
-
 PIPELINE_FOLDERS = ("transformer", "text_encoder", "vae")
 
 

@@ -20,7 +20,6 @@ from torch import nn
 import diffusers.models.transformers.transformer_qwenimage as qwen_module
 from diffusers import QwenImageTransformer2DModel
 
-from stages.families.qwen_image.fit import transformer_validation_bytes
 from stages.families.qwen_image.shards import ShardReader as _ShardReader
 from stages.families.qwen_image.shards import one_block_at_a_time
 from stages.families.qwen_image.text_branch import TEXT_BRANCH_PATTERNS  # noqa: F401 - the family contract
@@ -279,6 +278,15 @@ def profile_shapes(profile: Any, text_length: int, config: dict[str, Any]) -> di
     return shapes
 
 
+def validation_bytes(config: Any, batch: int, height: int, width: int, text_length: int) -> int:
+    """Activations of one validation case (validate.case_memory_gib): ONNX Runtime CPU and the reference compute in
+    fp32 and hold a [batch, heads, tokens, tokens] score matrix and its softmax at once, plus ~10 [batch, tokens,
+    width] streams; at release width 928x1664 needs ~17 GiB, 512x512 ~1.2 GiB."""
+    heads, dim = int(config["num_attention_heads"]), int(config["attention_head_dim"])
+    tokens = image_tokens(height, width, config) + text_length
+    return 4 * batch * (2 * heads * tokens * tokens + 10 * tokens * heads * dim)
+
+
 def validation_cases(model: QwenImageTransformer2DModel, settings: Any, text_length: int) -> list[dict[str, Any]]:
     """Realistic inputs: N(0,1) latents and text embeddings, padded masks, timesteps across (0, 1], sizes.
 
@@ -305,7 +313,7 @@ def validation_cases(model: QwenImageTransformer2DModel, settings: Any, text_len
             }
             cases.append({
                 "description": f"{height}x{width} batch {batch} timestep {step}",
-                "activation_bytes": transformer_validation_bytes(config, batch, height, width, text_length),
+                "activation_bytes": validation_bytes(config, batch, height, width, text_length),
                 "call": call,
                 "feed": transformer_engine_inputs(**call, axes_dims_rope=config.axes_dims_rope),
             })

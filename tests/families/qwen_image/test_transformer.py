@@ -84,8 +84,9 @@ def test_profile_shapes_follow_pixels(model: stock.QwenImageTransformer2DModel) 
 
     profile = load_recipe("a10-fp16").recipe.components["transformer"].profile
     shapes = qwen_image.profile_shapes(profile, 256, dict(model.config))
-    assert shapes["hidden_states"] == [(1, 32 * 32, 16), (1, 64 * 64, 16), (2, 64 * 64, 16)]
-    assert shapes["img_rope_cos"][2] == (4096, 8)
+    # opt 1328x1328; max the largest native area (1328x1328), not height.max x width.max (1664x1664)
+    assert shapes["hidden_states"] == [(1, 32 * 32, 16), (1, 83 * 83, 16), (2, 83 * 83, 16)]
+    assert shapes["img_rope_cos"][2] == (83 * 83, 8)
     assert shapes["encoder_hidden_states_mask"][0] == (1, 256)
 
 
@@ -96,7 +97,7 @@ def test_validation_cases_pad_and_cover_sizes(model: stock.QwenImageTransformer2
     cases = qwen_image.validation_cases(model, settings, 256)
     assert len(cases) == len(settings.sizes) * len(settings.timesteps)
     tokens = {case["feed"]["hidden_states"].shape[1] for case in cases}
-    assert tokens == {32 * 32, 48 * 64}
+    assert tokens == {32 * 32, 58 * 104}, "512x512 and the native 928x1664"
     mask = cases[0]["feed"]["encoder_hidden_states_mask"]
     assert mask.sum(axis=1).tolist() == settings.text_tokens
     rope = cases[0]["feed"]
