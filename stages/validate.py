@@ -128,6 +128,7 @@ class ValidateAgainstPytorch:
         `self.not_run`: the report lists them); refuses in one line when none is left."""
         cases = spec.validation_cases(model, self.settings, self.text_length)[: self.settings.max_cases]
         budget = self.settings.case_memory_gib * GIB
+        self.not_run.clear()
         self.not_run.extend(f"{c['description']}: ~{c['activation_bytes'] / GIB:.1f} GiB of activations "
                             f"(validate.case_memory_gib {self.settings.case_memory_gib:g})"
                             for c in cases if c.get("activation_bytes", 0) > budget)
