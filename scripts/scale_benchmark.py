@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -145,6 +146,9 @@ def main() -> int:
     parser.add_argument("--break-weight-scales", type=float, default=1.0, metavar="FACTOR",
                         help="with --validate-without-engine on a quantized plan: validate a copy of the graph with "
                              "every weight scale multiplied by FACTOR (a gate must fail it)")
+    parser.add_argument("--drop-engines", action="store_true",
+                        help="delete each engine part's store entry once measured (a full release transformer's "
+                             "parts do not fit beside its checkpoint on a small disk); later stages then cannot run")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="reuse this folder's artifacts (tasks already up to date are not rerun; default: a new one)")
     parser.add_argument("overrides", nargs="*", help="key.path=value recipe overrides")
@@ -184,6 +188,9 @@ def main() -> int:
                 wall, peak, code, last = run_task(task, args, env, workdir / "doit.db")
                 entry = (workdir / "artifacts" / name / component / folder).resolve()
                 written = new_bytes(entry) if code == 0 and entry.is_dir() else 0
+                if options.drop_engines and stage == "engine" and entry.is_dir():
+                    shutil.rmtree(entry)
+                    last = last or "(store entry dropped after measuring)"
             row = {"task": task, "wall_s": round(wall, 2), "peak_rss_gb": round(peak, 3),
                    "peak_over_weights": round(peak * 1e9 / weights, 3), "written_gb": round(written / 1e9, 4),
                    "written_over_weights": round(written / weights, 4), "weights_gb": round(weights / 1e9, 3),
