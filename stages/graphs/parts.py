@@ -1,6 +1,6 @@
 """Engines split by block ranges: consecutive parts of the very graph an engine is built from, one engine each.
 
-Why: TensorRT's builder holds about 2.9x the weight bytes it builds (the fp16 release transformer: ~116 GB of RAM);
+Why: TensorRT's builder holds about 3x the weight bytes it builds (the fp16 release transformer: ~116 GB of RAM);
 a part holding blocks i..j needs only its own weights' worth, so a 16 GB machine builds any size in parts.
 
 Parts are cut where block-wise validation cuts (stages.graphs.blockwise segments): part 0 is the prologue and the

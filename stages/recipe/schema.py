@@ -230,7 +230,7 @@ class WeightStreaming(Strict):
 
 class BuildSettings(Strict):
     """`parts`: build the engine as N consecutive block-range engines (stages.graphs.parts); `auto` picks the
-    fewest whose builder peak stays under `host_memory_gib` (default: two thirds of the building machine's RAM)."""
+    fewest whose builder peak stays under `host_memory_gib` (default: 60% of the building machine's RAM)."""
 
     optimization_level: int = Field(default=3, ge=0, le=5)
     timing_cache: bool = True

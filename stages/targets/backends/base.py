@@ -27,9 +27,10 @@ class Backend:
     timing_cache_note: str  # what the manifest says about a recipe's timing cache on this backend
     rtx: bool  # Polygraphy's TensorRT-RTX mode
     # builder RAM ~ fixed + factor x the weight bytes built (TensorRT-RTX 1.7 on CPU, external data, fp16 plans at
-    # real width: 0.7 GB + 2.5x at 1.8 GB of weights, 0.2 GB + 2.84x at 1.3-5.4 GB; docs/scale.md)
+    # release width: 3.02-3.06x for the full transformer's 7- and 8-block parts with bf16 text-branch GEMMs,
+    # 15.2-17.2 GB; 2.7x for the whole fp32-storage engine; docs/scale.md)
     builder_fixed_bytes: int = 768 << 20
-    builder_bytes_per_weight_byte: float = 2.9
+    builder_bytes_per_weight_byte: float = 3.1
 
     def builder_peak_bytes(self, weight_bytes: int) -> int:
         """The builder's expected peak RAM for an engine holding `weight_bytes` (what `build.parts: auto` sizes by)."""
