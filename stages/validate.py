@@ -8,7 +8,7 @@ report says which of the two happened.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +48,6 @@ class ValidateAgainstPytorch:
     family: str = DEFAULT_FAMILY
     blockwise: bool = False
     part_contracts: tuple[dict[str, Any], ...] = ()  # the engine's parts (stages.graphs.parts), when it is split
-    not_run: list[str] = field(default_factory=list)  # filled by _cases
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         from polygraphy.comparator import RunResults
@@ -61,10 +60,10 @@ class ValidateAgainstPytorch:
         with scratch_beside(out_dir, "parts") as scratch:
             built_graph = self._built_graph(spec, Path(scratch))
             if self.blockwise:
-                blocks, cases = self._blockwise(spec, out_dir, results)
+                blocks, cases, not_run = self._blockwise(spec, out_dir, results)
             else:
                 model = spec.load(self.checkpoint_dir)
-                cases = self._cases(spec, model)
+                cases, not_run = self._cases(spec, model)
                 LOG.debug("%d cases: PyTorch fp32 reference", len(cases))
                 results.add([spec.reference_outputs(model, case) for case in cases], runner_name=REFERENCE)
                 del model
@@ -93,7 +92,7 @@ class ValidateAgainstPytorch:
                                        parts=len(self.part_contracts) or None),
             engine=engine_status,
             cases=[case["description"] for case in cases],
-            cases_not_run=self.not_run,
+            cases_not_run=not_run,
             comparisons=gated,
             measured_against_comparison_graphs=[c for c in comparisons if not c.gated],
             freezing_effect=freezing_effect(comparisons),
@@ -123,27 +122,29 @@ class ValidateAgainstPytorch:
         LOG.info("%s: %d engine parts; ONNX Runtime runs their graphs chained", self.component, len(plans))
         return ChainedRunner(runners, [p.inputs for p in plans], spec.OUTPUT_NAMES, ORT)
 
-    def _cases(self, spec: Any, model: Any) -> list[dict[str, Any]]:
-        """The recipe's cases, the first `max_cases`, less those over `case_memory_gib` (kept in
-        `self.not_run`: the report lists them); refuses in one line when none is left."""
+    def _cases(self, spec: Any, model: Any) -> tuple[list[dict[str, Any]], list[str]]:
+        """(the recipe's cases to run, why the others are not run): the first `max_cases`, less those whose
+        activations exceed `case_memory_gib`; refuses in one line when none is left."""
         cases = spec.validation_cases(model, self.settings, self.text_length)[: self.settings.max_cases]
         budget = self.settings.case_memory_gib * GIB
-        self.not_run.clear()
-        self.not_run.extend(f"{c['description']}: ~{c['activation_bytes'] / GIB:.1f} GiB of activations "
-                            f"(validate.case_memory_gib {self.settings.case_memory_gib:g})"
-                            for c in cases if c.get("activation_bytes", 0) > budget)
-        for line in self.not_run:
-            LOG.warning("%s: case not run: %s", self.component, line)
-        kept = [c for c in cases if c.get("activation_bytes", 0) <= budget]
+        kept, not_run = [], []
+        for case in cases:
+            if case.get("activation_bytes", 0) <= budget:
+                kept.append(case)
+                continue
+            not_run.append(f"{case['description']}: ~{case['activation_bytes'] / GIB:.1f} GiB of activations "
+                           f"(validate.case_memory_gib {self.settings.case_memory_gib:g})")
+            LOG.warning("%s: case not run: %s", self.component, not_run[-1])
         if not kept:
             raise fail("validate", "case_memory_gib", f"every {self.component} case needs more than "
                        f"{self.settings.case_memory_gib:g} GiB of activations; raise it or add a smaller validate.sizes entry")
-        return kept
+        return kept, not_run
 
-    def _blockwise(self, spec: Any, out_dir: Path, results: Any) -> tuple[list[BlockError], list[dict[str, Any]]]:
+    def _blockwise(self, spec: Any, out_dir: Path, results: Any
+                   ) -> tuple[list[BlockError], list[dict[str, Any]], list[str]]:
         """Reference and graphs run block by block (one block's weights in memory); errors after every block."""
         model = spec.load_meta(self.checkpoint_dir)
-        cases = self._cases(spec, model)
+        cases, not_run = self._cases(spec, model)
         pattern = FAMILIES[self.family].components[self.component].block_pattern
         with scratch_beside(out_dir, "segments") as scratch:
             work = Path(scratch)
@@ -162,7 +163,7 @@ class ValidateAgainstPytorch:
         results.add(reference, runner_name=REFERENCE)
         for name, runs in outputs.items():
             results.add(runs, runner_name=name)
-        return [per_block[b] for b in sorted(per_block)], cases
+        return [per_block[b] for b in sorted(per_block)], cases, not_run
 
     def _maybe_run_engine(self, feeds: list[dict[str, Any]], results: Any) -> EngineRun:
         reason = engine_unrunnable_reason(self.compute_capability)

@@ -15,17 +15,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from stages.graphs.qdq import ONNX_BFLOAT16 as BFLOAT16
+from stages.graphs.qdq import node_producers
+
 GEMMS = ("MatMul", "Gemm")
 WEIGHT_PATH_OPS = ("Cast", "Transpose", "Reshape", "Identity")
 # ops ORT CPU runs for every element type (they move or index values, compute nothing)
 ANY_TYPE_OPS = (*WEIGHT_PATH_OPS, "Shape", "Size", "Concat", "Slice", "Squeeze", "Unsqueeze", "Gather", "Expand",
                 "Flatten", "Split")
 FLOAT = 1
-BFLOAT16 = 16
-
-
-def _producers(model: Any) -> dict[str, Any]:
-    return {output: node for node in model.graph.node for output in node.output}
 
 
 def reads_weight(tensor: str, producers: dict[str, Any], initializers: set[str]) -> bool:
@@ -50,7 +48,7 @@ def gemms_to_bf16(model: Any, nodes: Iterable[str]) -> list[str]:
     Every float input gets a Cast to bf16 (the weight's folds away at build time), the GEMM's output is renamed and
     a Cast back to fp32 produces the original name, so consumers and value names outside stay as they were."""
     wanted = set(nodes)
-    producers = _producers(model)
+    producers = node_producers(model)
     initializers = {init.name for init in model.graph.initializer}
     chosen = [position for position, node in enumerate(model.graph.node)
               if node.name in wanted and node.op_type in GEMMS

@@ -33,7 +33,8 @@ AMAX_PER_SCALE = {"int8": 127.0, "fp8": 127.0 * 127.0 / 448.0}
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _producers(model: Any) -> dict[str, Any]:
+def node_producers(model: Any) -> dict[str, Any]:
+    """The node producing each tensor, by tensor name."""
     return {out: node for node in model.graph.node for out in node.output}
 
 
@@ -69,14 +70,14 @@ def _has_sentinel(values: np.ndarray) -> bool:
 def qdq_violations(model: Any, protected: Iterable[str]) -> list[tuple[str, str]]:
     """(node, input) pairs where a protected node reads a DequantizeLinear output: a Q/DQ on its input."""
     names = set(protected)
-    producers = _producers(model)
+    producers = node_producers(model)
     return [(node.name, tensor) for node in model.graph.node if node.name in names
             for tensor in node.input if tensor in producers and producers[tensor].op_type == "DequantizeLinear"]
 
 
 def detach_excluded(model: Any, excluded: set[str]) -> list[dict[str, str]]:
     """Point excluded nodes at the tensor a shared activation Q/DQ pair was made from; drop dead Q/DQ nodes."""
-    producers = _producers(model)
+    producers = node_producers(model)
     types = _tensor_types(model)
     detached = []
     for node in model.graph.node:
@@ -100,7 +101,7 @@ def unquantized_outputs(model: Any) -> int:
     crosses into the next block, which must see the value every other reader sees: the producer gets the name
     back and the readers inside the segment read `<name>_DequantizeLinear_Output`, the name the next segment's
     own Q/DQ of that tensor gets, so the two pairs are one after stitching."""
-    producers = _producers(model)
+    producers = node_producers(model)
     changed = 0
     for output in [o.name for o in model.graph.output]:
         raw = _qdq_source(producers, output)
@@ -151,7 +152,7 @@ def _drop_dead_qdq(model: Any) -> None:
 
 def quantized_nodes(model: Any) -> dict[str, str]:
     """Node name -> op type for every non-Q/DQ node with at least one input coming out of a DequantizeLinear."""
-    producers = _producers(model)
+    producers = node_producers(model)
     return {node.name: node.op_type for node in model.graph.node if node.op_type not in QDQ_OPS
             and any(t in producers and producers[t].op_type == "DequantizeLinear" for t in node.input)}
 
@@ -168,7 +169,7 @@ def quantizer_skipped(model: Any, exclusions: Mapping[str, str]) -> dict[str, li
 
 def dequantized_types(model: Any) -> dict[str, int]:
     """DequantizeLinear node -> element type it dequantizes (from its input initializer or Q's zero point)."""
-    producers, inits = _producers(model), _initializers(model)
+    producers, inits = node_producers(model), _initializers(model)
     types = {}
     for node in model.graph.node:
         if node.op_type != "DequantizeLinear":
@@ -200,7 +201,7 @@ def calibration_ranges(model: Any, mode: str) -> dict[str, Any]:
     from onnx import numpy_helper
 
     kind = "fp8" if mode == "fp8" else "int8"
-    producers, inits = _producers(model), _initializers(model)
+    producers, inits = node_producers(model), _initializers(model)
     activations: dict[str, Any] = {}
     weights: dict[str, Any] = {}
     for node in model.graph.node:

@@ -225,9 +225,8 @@ def onnxruntime_cpu_note(model: Any) -> dict[str, Any]:
                        "accuracy level also quantizes the activations to int8 on the fly (a W8A8 approximation "
                        "the engine's weight-only GEMM does not make, run by CPU-specific int8 kernels); with "
                        "optimizations off DequantizeLinear runs as written and the GEMMs take its float weights"}
-    if bf16.bf16_compute_nodes(model):
-        return {"runs": True, "graph_optimization": "default", "execution": DEFAULT_OPTIMIZATIONS, "bf16": True}
-    return {"runs": True, "graph_optimization": "default", "execution": DEFAULT_OPTIMIZATIONS}
+    return {"runs": True, "graph_optimization": "default", "execution": DEFAULT_OPTIMIZATIONS,
+            "bf16": bool(bf16.bf16_compute_nodes(model))}
 
 
 def _execution(note: dict[str, Any], optimize: bool) -> str:
