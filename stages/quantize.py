@@ -65,6 +65,10 @@ MODEL_FILE = "model.onnx"
 RANGES_FILE = "calibration.json"
 CACHE_FILE = "calibration.cache"
 QUANTIZED_WEIGHTS = "quantized_weights.bin"  # tensors written by block-wise quantization, once
+# Block-wise weight-only INT8: ModelOpt is handed at most this many checkpoint bytes at once; it holds an fp32,
+# transposed copy of what it quantizes and two or three more (~16x the bf16 bytes: 10.8 GB for one 0.68 GB release
+# block). Calibrated modes keep whole blocks: cut inside a block, ModelOpt places other activation Q/DQ.
+SEGMENT_BYTES = 160 * 1024**2
 EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the graph, as do Q/DQ scales and zero points
 MODES = QUANTIZATION_MODES
 HIGH_PRECISIONS = ("fp32", "fp16", "bf16")
@@ -136,6 +140,7 @@ class QuantizePrecision:
     calibration_feeds: Callable[[], Sequence[Feed]] | Sequence[Feed] = field(default=(), compare=False, repr=False)
     calibration_cache: Path | None = None
     block_pattern: str | None = None  # set: calibrate and quantize one block at a time (stages.graphs.segmented)
+    segment_bytes: int = SEGMENT_BYTES  # block-wise weight-only: blocks heavier than this are quantized in pieces
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         import onnx
@@ -278,7 +283,8 @@ def run_modelopt(stage: QuantizePrecision, source: Path, excluded: list[str], fe
 
 
 def run_modelopt_by_block(stage: QuantizePrecision, excluded: list[str], feeds: Sequence[Feed], out_dir: Path) -> Any:
-    """Calibrate and quantize one segment (prologue, block, epilogue) at a time: memory holds one block's weights.
+    """Calibrate and quantize one segment (prologue, block or piece of a block, epilogue) at a time: memory holds
+    at most `segment_bytes` of weights (one GEMM where a GEMM is heavier).
 
     Each segment is quantized with ModelOpt on its own, calibrated on its inputs as the unquantized graph
     computes them (the segments before it run on every calibration feed, chained), so activation ranges are
@@ -288,7 +294,7 @@ def run_modelopt_by_block(stage: QuantizePrecision, excluded: list[str], feeds: 
 
     assert stage.block_pattern is not None
     graph = onnx.load(str(stage.source), load_external_data=False)
-    part = partition(graph, stage.block_pattern)
+    part = partition(graph, stage.block_pattern, stage.segment_bytes if stage.mode == "int8_weight_only" else None)
     skip = set(excluded)
     sink = _WeightFile(out_dir / QUANTIZED_WEIGHTS)
     steps = log.Steps(LOG, f"quantize {stage.component}, segments", len(part.segments))

@@ -34,10 +34,34 @@ def test_segments_cover_the_graph_in_order(surgery_output: tuple[Path, dict]) ->
     assert part.segments[-1].outputs == ("sample",)
 
 
+def test_heavy_blocks_are_cut_into_pieces_under_the_weight_limit(surgery_output: tuple[Path, dict]) -> None:
+    """What ModelOpt is handed at once at release width (one GEMM, not a block): each piece reads at most the limit
+    in weights unless one node alone reads more, every weight still feeds its reader inside the piece."""
+    model = onnx.load(str(surgery_output[0]), load_external_data=False)
+    sizes = {t.name: next(int(e.value) for e in t.external_data if e.key == "length")
+             for t in model.graph.initializer if t.external_data}
+    whole = blockwise.partition(model, PATTERN)
+    limit = max(sizes.values()) // 2 + 1
+    part = blockwise.partition(model, PATTERN, limit)
+    names = [s.name for s in part.segments]
+    assert len(names) > len(whole.segments) and "block 0 (2/" in " ".join(names)
+    assert [s.block for s in part.segments if s.block is not None] == sorted(s.block for s in part.segments
+                                                                            if s.block is not None)
+    assert sum(s.nodes for s in part.segments) == len(model.graph.node)
+    nodes = list(model.graph.node)
+    for segment in part.segments:
+        members = [nodes[p] for p in segment.members]
+        held = sum(sizes.get(i, 0) for n in members for i in n.input)
+        heaviest = max((sum(sizes.get(i, 0) for i in n.input) for n in members), default=0)
+        assert held <= max(limit, heaviest) or len([n for n in members if any(i in sizes for i in n.input)]) == 1
+        assert not set(segment.inputs) & set(sizes), "a weight never crosses a cut as an activation"
+
+
+@pytest.mark.parametrize("limit", [None, 4096], ids=["blocks", "pieces"])
 def test_chained_segments_give_the_whole_graph_output(surgery_output: tuple[Path, dict], cases: list[dict],
-                                                      tmp_path: Path) -> None:
+                                                      tmp_path: Path, limit: int | None) -> None:
     onnx_path = surgery_output[0]
-    part = blockwise.partition(onnx.load(str(onnx_path), load_external_data=False), PATTERN)
+    part = blockwise.partition(onnx.load(str(onnx_path), load_external_data=False), PATTERN, limit)
     paths = blockwise.write_segments(onnx_path, part, tmp_path)
     for case in cases[:2]:
         chained = list(blockwise.run_chained(paths, part, case["feed"], optimize=False))[-1][1]["sample"]

@@ -23,7 +23,7 @@ from stages.families.qwen_image import transformer as qwen_image
 from stages.graphs.qdq import qdq_violations, read_calibration_cache
 from stages.graphs.runners import onnxruntime_session
 from stages.graphs.weights import load_with_weights
-from stages.quantize import EXTERNAL_MIN_BYTES, QuantizePrecision
+from stages.quantize import EXTERNAL_MIN_BYTES, SEGMENT_BYTES, QuantizePrecision
 from stages.recipe.schema import PixelRange, Profile, Range, ValidateSettings
 from stages.targets.backends.rtx_inspect import rtx_build_report
 
@@ -64,11 +64,14 @@ def evaluation(surgery: SimpleNamespace) -> list[dict]:
     return make_feeds(surgery.model, 7, [[256, 384], [512, 256]], [0.7, 0.1])
 
 
+TINY_SEGMENT_BYTES = 4096  # a piece of a tiny block per ModelOpt call, as SEGMENT_BYTES cuts a release block
+
 def quantize(surgery: SimpleNamespace, out: Path, mode: str, method: str, high: str, feeds: list[dict],
-             patterns: tuple[str, ...] = (), cache: Path | None = None, by_block: bool = False) -> SimpleNamespace:
+             patterns: tuple[str, ...] = (), cache: Path | None = None, by_block: bool = False,
+             segment_bytes: int = SEGMENT_BYTES) -> SimpleNamespace:
     out.mkdir(parents=True)
     stage = QuantizePrecision("transformer", surgery.onnx, mode, method, high, surgery.frozen, patterns, feeds, cache,
-                              block_pattern=BLOCK_PATTERN if by_block else None)
+                              block_pattern=BLOCK_PATTERN if by_block else None, segment_bytes=segment_bytes)
     report = stage(out)
     return SimpleNamespace(dir=out, path=out / "model.onnx", report=report, stage=stage,
                            model=load_with_weights(out / "model.onnx"),
@@ -299,8 +302,9 @@ def test_fp8_build_for_a10_returns_no_engine(fp8: SimpleNamespace, shapes: dict)
 
 @pytest.fixture(scope="session")
 def woq_by_block(surgery: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """Block-wise with the release-size weight limit scaled down: ModelOpt quantizes pieces of blocks."""
     return quantize(surgery, tmp_path_factory.mktemp("q") / "woq-blocks", "int8_weight_only", "max", "fp16", [],
-                    by_block=True)
+                    by_block=True, segment_bytes=TINY_SEGMENT_BYTES)
 
 
 @pytest.fixture(scope="session")

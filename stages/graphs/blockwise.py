@@ -49,9 +49,13 @@ class Partition:
     last_use: dict[str, int] = field(default_factory=dict)  # tensor -> index of the last segment reading it
 
 
-def partition(model: Any, block_pattern: str) -> Partition:
+def partition(model: Any, block_pattern: str, max_weight_bytes: int | None = None) -> Partition:
     """Assign every node to a segment: named block nodes to their block, others as early as their inputs allow
-    (module-named nodes after the last block, and anything only they read, to the epilogue)."""
+    (module-named nodes after the last block, and anything only they read, to the epilogue).
+
+    With `max_weight_bytes`, a segment holding more weight bytes than that is cut further into consecutive
+    pieces (`block 3 (2/4)`), each with at most that many bytes or one weight-reading node: tools that copy
+    every weight of what they are given (ModelOpt's quantizer) then hold a piece of a block, not a block."""
     pattern = re.compile(block_pattern)
     graph = model.graph
     nodes = list(graph.node)
@@ -85,8 +89,77 @@ def partition(model: Any, block_pattern: str) -> Partition:
             readers = [segment_of[c] for o in node.output for c in consumers.get(o, [])]
             if all(r == epilogue for r in readers):
                 segment_of[position] = epilogue
-    _place_constant_chains(nodes, segment_of, consumers, outputs, {i.name for i in graph.initializer})
-    return _segments(nodes, segment_of, blocks, producer, consumers, outputs, {i.name for i in graph.initializer})
+    initializers = {i.name for i in graph.initializer}
+    _place_constant_chains(nodes, segment_of, consumers, outputs, initializers)
+    names = ["prologue", *(f"block {b}" for b in blocks), "epilogue"]
+    block_of: list[int | None] = [None, *blocks, None]
+    if max_weight_bytes is not None:
+        segment_of, names, block_of = _subdivide(nodes, segment_of, names, block_of, consumers,
+                                                 _weight_bytes(graph), max_weight_bytes)
+    return _segments(nodes, segment_of, names, block_of, producer, consumers, outputs, initializers)
+
+
+def _weight_bytes(graph: Any) -> dict[str, int]:
+    """Bytes of every initializer, read from the external-data length or the tensor itself (weights not loaded)."""
+    sizes = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2, 17: 1, 18: 1}
+    found = {}
+    for tensor in graph.initializer:
+        length = next((int(e.value) for e in tensor.external_data if e.key == "length"), None)
+        if length is None:
+            count = 1
+            for dim in tensor.dims:
+                count *= dim
+            length = len(tensor.raw_data) if tensor.raw_data else count * sizes.get(tensor.data_type, 4)
+        found[tensor.name] = length
+    return found
+
+
+def _subdivide(nodes: list[Any], segment_of: list[int], names: list[str], block_of: list[int | None],
+               consumers: dict[str, list[int]], weight_bytes: dict[str, int], limit: int
+               ) -> tuple[list[int], list[str], list[int | None]]:
+    """Cut segments heavier than `limit` into consecutive pieces by weight bytes. A node computed from weights alone
+    (a Transpose or Cast of a weight) goes with its first reader, so every weight-reading node still sees its
+    weight as a weight; a node reading more than `limit` bytes is a piece of its own."""
+    constant = set(weight_bytes) | {""}
+    chain_bytes: dict[str, int] = {name: size for name, size in weight_bytes.items()}
+    is_chain = []
+    for node in nodes:
+        chained = all(i in constant for i in node.input)
+        is_chain.append(chained)
+        if chained:
+            size = sum(chain_bytes.get(i, 0) for i in node.input)
+            constant.update(node.output)
+            chain_bytes.update({o: size for o in node.output})
+    piece_of = [0] * len(nodes)
+    new_names: list[str] = []
+    new_blocks: list[int | None] = []
+    new_segment = [0] * len(nodes)
+    for segment, name in enumerate(names):
+        members = [p for p, s in enumerate(segment_of) if s == segment]
+        if not members:
+            continue
+        loads = {p: sum(chain_bytes.get(i, 0) for i in nodes[p].input) for p in members if not is_chain[p]}
+        piece, held = 0, 0
+        for position in members:
+            if is_chain[position]:
+                continue
+            if held and held + loads[position] > limit:
+                piece, held = piece + 1, 0
+            held += loads[position]
+            piece_of[position] = piece
+        for position in reversed(members):
+            if is_chain[position]:
+                readers = [piece_of[c] for o in nodes[position].output for c in consumers.get(o, [])
+                           if segment_of[c] == segment]
+                piece_of[position] = min(readers, default=0)
+        pieces = piece + 1
+        first = len(new_names)
+        for number in range(pieces):
+            new_names.append(name if pieces == 1 else f"{name} ({number + 1}/{pieces})")
+            new_blocks.append(block_of[segment])
+        for position in members:
+            new_segment[position] = first + piece_of[position]
+    return new_segment, new_names, new_blocks
 
 
 def _place_constant_chains(nodes: list[Any], segment_of: list[int], consumers: dict[str, list[int]],
@@ -107,9 +180,9 @@ def _place_constant_chains(nodes: list[Any], segment_of: list[int], consumers: d
             segment_of[position] = max(segment_of[position], min(readers))
 
 
-def _segments(nodes: list[Any], segment_of: list[int], blocks: list[int], producer: dict[str, int],
-              consumers: dict[str, list[int]], graph_outputs: set[str], initializers: set[str]) -> Partition:
-    names = ["prologue", *(f"block {b}" for b in blocks), "epilogue"]
+def _segments(nodes: list[Any], segment_of: list[int], names: list[str], block_of: list[int | None],
+              producer: dict[str, int], consumers: dict[str, list[int]], graph_outputs: set[str],
+              initializers: set[str]) -> Partition:
     segments, last_use = [], {}
     for segment, name in enumerate(names):
         members = [p for p, s in enumerate(segment_of) if s == segment]
@@ -123,8 +196,7 @@ def _segments(nodes: list[Any], segment_of: list[int], blocks: list[int], produc
                    or any(segment_of[c] > segment for c in consumers.get(o, []))]
         for name_in in inputs:
             last_use[name_in] = len(segments)
-        block = blocks[segment - 1] if 0 < segment <= len(blocks) else None
-        segments.append(Segment(name, block, tuple(inputs), tuple(outputs), len(members), tuple(members)))
+        segments.append(Segment(name, block_of[segment], tuple(inputs), tuple(outputs), len(members), tuple(members)))
     return Partition(segments, tuple(sorted(graph_outputs)), last_use)
 
 
