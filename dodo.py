@@ -4,7 +4,8 @@ Command-line variables: `recipe=` (a name in recipes/ or a path to a YAML file, 
 `recipes=a,b` (comma-separated, for `doit audit`; default the `recipe=` one),
 `model=` (`tiny` or a diffusers checkpoint directory), `verify=1` (rehash every output instead of the cheap
 size/mtime/inode check), `remote=<url>` (overrides FORGE_REMOTE: a store mirror shared by CI runners),
-`remote_required=1`, and any dotted `key.path=value` recipe override. Exit codes: stages/tasks/ci.py and the README.
+`remote_required=1`, `doit generate`'s `prompt=`/`prompts=FILE`, `negative_prompt=`, `height=`, `width=`, `steps=`,
+`cfg=`, `seed=`, `batch=`, `out=`, `runner=`, `truncate=`, and any dotted `key.path=value` recipe override. Exit codes: stages/tasks/ci.py and the README.
 """
 
 import signal
@@ -15,7 +16,8 @@ from stages.errors import ForgeError
 from stages.tasks import ci
 from stages.tasks.ci import ForgeReporter
 from stages.tasks.taskgraph import (audit_request, audit_task, banners, build_task, command_line_vars, gc_task,
-                                    load_from_command_line, manifest_task, publish_task, stage_tasks)
+                                    generate_request, generate_task, load_from_command_line, manifest_task,
+                                    publish_task, stage_tasks)
 
 DOIT_CONFIG = {
     "backend": "sqlite3",
@@ -33,6 +35,7 @@ log.configure()
 try:
     BUILD = load_from_command_line(command_line_vars())
     AUDIT = audit_request(command_line_vars(), BUILD)
+    GENERATE = generate_request(command_line_vars(), BUILD, sys.argv)
     DOIT_CONFIG["reporter"] = ci.reporter(banners(BUILD), STOP)
 except ForgeError as error:
     print(f"error: {error}", file=sys.stderr)
@@ -99,6 +102,11 @@ def task_publish():
 def task_audit():
     """Audit `recipes=a,b` (building what is missing): artifacts/audit/<a+b>/report.html with charts, images, OCR."""
     return audit_task(AUDIT)
+
+
+def task_generate():
+    """Images from the recipe's engines (`prompt=` or `prompts=FILE`, height=, width=, steps=, cfg=, seed=, batch=, out=)."""
+    return generate_task(BUILD, GENERATE)
 
 
 def task_gc():

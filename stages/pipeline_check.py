@@ -98,6 +98,7 @@ class PipelineCheck:
     backend: str = "tensorrt-rtx"
     display_root: Path | None = None  # reports name graphs relative to it (the artifacts root): portable
     family: str = DEFAULT_FAMILY
+    transformer_max_batch: int = 2  # the transformer profile's batch max: CFG's two branches as one call within it
 
     @property
     def hooks(self) -> Any:
@@ -141,7 +142,8 @@ class PipelineCheck:
             components, kinds = self._component_runs(runner, stack)
             LOG.debug("%s: %s", runner, ", ".join(f"{c} on {k}" for c, k in kinds.items()))
             runs, negative_cut = self.hooks.graph_runs(self.checkpoint_dir, components, self.settings,
-                                                       self.text_length, latents, tokenizer, capture_steps)
+                                                       self.text_length, latents, tokenizer, capture_steps,
+                                                       self.transformer_max_batch)
         results = [RunResult(image, steps, cut, calls) for image, steps, cut, calls in runs]
         return {"components": kinds, "results": results, "negative_prompt_truncated": negative_cut}
 
@@ -354,4 +356,6 @@ def from_recipe(loaded: Any, component: str | None, inputs: Any) -> PipelineChec
         backend=loaded.recipe.target.backend,
         display_root=inputs.root,
         family=loaded.recipe.family,
+        transformer_max_batch=(loaded.recipe.components["transformer"].profile.batch.max
+                               if "transformer" in built else 2),
     )

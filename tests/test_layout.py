@@ -14,7 +14,7 @@ STAGE_MODULES = ("pipeline_check", "validate", "engine", "quantize", "precision"
                  "checkpoint")
 # Top to bottom; a module may import its own layer's modules (no cycle) and any layer below it.
 LAYERS: list[tuple[str, ...]] = [
-    ("tasks",), ("audit",), ("records",), ("plan",), STAGE_MODULES, ("recipe",), ("families",), ("graphs",),
+    ("tasks",), ("audit",), ("records",), ("plan",), STAGE_MODULES, ("runtime",), ("recipe",), ("families",), ("graphs",),
     ("targets",), ("store",), ("inputs", "reports"), ("language", "safetensors", "log", "paths", "errors"),
 ]
 

@@ -105,26 +105,47 @@ class OnnxRuntimeRunner:
 
 
 class EngineRunner:
-    """A TensorRT(-RTX) engine through Polygraphy's TrtRunner; needs a GPU of the engine's compute capability."""
+    """A TensorRT(-RTX) engine through Polygraphy's TrtRunner; needs a GPU of the engine's compute capability.
 
-    def __init__(self, engine_path: Path, backend: str, name: str = RunnerName.ENGINE.value) -> None:
+    Polygraphy keeps the device buffers between calls. `weight_streaming_budget` (bytes) is set on the engine
+    before its context exists; with `runtime_cache`, TensorRT-RTX's kernels compiled at run time are read from and
+    written back to that file, so a second process starts warm. Unverified on hardware here (no SM 8.x/12.x GPU).
+    """
+
+    def __init__(self, engine_path: Path, backend: str, name: str = RunnerName.ENGINE.value,
+                 weight_streaming_budget: int | None = None, runtime_cache: Path | None = None) -> None:
         self.engine_path = Path(engine_path)
         self.backend = backend
         self.name = name
+        self.weight_streaming_budget = weight_streaming_budget
+        self.runtime_cache = runtime_cache
         self._stack: Any = None
         self._runner: Any = None
+        self._cache: Any = None
 
     def __enter__(self) -> EngineRunner:
         import contextlib
 
         self._stack = contextlib.ExitStack()
         polygraphy_trt = self._stack.enter_context(BACKENDS[self.backend].polygraphy())
-        engine = polygraphy_trt.EngineFromBytes(self.engine_path.read_bytes())
-        self._runner = self._stack.enter_context(polygraphy_trt.TrtRunner(engine, name=self.name))
+        engine = polygraphy_trt.EngineFromBytes(self.engine_path.read_bytes())()
+        if self.weight_streaming_budget is not None:
+            engine.weight_streaming_budget_v2 = min(self.weight_streaming_budget, engine.streamable_weights_size)
+        context: Any = engine
+        if self.runtime_cache is not None:
+            config = engine.create_runtime_config()
+            self._cache = config.create_runtime_cache()
+            if self.runtime_cache.is_file():
+                self._cache.deserialize(self.runtime_cache.read_bytes())
+            config.set_runtime_cache(self._cache)
+            context = engine.create_execution_context(config)
+        self._runner = self._stack.enter_context(polygraphy_trt.TrtRunner(context, name=self.name))
         return self
 
     def __exit__(self, kind: Any, error: Any, trace: Any) -> None:
         self._stack.close()
+        if self._cache is not None and self.runtime_cache is not None:
+            self.runtime_cache.write_bytes(bytes(self._cache.serialize()))
 
     def infer(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         return {name: _as_float32(value) for name, value in self._runner.infer(dict(feed)).items()}
@@ -157,12 +178,20 @@ class ChainedRunner:
         return {name: values[name] for name in self.outputs}
 
 
-def engine_runner(paths: Sequence[Path], backend: str, contracts: Sequence[Mapping[str, Any]] = ()) -> Runner:
-    """A component's engine, or the parts of a split one chained by the contracts their engine stage recorded."""
+def engine_runner(paths: Sequence[Path], backend: str, contracts: Sequence[Mapping[str, Any]] = (),
+                  budgets: Sequence[int | None] = (), runtime_cache: Path | None = None) -> Runner:
+    """A component's engine, or the parts of a split one chained by the contracts their engine stage recorded;
+    `budgets`: each engine's weight-streaming budget in bytes (None: all resident); `runtime_cache`: one file per
+    engine, `<name>.<n>` for parts."""
+    budgets = list(budgets) or [None] * len(paths)
     if not contracts:
-        return EngineRunner(paths[0], backend)
+        return EngineRunner(paths[0], backend, weight_streaming_budget=budgets[0], runtime_cache=runtime_cache)
     engine = RunnerName.ENGINE.value
-    return ChainedRunner([EngineRunner(path, backend, name=f"{engine} part {n}") for n, path in enumerate(paths)],
+    caches = [None if runtime_cache is None else runtime_cache.with_name(f"{runtime_cache.name}.{n}")
+              for n in range(len(paths))]
+    return ChainedRunner([EngineRunner(path, backend, name=f"{engine} part {n}", weight_streaming_budget=budget,
+                                       runtime_cache=cache)
+                          for n, (path, budget, cache) in enumerate(zip(paths, budgets, caches))],
                          [[i["name"] for i in c["inputs"]] for c in contracts],
                          [o["name"] for c in contracts for o in c["outputs"] if o["to"] == "graph output"], engine)
 

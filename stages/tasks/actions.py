@@ -27,6 +27,7 @@ from stages.plan import noop, registry
 from stages.plan.registry import Ref
 from stages.plan.resolve import Build
 from stages.records import junit
+from stages.runtime.request import GenerateRequest
 from stages.store import views
 from stages.store.digests import digest, sha256_file
 from stages.store.local import WEIGHTS_STAGE, Store, crashpoint
@@ -261,6 +262,21 @@ def record_noop_action(cli_vars: dict[str, str], load: Callable[[dict[str, str]]
     except Exception as error:  # noqa: BLE001 - a missing snapshot only costs the next no-op its full path
         LOG.debug(f"no-op snapshot not written: {type(error).__name__}: {error}")
         noop.forget(cli_vars)
+
+
+def generate_action(build: Build, request: GenerateRequest | None) -> Any:
+    """doit action: the request's images from the recipe's view; every failure is one line, nothing half-written."""
+    if request is None:
+        return TaskFailed("generate: give prompt=TEXT or prompts=FILE (doit generate recipe=NAME prompt=...)")
+    from stages.runtime.generate import generate
+
+    try:
+        generate(request, build.root / build.name / "manifest.json")
+    except Exception as error:  # noqa: BLE001 - one readable line, as for the stages
+        if debugging() and not isinstance(error, ForgeError):
+            raise
+        return TaskFailed(f"generate: {one_line(error)}")
+    return None
 
 
 def audit_action(request: AuditRequest) -> Any:

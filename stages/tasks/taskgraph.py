@@ -17,11 +17,13 @@ from stages.plan import registry
 from stages.plan.resolve import Build
 from stages.recipe.load import build_overrides, load_recipe
 from stages.recipe.schema import TINY_WARNING, LoadedRecipe
+from stages.runtime.request import VARIABLES as GENERATE_VARS
+from stages.runtime.request import GenerateRequest, parse_request
 from stages.store import remote
 from stages.tasks import actions
 
 DEFAULT_RECIPE = "a10-fp16"
-RESERVED_VARS = ("recipe", "model", "verify", "recipes", remote.VAR_URL, remote.VAR_REQUIRED)
+RESERVED_VARS = ("recipe", "model", "verify", "recipes", remote.VAR_URL, remote.VAR_REQUIRED, *GENERATE_VARS)
 
 
 def command_line_vars() -> dict[str, str]:
@@ -121,6 +123,25 @@ def audit_request(cli_vars: dict[str, str], build: Build) -> Any:
     loaded = build.loaded
     return audit.AuditRequest((cli_vars.get("recipe") or DEFAULT_RECIPE,), (loaded.name,), tuple(sorted(overrides.items())),
                               cli_vars.get("model"), build.root, {loaded.name: audit.audit_thresholds(loaded)}, passed_on)
+
+
+def generate_request(cli_vars: dict[str, str], build: Build, argv: list[str]) -> GenerateRequest | None:
+    """`doit generate`'s request, checked against the recipe now; its variables on any other command are refused."""
+    from stages.errors import fail
+
+    if "generate" not in argv[1:]:
+        given = sorted(set(cli_vars) & set(GENERATE_VARS))
+        if given:
+            raise fail("command line", given[0], "is a doit generate variable; allowed here: recipe=, model=, "
+                       "remote=, verify=, KEY.PATH=VALUE (see doit help build)")
+        return None
+    return parse_request(cli_vars, build.loaded, build.root)
+
+
+def generate_task(build: Build, request: GenerateRequest | None) -> dict[str, Any]:
+    """Images from the recipe's built artifacts; the recipe is built first where it is not up to date."""
+    return {"actions": [(actions.generate_action, [build, request])], "task_dep": [f"manifest:{build.name}"],
+            "uptodate": [False], "verbosity": 2}
 
 
 def audit_task(request: Any) -> dict[str, Any]:

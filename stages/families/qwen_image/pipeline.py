@@ -1,4 +1,5 @@
-"""The whole Qwen-Image pipeline at tiny size: released scheduler settings, one diffusers-layout checkpoint.
+"""The whole Qwen-Image pipeline: the tiny one (released scheduler settings, one diffusers-layout checkpoint), the
+PyTorch reference runs of the pipeline check, and the engine pipeline configured from a built recipe.
 
 Saving all parts through `QwenImagePipeline.save_pretrained` gives the tiny model the same directory layout
 as a released checkpoint, so every stage (and `QwenImagePipeline.from_pretrained`) loads both the same way.
@@ -6,8 +7,7 @@ as a released checkpoint, so every stage (and `QwenImagePipeline.from_pretrained
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ from stages.families.qwen_image import text_encoder as qwen_text_encoder
 from stages.families.qwen_image import tokenizer as qwen_tokenizer
 from stages.families.qwen_image import transformer as qwen_image
 from stages.families.qwen_image import vae as qwen_vae
+from stages.families.qwen_image.engine_pipeline import (ComponentRun, QwenImageEnginePipeline, SessionRun,
+                                                        TransformerRunAdapter)  # noqa: F401 - the adapters' home
 
 COMPONENT_MODULES: dict[str, Any] = {"text_encoder": qwen_text_encoder, "transformer": qwen_image, "vae_decoder": qwen_vae}
 FEED_FUNCTIONS: dict[str, Callable[..., dict[str, np.ndarray]]] = {
@@ -82,14 +84,6 @@ def load_pipeline(checkpoint_dir: str | Path) -> QwenImagePipeline:
 # component's feed function; a PyTorch run is the module's own `reference_outputs`. So the pipeline code
 # below never knows which runtime it drives.
 
-ComponentRun = Callable[[dict[str, Any]], dict[str, np.ndarray]]
-SessionRun = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-
-# The keyword arguments QwenImagePipeline.__call__ (diffusers 0.42.1) passes to its transformer.
-TRANSFORMER_CALL_KEYS = frozenset({
-    "hidden_states", "timestep", "guidance", "encoder_hidden_states_mask", "encoder_hidden_states", "img_shapes",
-    "attention_kwargs", "return_dict",
-})
 
 
 def feed_config(checkpoint_dir: str | Path, component: str) -> dict[str, Any]:
@@ -97,19 +91,41 @@ def feed_config(checkpoint_dir: str | Path, component: str) -> dict[str, Any]:
     return component_config(checkpoint_dir, component) if component == "transformer" else {}
 
 
-def component_config(checkpoint_dir: str | Path, component: str) -> dict[str, Any]:
-    """The component's config.json with the class defaults filled in, as `from_pretrained` would see it."""
+def component_config(checkpoint_dir: str | Path, component: str, shipped: bool = False) -> dict[str, Any]:
+    """The component's config.json with the class defaults filled in, as `from_pretrained` would see it; `shipped`:
+    the copy a built recipe's export holds (`checkpoint_dir` is then that export's folder)."""
     import inspect
 
     classes = {"transformer": (QwenImageTransformer2DModel, "transformer"), "vae_decoder": (AutoencoderKLQwenImage, "vae")}
     model_class, folder = classes[component]  # the family's config_folder of each
-    loaded = dict(model_class.load_config(str(checkpoint_dir), subfolder=folder, local_files_only=True))
+    loaded = dict(model_class.load_config(str(checkpoint_dir), subfolder=None if shipped else folder,
+                                          local_files_only=True))
     defaults = {
         name: parameter.default
         for name, parameter in inspect.signature(model_class.__init__).parameters.items()
         if parameter.default is not inspect.Parameter.empty
     }
     return {**defaults, **{key: value for key, value in loaded.items() if not key.startswith("_")}}
+
+
+def runtime_feed_config(export_dir: Path, component: str) -> dict[str, Any]:
+    """`feed_config` from what a built recipe ships (the export's config copy), without the checkpoint."""
+    return component_config(export_dir, component, shipped=True) if component == "transformer" else {}
+
+
+def engine_pipeline(runs: dict[str, ComponentRun], export_dirs: dict[str, Path], text_length: int,
+                    transformer_max_batch: int) -> Any:
+    """The engine pipeline on component runs, configured from the files the exports ship: the tokenizer, the
+    scheduler and the transformer's and VAE's configs."""
+    transformer = export_dirs["transformer"]
+    return QwenImageEnginePipeline(
+        runs, scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(transformer), subfolder="scheduler",
+                                                                         local_files_only=True),
+        tokenizer=qwen_tokenizer.load_tokenizer(export_dirs["text_encoder"]),
+        transformer_config=component_config(transformer, "transformer", shipped=True),
+        vae_scale_factor=qwen_vae.spatial_compression(component_config(export_dirs["vae_decoder"], "vae_decoder",
+                                                                       shipped=True)),
+        text_length=text_length, transformer_max_batch=transformer_max_batch)
 
 
 def engine_feed(component: str, call: dict[str, Any], config: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -140,92 +156,6 @@ def torch_component_run(component: str, checkpoint_dir: str | Path) -> Component
     return run
 
 
-class TransformerRunAdapter:
-    """Stands in for ``pipeline.transformer`` so the stock denoising loop drives a component run.
-
-    QwenImagePipeline.__call__ (diffusers 0.42.1) touches only ``config.in_channels``,
-    ``config.guidance_embeds``, ``cache_context(name)`` and the call itself (keyword arguments, ``return_dict=False``,
-    result ``[0]``); ``DiffusionPipeline.device``/``dtype`` look at ``nn.Module`` components only, so this plain
-    object leaves them at CPU/fp32, where the loop's latents live. Unknown call arguments raise instead of being
-    dropped, so a diffusers upgrade that passes something new cannot silently change the check.
-    """
-
-    dtype = torch.float32
-    device = torch.device("cpu")
-
-    def __init__(self, run: ComponentRun, config: dict[str, Any]) -> None:
-        from diffusers.configuration_utils import FrozenDict
-
-        self.run = run
-        self.config = FrozenDict(config)
-        self.calls = 0
-
-    def cache_context(self, name: str) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
-
-    def __call__(self, **kwargs: Any) -> Any:
-        unknown = set(kwargs) - TRANSFORMER_CALL_KEYS
-        if unknown:
-            raise TypeError(f"transformer call: unexpected arguments {sorted(unknown)}; the adapter handles "
-                            f"{sorted(TRANSFORMER_CALL_KEYS)} (what diffusers 0.42.1 passes)")
-        if kwargs.get("guidance") is not None or kwargs.get("attention_kwargs"):
-            raise ValueError("transformer call: `guidance` and `attention_kwargs` are not part of the engine contract")
-        hidden_states = kwargs["hidden_states"]
-        text = kwargs["encoder_hidden_states"]
-        mask = kwargs.get("encoder_hidden_states_mask")
-        if mask is None:  # the pipeline drops an all-ones mask
-            mask = torch.ones(text.shape[:2], dtype=torch.int64)
-        call = {
-            "hidden_states": hidden_states,
-            "encoder_hidden_states": text,
-            "encoder_hidden_states_mask": mask,
-            "timestep": kwargs["timestep"],
-            "img_shapes": _one_shape_per_item(kwargs["img_shapes"]),
-        }
-        self.calls += 1
-        sample = torch.from_numpy(np.asarray(self.run(call)["sample"], dtype=np.float32)).to(hidden_states.dtype)
-        if kwargs.get("return_dict", True):
-            from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-            return Transformer2DModelOutput(sample=sample)
-        return (sample,)
-
-
-def _one_shape_per_item(img_shapes: Sequence[Any]) -> list[tuple[int, int, int]]:
-    """The pipeline passes ``[[(1, h, w)]] * batch``; the engine contract takes one (frame, h, w) per item."""
-    shapes = []
-    for item in img_shapes:
-        entries = [item] if isinstance(item, tuple) else list(item)
-        if len(entries) != 1:
-            raise ValueError(f"img_shapes: the engine takes one image per batch item, got {item!r}")
-        shapes.append(tuple(int(value) for value in entries[0]))
-    return shapes
-
-
-def graph_pipeline(checkpoint_dir: str | Path, transformer: TransformerRunAdapter,
-                   tokenizer: Any | None = None) -> QwenImagePipeline:
-    """The stock pipeline class around an adapted transformer; no PyTorch text encoder or VAE is loaded.
-
-    Scheduler and tokenizer come from the checkpoint, as `from_pretrained` would load them (pass an already
-    loaded `tokenizer` to skip the seconds its 151k-merge vocabulary takes); the VAE scale factor (which the
-    constructor derives from a loaded VAE) is set from the checkpoint's VAE config instead.
-    """
-    from diffusers.image_processor import VaeImageProcessor
-
-    pipeline = QwenImagePipeline(
-        scheduler=load_scheduler(checkpoint_dir),
-        vae=None,
-        text_encoder=None,
-        tokenizer=tokenizer if tokenizer is not None else qwen_tokenizer.load_tokenizer(checkpoint_dir),
-        transformer=transformer,
-    )
-    factor = qwen_vae.spatial_compression(component_config(checkpoint_dir, "vae_decoder"))
-    pipeline.vae_scale_factor = factor
-    pipeline.image_processor = VaeImageProcessor(vae_scale_factor=factor * 2)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 def load_scheduler(checkpoint_dir: str | Path) -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler.from_pretrained(str(checkpoint_dir), subfolder="scheduler",
                                                            local_files_only=True)
@@ -243,26 +173,6 @@ def initial_latents(pipeline: QwenImagePipeline, height: int, width: int, seed: 
     generator = torch.Generator().manual_seed(seed)
     channels = pipeline.transformer.config.in_channels // 4
     return pipeline.prepare_latents(1, channels, height, width, torch.float32, torch.device("cpu"), generator)
-
-
-def prompt_embeds_with(
-    text_encoder: ComponentRun, tokenizer: Any, prompt: str, text_length: int
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One prompt -> (prompt_embeds, prompt_embeds_mask, truncated tokens) through a text-encoder run, fixed length."""
-    input_ids, attention_mask, truncated = qwen_tokenizer.tokenize_prompts(tokenizer, [prompt], text_length)
-    hidden = np.asarray(text_encoder({"input_ids": input_ids, "attention_mask": attention_mask})["hidden_states"])
-    embeds, mask = qwen_text_encoder.prompt_embeds_from_hidden_states(
-        hidden.astype(np.float32), attention_mask.numpy(), text_length
-    )
-    return torch.from_numpy(embeds), torch.from_numpy(mask), truncated[0]
-
-
-def decode_with(vae_decoder: ComponentRun, pipeline: QwenImagePipeline, latents: torch.Tensor, height: int,
-                width: int) -> list[Any]:
-    """The pipeline's own post-loop steps (unpack, decode, postprocess to PIL) with the decode as a component run."""
-    unpacked = pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
-    image = np.asarray(vae_decoder({"latents": unpacked.float()})["image"], dtype=np.float32)
-    return pipeline.image_processor.postprocess(torch.from_numpy(image), output_type="pil")
 
 
 # -- the pipeline check's runs (see stages.pipeline_check) ---------------------------------------------------
@@ -301,21 +211,23 @@ def reference_runs(checkpoint_dir: str | Path, settings: Any, text_length: int,
 
 
 def graph_runs(checkpoint_dir: str | Path, components: dict[str, Any], settings: Any, text_length: int, latents: Any,
-               tokenizer: Any, capture: Any) -> tuple[list[tuple[np.ndarray, list[np.ndarray], int, int]], int]:
-    """Every prompt with the components replaced by their runs: ([(image, steps, truncated, transformer calls)],
-    negative prompt truncation)."""
-    adapter = TransformerRunAdapter(components["transformer"], component_config(checkpoint_dir, "transformer"))
-    pipeline = graph_pipeline(checkpoint_dir, adapter, tokenizer)
-    negative, negative_mask, negative_cut = prompt_embeds_with(
-        components["text_encoder"], pipeline.tokenizer, settings.negative_prompt, text_length)
-    results = []
+               tokenizer: Any, capture: Any, transformer_max_batch: int = 2
+               ) -> tuple[list[tuple[np.ndarray, list[np.ndarray], int, int]], int]:
+    """Every prompt through the engine pipeline users run (`QwenImageEnginePipeline`) on the components' runs:
+    ([(image, steps, truncated, transformer calls)], negative prompt truncation)."""
+    pipe = QwenImageEnginePipeline(
+        components, scheduler=load_scheduler(checkpoint_dir), tokenizer=tokenizer,
+        transformer_config=component_config(checkpoint_dir, "transformer"),
+        vae_scale_factor=qwen_vae.spatial_compression(component_config(checkpoint_dir, "vae_decoder")),
+        text_length=text_length, transformer_max_batch=transformer_max_batch)
+    results, negative_cut = [], 0
     for prompt in settings.prompts:
-        embeds, mask, cut = prompt_embeds_with(components["text_encoder"], pipeline.tokenizer, prompt, text_length)
-        calls_before = adapter.calls
         with capture() as (callback, steps):
-            final = pipeline(prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=negative,
-                             negative_prompt_embeds_mask=negative_mask,
-                             **_common_call(settings, text_length, latents, callback), output_type="latent").images
-        image = decode_with(components["vae_decoder"], pipeline, final, settings.height, settings.width)[0]
-        results.append((np.asarray(image.convert("RGB")), list(steps), cut, adapter.calls - calls_before))
+            image = pipe(prompt=prompt, negative_prompt=settings.negative_prompt, height=settings.height,
+                         width=settings.width, num_inference_steps=settings.num_inference_steps,
+                         true_cfg_scale=settings.true_cfg_scale, generator=torch.Generator().manual_seed(settings.seed),
+                         latents=latents.clone(), callback_on_step_end=callback).images[0]
+        truncated = pipe.timings.truncated_tokens
+        negative_cut = truncated[-1] if settings.true_cfg_scale > 1 else 0
+        results.append((np.asarray(image.convert("RGB")), list(steps), truncated[0], pipe.timings.transformer_calls))
     return results, negative_cut

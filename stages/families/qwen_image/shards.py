@@ -53,3 +53,14 @@ def one_block_at_a_time(reader: ShardReader, blocks: Sequence[nn.Module], prefix
     finally:
         for handle in handles:
             handle.remove()
+
+
+def ship_files(checkpoint_dir: str | Path, out_dir: Path, files: dict[str, str]) -> list[str]:
+    """Copy small checkpoint files (configs) into a stage's output: `{checkpoint path: output path}`; returns the
+    output paths. A built recipe then runs without its checkpoint."""
+    import shutil
+
+    for source, target in files.items():
+        (out_dir / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(checkpoint_dir) / source, out_dir / target)
+    return sorted(files.values())

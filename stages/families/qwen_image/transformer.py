@@ -21,7 +21,7 @@ import diffusers.models.transformers.transformer_qwenimage as qwen_module
 from diffusers import QwenImageTransformer2DModel
 
 from stages.families.qwen_image.shards import ShardReader as _ShardReader
-from stages.families.qwen_image.shards import one_block_at_a_time
+from stages.families.qwen_image.shards import one_block_at_a_time, ship_files
 from stages.families.qwen_image.text_branch import TEXT_BRANCH_PATTERNS  # noqa: F401 - the family contract
 
 TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
@@ -84,6 +84,12 @@ def architecture(checkpoint_dir: str | Path) -> QwenImageTransformer2DModel:
 
 
 _ROPE_CACHE: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
+
+
+def export_extras(checkpoint_dir: str | Path, out_dir: Path, text_length: int) -> dict[str, Any]:
+    """Ship the config and the scheduler the denoising loop runs beside the ONNX (stages.runtime reads them)."""
+    return {"runtime_files": ship_files(checkpoint_dir, out_dir, {
+        "transformer/config.json": "config.json", "scheduler/scheduler_config.json": "scheduler/scheduler_config.json"})}
 
 
 def transformer_engine_inputs(

@@ -46,6 +46,8 @@ from torch import nn
 from diffusers import AutoencoderKLQwenImage
 from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageUpsample
 
+from stages.families.qwen_image.shards import ship_files
+
 CHECKPOINT_SUBFOLDER = "vae"
 
 # z_dim 4 matches the tiny transformer (out_channels 4, in_channels 16 = 4 * 2 * 2). Unlike diffusers' own
@@ -202,6 +204,11 @@ def profile_shapes(profile: Any, text_length: int, config: Mapping[str, Any]) ->
             for level in ("min", "opt", "max")
         ]
     }
+
+
+def export_extras(checkpoint_dir: str | Path, out_dir: Path, text_length: int) -> dict[str, Any]:
+    """Ship the VAE config beside the ONNX: a runtime derives the latent layout from it."""
+    return {"runtime_files": ship_files(checkpoint_dir, out_dir, {"vae/config.json": "config.json"})}
 
 
 def vae_decoder_engine_inputs(
