@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from tests.conftest import run_doit
 
 CHECK = {"height": 512, "width": 512, "steps": 8, "cfg": 4.0, "seed": 0}  # recipes/a10-fp16.yaml pipeline_check
 SECOND = "一只橘猫坐在窗台上，窗外是下雪的城市夜景。"
+LONG = " ".join(["a very long prompt about a lighthouse"] * 60)  # ~480 tokens: more than text_length 256
 
 
 def pixels(path: Path) -> np.ndarray:
@@ -34,7 +36,7 @@ def generated(built: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -
     first = manifest["pipeline_check"]["prompts"][0]["prompt"]
     folder = tmp_path_factory.mktemp("generate")
     prompts = folder / "prompts.txt"
-    prompts.write_text(f"{first}\n\n{SECOND}\n", encoding="utf-8")
+    prompts.write_text(f"{first}\n\n{SECOND}\n{LONG}\n", encoding="utf-8")
     out = folder / "out"
     result = run_doit(["generate", "recipe=a10-fp16", f"prompts={prompts}", "negative_prompt= ",
                        *(f"{key}={value}" for key, value in CHECK.items()), f"out={out}"], built["artifacts"], built["db"])
@@ -44,7 +46,7 @@ def generated(built: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -
 
 def test_command_writes_one_png_per_prompt_with_its_provenance(generated: dict[str, Any]) -> None:
     files, built = generated["files"], generated["built"]
-    assert [f.name for f in files] == ["0000-seed0-0.png", "0001-seed0-0.png"]
+    assert [f.name for f in files] == ["0000-seed0-0.png", "0001-seed0-0.png", "0002-seed0-0.png"]
     manifest_bytes = (built["recipe"] / "manifest.json").read_bytes()
     engines = {c: [f["sha256"] for f in entry["artifacts"]["engine"] if f["path"].endswith(".plan")]
                for c, entry in generated["manifest"]["components"].items()}
@@ -57,7 +59,7 @@ def test_command_writes_one_png_per_prompt_with_its_provenance(generated: dict[s
         assert text["runner"].startswith("onnxruntime on the engines' exact ONNX")
         assert len(json.loads(text["timings"])["steps_s"]) == 8
     stderr = generated["result"].stderr
-    assert "images/s" in stderr and "prompt 2/2" in stderr and "onnxruntime" in stderr
+    assert "3 images in" in stderr and "images/s" in stderr and "prompt 3/3" in stderr and "onnxruntime" in stderr
 
 
 def test_command_gives_the_pipeline_checks_built_image_bit_for_bit(generated: dict[str, Any]) -> None:
@@ -104,46 +106,52 @@ def test_a_damaged_engine_or_a_missing_gpu_is_refused_in_one_line(generated: dic
     assert "\n" not in str(damaged.value)
 
 
-LONG = " ".join(["a very long prompt about a lighthouse"] * 60)
-
-
-@pytest.mark.parametrize(("arguments", "message"), [
-    (["prompt=x", "height=2048"], r"height/width: 2048x1328 is outside the a10-fp16 transformer engine's profile "
-                                  r"\(height 512-1664, width 512-1664, area up to 1328x1328\); allowed: .*"
-                                  r"components.transformer.profile"),
-    (["prompt=x", "height=520"], r"height: 520x1328: both sides must be multiples of 16"),
-    (["prompt=x", "batch=3"], r"batch: 3 is above the transformer profile's batch max 2 "
-                              r"\(components.transformer.profile.batch.max\); allowed: 1-2"),
-    (["steps=2"], r"prompt: give one of prompt=TEXT or prompts=FILE"),
-    (["prompt=x", "runner=gpu"], r"runner: 'gpu'; allowed: auto, engine, onnxruntime"),
-    (["prompt=x", "recipe=nope"], r"nope"),
-    (["prompts=/nonexistent/prompts.txt"], r"prompts.txt: prompts: cannot be read"),
+@pytest.mark.parametrize(("variables", "message"), [
+    ({"prompt": "x", "height": "2048"}, r"command line: height/width: 2048x1328 is outside the a10-fp16 transformer "
+                                        r"engine's profile \(height 512-1664, width 512-1664, area up to 1328x1328\); "
+                                        r"allowed: .*components.transformer.profile"),
+    ({"prompt": "x", "height": "1664", "width": "1664"}, r"1664x1664 is outside .* area up to 1328x1328"),
+    ({"prompt": "x", "height": "520"}, r"height: 520x1328: both sides must be multiples of 16"),
+    ({"prompt": "x", "batch": "3"}, r"batch: 3 is above the transformer profile's batch max 2 "
+                                    r"\(components.transformer.profile.batch.max\); allowed: 1-2"),
+    ({"prompt": "x", "batch": "0"}, r"batch: 0; allowed: 1 or more"),
+    ({"steps": "2"}, r"prompt: give one of prompt=TEXT or prompts=FILE"),
+    ({"prompt": "x", "prompts": "p.txt"}, r"prompt: give one of prompt=TEXT or prompts=FILE"),
+    ({"prompt": "x", "steps": "many"}, r"steps: 'many' is not an integer"),
+    ({"prompt": "x", "cfg": "nan"}, r"cfg: nan; allowed: a finite number >= 0"),
+    ({"prompt": "x", "runner": "gpu"}, r"runner: 'gpu'; allowed: auto, engine, onnxruntime"),
+    ({"prompt": "x", "truncate": "yes"}, r"truncate: 'yes'; allowed: 1 .* or 0"),
+    ({"prompts": "/nonexistent/prompts.txt"}, r"prompts.txt: prompts: cannot be read"),
 ])
-def test_bad_generate_input_is_one_line_before_any_work(built: dict[str, Any], tmp_path: Path,
-                                                       arguments: list[str], message: str) -> None:
+def test_bad_generate_variables_name_the_variable_and_what_is_allowed(variables: dict[str, str], message: str,
+                                                                     tmp_path: Path) -> None:
+    from stages.recipe.load import load_recipe
+    from stages.runtime.request import parse_request
+
+    with pytest.raises(ForgeError) as refused:
+        parse_request(variables, load_recipe("a10-fp16"), tmp_path)
+    assert re.search(message, str(refused.value)) and "\n" not in str(refused.value), str(refused.value)
+
+
+def test_bad_generate_input_is_one_line_before_any_work(built: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = run_doit(["generate", *arguments, f"out={out}"], built["artifacts"], built["db"], check=False)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert __import__("re").search(message, lines[0]), lines[0]
-    assert not out.exists() and ".  " not in result.stdout
+    for arguments in (["prompt=x", "height=2048"], ["prompt=x", "recipe=nope"]):
+        result = run_doit(["generate", *arguments, f"out={out}"], built["artifacts"], built["db"], check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        assert not out.exists() and ".  " not in result.stdout
+    refused = run_doit(["build", "prompt=a cat"], built["artifacts"], built["db"], check=False)
+    assert refused.returncode == 2 and "prompt: is a doit generate variable" in refused.stderr
 
 
-def test_generate_variables_on_a_build_are_refused(built: dict[str, Any]) -> None:
-    result = run_doit(["build", "prompt=a cat"], built["artifacts"], built["db"], check=False)
-    assert result.returncode == 2 and "prompt: is a doit generate variable" in result.stderr
-
-
-def test_a_prompt_longer_than_the_engines_text_is_refused_with_truncate_0(built: dict[str, Any],
-                                                                         tmp_path: Path) -> None:
-    out = tmp_path / "out"
+def test_a_prompt_longer_than_the_engines_text_is_cut_or_refused(generated: dict[str, Any], tmp_path: Path) -> None:
+    cut = Image.open(generated["files"][2]).text
+    assert cut["prompt"] == LONG and int(cut["truncated_tokens"]) > 0
+    assert "prompt 3: " in generated["result"].stderr and "cut to the engines' text_length 256" in generated["result"].stderr
+    out, built = tmp_path / "out", generated["built"]
     refused = run_doit(["generate", f"prompt={LONG}", "truncate=0", "steps=2", "height=512", "width=512",
                         f"out={out}"], built["artifacts"], built["db"], check=False)
     said = refused.stdout + refused.stderr
     assert refused.returncode == 1 and not out.exists()
     assert "generate: command line: prompt: " in said and "tokens, more than the engines' text_length 256; allowed: " \
                                                           "at most 256 tokens, or truncate=1" in said
-    cut = run_doit(["generate", f"prompt={LONG}", "steps=2", "height=512", "width=512", "cfg=1", f"out={out}"],
-                   built["artifacts"], built["db"])
-    assert "cut to the engines' text_length 256" in cut.stderr
-    assert int(Image.open(out / "0000-seed0-0.png").text["truncated_tokens"]) > 0

@@ -64,7 +64,7 @@ def evaluation(surgery: SimpleNamespace) -> list[dict]:
     return make_feeds(surgery.model, 7, [[256, 384], [512, 256]], [0.7, 0.1])
 
 
-TINY_SEGMENT_BYTES = 4096  # a piece of a tiny block per ModelOpt call, as SEGMENT_BYTES cuts a release block
+TINY_SEGMENT_BYTES = 96 * 1024  # a tiny block in pieces, as SEGMENT_BYTES cuts a release block
 
 def quantize(surgery: SimpleNamespace, out: Path, mode: str, method: str, high: str, feeds: list[dict],
              patterns: tuple[str, ...] = (), cache: Path | None = None, by_block: bool = False,

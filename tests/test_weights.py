@@ -40,8 +40,11 @@ def test_export_writes_no_weight_bytes(exported_onnx: Path, tiny_checkpoint: Pat
     assert {name.removeprefix("model.") for name in located} <= set(tensors)
     shard, original = folder / "diffusion_pytorch_model.safetensors", tiny_checkpoint / SHARD
     assert shard.stat().st_ino == original.stat().st_ino and shard.stat().st_nlink > 1
-    new_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.stat().st_nlink == 1)
-    assert new_bytes == exported_onnx.stat().st_size < 400_000  # graph + small constants (RoPE-free: no tables)
+    new_files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*")
+                 if p.is_file() and p.stat().st_nlink == 1}
+    shipped = {"config.json", "scheduler/scheduler_config.json"}  # what a runtime reads instead of the checkpoint
+    assert set(new_files) == {"model.onnx", *shipped} and sum(new_files[f] for f in shipped) < 4096
+    assert new_files["model.onnx"] == exported_onnx.stat().st_size < 400_000  # graph + small constants (no RoPE tables)
     assert not (folder / "model.onnx.data").exists()
 
 

@@ -56,7 +56,8 @@ Exit codes:
 
 Environment: FORGE_LOG=debug (every stage's detail and the tools' own output), FORGE_DEBUG=1 (tracebacks),
 FORGE_ARTIFACTS=DIR (where the store and views live), FORGE_REMOTE, FORGE_REMOTE_REQUIRED=1.
-Other commands: doit list, doit clean recipe=..., doit gc, doit publish recipe=..., doit audit recipes=a,b."""
+Other commands: doit list, doit clean recipe=..., doit gc, doit publish recipe=..., doit audit recipes=a,b,
+doit generate recipe=... prompt=... (README: "Generate images with what you built")."""
 
 
 FOOTER = ("\nVariables: recipe=NAME|FILE.yaml model=tiny|DIR remote=URL remote_required=1 verify=1 KEY.PATH=VALUE; "

@@ -16,6 +16,7 @@ import torch
 from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
                        QwenImageTransformer2DModel)
 
+from stages.errors import fail
 from stages.families.qwen_image import text_encoder as qwen_text_encoder
 from stages.families.qwen_image import tokenizer as qwen_tokenizer
 from stages.families.qwen_image import transformer as qwen_image
@@ -118,6 +119,9 @@ def engine_pipeline(runs: dict[str, ComponentRun], export_dirs: dict[str, Path],
     """The engine pipeline on component runs, configured from the files the exports ship: the tokenizer, the
     scheduler and the transformer's and VAE's configs."""
     transformer = export_dirs["transformer"]
+    if not (transformer / "scheduler" / "scheduler_config.json").is_file():
+        raise fail(transformer, "scheduler/scheduler_config.json", "not shipped: the checkpoint the recipe was built "
+                   "from has no scheduler/; allowed: a diffusers-layout checkpoint with model_index.json and scheduler/")
     return QwenImageEnginePipeline(
         runs, scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(transformer), subfolder="scheduler",
                                                                          local_files_only=True),

@@ -57,10 +57,15 @@ def one_block_at_a_time(reader: ShardReader, blocks: Sequence[nn.Module], prefix
 
 def ship_files(checkpoint_dir: str | Path, out_dir: Path, files: dict[str, str]) -> list[str]:
     """Copy small checkpoint files (configs) into a stage's output: `{checkpoint path: output path}`; returns the
-    output paths. A built recipe then runs without its checkpoint."""
+    output paths copied. A built recipe then runs without its checkpoint; one a component-only checkpoint lacks
+    (no scheduler/ beside a lone transformer) is left out, and the runtime says so if it needs it."""
     import shutil
 
+    shipped = []
     for source, target in files.items():
+        if not (Path(checkpoint_dir) / source).is_file():
+            continue
         (out_dir / target).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(Path(checkpoint_dir) / source, out_dir / target)
-    return sorted(files.values())
+        shipped.append(target)
+    return sorted(shipped)
