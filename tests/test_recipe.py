@@ -179,6 +179,9 @@ def test_native_sizes_bound_the_transformer_tokens_not_each_side() -> None:
     natives = [(1328, 1328), (1664, 928), (928, 1664), (1472, 1136), (1136, 1472), (1584, 1056), (1056, 1584)]
     assert sorted(map(tuple, profile.sizes)) == sorted(natives) and all(profile.serves(h, w) for h, w in natives)
     assert not profile.serves(1664, 1664) and profile.serves(1664, 512)
+    validate = components["transformer"].validate_
+    validated = [tuple(size) for size in validate.sizes for _ in validate.timesteps][: validate.max_cases]
+    assert any(h != w and (h, w) in natives for h, w in validated), "validation covers a non-square native size"
     config = {"patch_size": 2, "attention_head_dim": 128, "in_channels": 64, "joint_attention_dim": 3584}
     tokens = [shape[1] for shape in transformer.profile_shapes(profile, 256, config)["hidden_states"]]
     assert tokens == [32 * 32, 83 * 83, 83 * 83] and max(h * w for h, w in natives) == 1328 * 1328
