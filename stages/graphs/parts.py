@@ -268,13 +268,41 @@ def _concrete_shapes(model: Any, shapes: Mapping[str, Sequence[int]], names: Seq
             for dim, size in zip(value.type.tensor_type.shape.dim, shapes[value.name]):
                 dim.Clear()
                 dim.dim_value = int(size)
-    inferred = onnx.shape_inference.infer_shapes(concrete, data_prop=True)
+    found = _fixed_shapes(onnx.shape_inference.infer_shapes(concrete, data_prop=True), names)
+    if set(names) - set(found):
+        found = {**_symbolic_shapes(concrete, names), **found}
+    return found
+
+
+def _fixed_shapes(model: Any, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
     found = {}
-    for value in (*inferred.graph.value_info, *inferred.graph.output):
+    for value in (*model.graph.value_info, *model.graph.output):
         dims = value.type.tensor_type.shape.dim
-        if value.name in names and dims and all(d.HasField("dim_value") for d in dims):
+        if value.name in names and dims and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims):
             found[value.name] = tuple(int(d.dim_value) for d in dims)
     return found
+
+
+def _symbolic_shapes(model: Any, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """ONNX Runtime's symbolic shape inference, for what ONNX's leaves open: a mask built with `Range` from a
+    shape loses the batch in ONNX's data propagation (the release text encoder's residual stream, `unk__74`).
+    Weights stored outside the graph enter as typed inputs: their shapes are all it needs, no bytes are read."""
+    import onnx
+    from onnx import helper
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    inline = [t for t in light.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    light.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in light.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    light.graph.ClearField("initializer")
+    light.graph.initializer.extend(inline)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=True)
+    except Exception:  # noqa: BLE001 - an op it does not know: the caller names the tensor it could not place
+        return {}
+    return _fixed_shapes(inferred, names) if inferred is not None else {}
 
 
 def _dimension(dim: Any, values: Mapping[str, int]) -> int:

@@ -133,3 +133,25 @@ def test_blockwise_validation_reports_every_layer(tiny_checkpoint: Path, fp16_gr
     # ONNX Runtime's CPU runs chains of fp16 nodes in fp32 inside one session, while every cut rounds the residual
     # stream (and the shared mask and RoPE tables) to fp16: same order of error, not the same error
     assert reference["max_abs_diff"] / 4 < final["max_abs_diff"] < 4 * reference["max_abs_diff"]
+
+
+def test_parts_profiles_survive_the_mask_range_losing_the_batch(fp16_graph: Path) -> None:
+    """The release text encoder split in parts: ONNX's shape inference loses the batch at the causal mask's `Range`
+    and leaves the residual stream handed between parts as `[unk, 290, 3584]`; its profile then comes from ONNX
+    Runtime's symbolic shape inference, and equals the symbolic dims' (found at release width, docs/scale.md)."""
+    from stages.graphs import parts
+
+    model = onnx.load(str(fp16_graph), load_external_data=False)
+    profile = load_recipe("a10-fp16").recipe.components["text_encoder"].profile
+    shapes = te.profile_shapes(profile, TEXT_LENGTH, {})
+    plan = parts.plan_parts(model, PATTERN, 2)[1]
+    expected = parts.input_profiles(model, plan, shapes)
+    handed = [name for name in plan.inputs if name not in shapes]
+    assert handed and all(expected[name][0][0] == profile.batch.min and expected[name][2][0] == profile.batch.max
+                          for name in handed if len(expected[name][0]) == 3)
+    for value in model.graph.value_info:
+        if value.name in handed:
+            for number, dim in enumerate(value.type.tensor_type.shape.dim):
+                if dim.dim_param:
+                    dim.dim_param = f"unk__{number}"
+    assert parts.input_profiles(model, plan, shapes) == expected
