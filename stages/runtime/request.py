@@ -96,26 +96,24 @@ def _prompts(cli_vars: dict[str, str]) -> tuple[tuple[str, ...], Path | None]:
 
 
 def _int(cli_vars: dict[str, str], key: str, default: int, minimum: int) -> int:
-    text = cli_vars.get(key)
-    if text is None:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise fail(SOURCE, key, f"{text!r} is not an integer") from None
+    value = _number(cli_vars, key, default, int, "an integer")
     if value < minimum:
         raise fail(SOURCE, key, f"{value}; allowed: {minimum} or more")
     return value
 
 
 def _float(cli_vars: dict[str, str], key: str, default: float) -> float:
+    value = _number(cli_vars, key, default, float, "a number")
+    if not value >= 0 or value == float("inf"):
+        raise fail(SOURCE, key, f"{cli_vars[key]}; allowed: a finite number >= 0 (1 or less: no CFG)")
+    return value
+
+
+def _number(cli_vars: dict[str, str], key: str, default: Any, kind: type, what: str) -> Any:
     text = cli_vars.get(key)
     if text is None:
         return default
     try:
-        value = float(text)
+        return kind(text)
     except ValueError:
-        raise fail(SOURCE, key, f"{text!r} is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise fail(SOURCE, key, f"{text}; allowed: a finite number >= 0 (1 or less: no CFG)")
-    return value
+        raise fail(SOURCE, key, f"{text!r} is not {what}") from None
