@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.conftest import REPO, SMALL_ARGS, SMALL_RECIPE, built_tasks, copy_entries, run_doit, verify_manifest, view_name
+from tests.conftest import (REPO, SMALL_ARGS, SMALL_RECIPE, built_tasks, copy_entries, forget_symbolic_dims, run_doit,
+                            verify_manifest, view_name)
 from stages.engine import BuildEngine
 from stages.errors import ForgeError
 from stages.families.qwen_image import FAMILY
@@ -204,9 +205,5 @@ def test_profiles_of_handed_tensors_survive_unknown_declared_dims(three_blocks: 
     plan = parts.plan_parts(model, PATTERN, 2)[1]
     expected = parts.input_profiles(model, plan, shapes)
     handed = [name for name in plan.inputs if name not in shapes]
-    for value in model.graph.value_info:
-        if value.name in handed:
-            for number, dim in enumerate(value.type.tensor_type.shape.dim):
-                if dim.dim_param:
-                    dim.dim_param = f"unk__{number}"
+    forget_symbolic_dims(model, handed)
     assert parts.input_profiles(model, plan, shapes) == expected
