@@ -47,7 +47,7 @@ def generate(request: GenerateRequest, manifest: Path) -> list[Path]:
             LOG.info("prompt %d/%d: %d image%s, %.3f s per step", index + 1, len(request.prompts), len(result.images),
                      "s" if len(result.images) > 1 else "", timings["mean_step_s"] or 0.0)
         seconds = time.perf_counter() - started
-    print(f"generate: {len(written)} images in {seconds:.1f}s ({len(written) / seconds:.3f} images/s) on "
+    print(f"generate: {len(written)} image{'s' if len(written) != 1 else ''} in {seconds:.1f}s ({len(written) / seconds:.3f} images/s) on "
           f"{pipe.label}; written to {request.out}", file=sys.stderr)
     return written
 
