@@ -95,23 +95,9 @@ def partition(model: Any, block_pattern: str, max_weight_bytes: int | None = Non
     block_of: list[int | None] = [None, *blocks, None]
     if max_weight_bytes is not None:
         segment_of, names, block_of = _subdivide(nodes, segment_of, names, block_of, consumers,
-                                                 _weight_bytes(graph), max_weight_bytes)
+                                                 {t.name: initializer_bytes(t) for t in graph.initializer},
+                                                 max_weight_bytes)
     return _segments(nodes, segment_of, names, block_of, producer, consumers, outputs, initializers)
-
-
-def _weight_bytes(graph: Any) -> dict[str, int]:
-    """Bytes of every initializer, read from the external-data length or the tensor itself (weights not loaded)."""
-    sizes = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2, 17: 1, 18: 1}
-    found = {}
-    for tensor in graph.initializer:
-        length = next((int(e.value) for e in tensor.external_data if e.key == "length"), None)
-        if length is None:
-            count = 1
-            for dim in tensor.dims:
-                count *= dim
-            length = len(tensor.raw_data) if tensor.raw_data else count * sizes.get(tensor.data_type, 4)
-        found[tensor.name] = length
-    return found
 
 
 def _subdivide(nodes: list[Any], segment_of: list[int], names: list[str], block_of: list[int | None],
@@ -120,16 +106,12 @@ def _subdivide(nodes: list[Any], segment_of: list[int], names: list[str], block_
     """Cut segments heavier than `limit` into consecutive pieces by weight bytes. A node computed from weights alone
     (a Transpose or Cast of a weight) goes with its first reader, so every weight-reading node still sees its
     weight as a weight; a node reading more than `limit` bytes is a piece of its own."""
-    constant = set(weight_bytes) | {""}
-    chain_bytes: dict[str, int] = {name: size for name, size in weight_bytes.items()}
-    is_chain = []
-    for node in nodes:
-        chained = all(i in constant for i in node.input)
-        is_chain.append(chained)
-        if chained:
-            size = sum(chain_bytes.get(i, 0) for i in node.input)
-            constant.update(node.output)
-            chain_bytes.update({o: size for o in node.output})
+    chain_bytes = dict(weight_bytes)
+    is_chain = [False] * len(nodes)
+    for position in weight_only_nodes(nodes, set(weight_bytes)):
+        is_chain[position] = True
+        size = sum(chain_bytes.get(i, 0) for i in nodes[position].input)
+        chain_bytes.update({o: size for o in nodes[position].output})
     piece_of = [0] * len(nodes)
     new_names: list[str] = []
     new_blocks: list[int | None] = []
@@ -162,18 +144,39 @@ def _subdivide(nodes: list[Any], segment_of: list[int], names: list[str], block_
     return new_segment, new_names, new_blocks
 
 
-def _place_constant_chains(nodes: list[Any], segment_of: list[int], consumers: dict[str, list[int]],
-                           graph_outputs: set[str], initializers: set[str]) -> None:
-    """Nodes computed from weights alone (a DequantizeLinear, a Transpose of a weight) join their first reader's
-    segment: left "as early as their inputs allow" they would all land in the prologue, which would then hold
-    and hand over every block's weights."""
+def weight_only_nodes(nodes: list[Any], initializers: set[str]) -> list[int]:
+    """Positions of the nodes computed from weights alone (a Transpose or Cast of a weight, a DequantizeLinear),
+    in graph order."""
     constant: set[str] = set(initializers) | {""}
     chains = []
     for position, node in enumerate(nodes):
         if all(i in constant for i in node.input):
             constant.update(node.output)
             chains.append(position)
-    for position in reversed(chains):
+    return chains
+
+
+def initializer_bytes(tensor: Any) -> int:
+    """An initializer's bytes, from its external-data record when its data lives in a file."""
+    for entry in tensor.external_data:
+        if entry.key == "length":
+            return int(entry.value)
+    if tensor.raw_data:
+        return len(tensor.raw_data)
+    import onnx
+
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def _place_constant_chains(nodes: list[Any], segment_of: list[int], consumers: dict[str, list[int]],
+                           graph_outputs: set[str], initializers: set[str]) -> None:
+    """Nodes computed from weights alone (a DequantizeLinear, a Transpose of a weight) join their first reader's
+    segment: left "as early as their inputs allow" they would all land in the prologue, which would then hold
+    and hand over every block's weights."""
+    for position in reversed(weight_only_nodes(nodes, initializers)):
         outputs = nodes[position].output
         readers = [segment_of[c] for o in outputs for c in consumers.get(o, [])]
         if readers and not any(o in graph_outputs for o in outputs):

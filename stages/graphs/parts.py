@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.errors import fail
-from stages.graphs.blockwise import link_external_data, partition
+from stages.graphs.blockwise import initializer_bytes, link_external_data, partition
 
 MAX_RECOMPUTED_NODES = 256  # a weight-free chain longer than this is handed over instead of computed again
 
@@ -314,21 +314,6 @@ def _dimension(dim: Any, values: Mapping[str, int]) -> int:
         return _evaluate(dim.dim_param, values)
     except (ValueError, SyntaxError, ZeroDivisionError):
         raise ValueError(repr(dim.dim_param)) from None
-
-
-def initializer_bytes(tensor: Any) -> int:
-    """An initializer's bytes, from its external-data record when its data lives in a file."""
-    for entry in tensor.external_data:
-        if entry.key == "length":
-            return int(entry.value)
-    if tensor.raw_data:
-        return len(tensor.raw_data)
-    import onnx
-
-    count = 1
-    for dim in tensor.dims:
-        count *= dim
-    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
 def weight_share(model: Any, plan: PartPlan) -> float:

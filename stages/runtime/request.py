@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.errors import fail
+from stages.runtime.built import COMPONENTS
 
 RUNNERS = ("auto", "engine", "onnxruntime")
 VARIABLES = ("prompt", "prompts", "negative_prompt", "height", "width", "steps", "cfg", "seed", "batch", "out",
@@ -40,7 +41,7 @@ def parse_request(cli_vars: dict[str, str], loaded: Any, root: Path) -> Generate
     """The request from `key=value` variables, or a one-line ForgeError naming the variable and what is allowed."""
     prompts, prompts_file = _prompts(cli_vars)
     components = loaded.recipe.components
-    missing = [c for c in ("text_encoder", "transformer", "vae_decoder") if components.get(c) is None]
+    missing = [c for c in COMPONENTS if components.get(c) is None]
     if missing:
         raise fail(loaded.source, "components", f"builds no {', '.join(missing)}; doit generate needs the text "
                    "encoder, transformer and VAE decoder engines")

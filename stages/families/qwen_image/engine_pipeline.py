@@ -155,7 +155,7 @@ class Timings:
 
 @dataclass
 class Output:
-    """What `QwenImagePipeline` returns (`.images`), plus the latents after the loop when asked for."""
+    """What `QwenImagePipeline` returns: `.images` (the final latents with `output_type="latent"`)."""
 
     images: list[Any]
 
