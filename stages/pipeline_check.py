@@ -99,6 +99,9 @@ class PipelineCheck:
     display_root: Path | None = None  # reports name graphs relative to it (the artifacts root): portable
     family: str = DEFAULT_FAMILY
     transformer_max_batch: int = 2  # the transformer profile's batch max: CFG's two branches as one call within it
+    loras: tuple[tuple[Path, float], ...] = ()  # `lora=`: bound to the transformer's LoRA inputs, loaded by PEFT in PyTorch
+    lora_targets: tuple[str, ...] = ()
+    scheduler: Mapping[str, Any] = field(default_factory=dict)  # the recipe's sampling.scheduler overrides
 
     @property
     def hooks(self) -> Any:
@@ -133,7 +136,7 @@ class PipelineCheck:
     def _reference_runs(self) -> tuple[Any, list[RunResult], dict[str, Any], Any]:
         """All prompts through the family's stock pipeline; the model is freed before any graph session opens."""
         latents, runs, scheduler_report, tokenizer = self.hooks.reference_runs(
-            self.checkpoint_dir, self.settings, self.text_length, capture_steps)
+            self.checkpoint_dir, self.settings, self.text_length, capture_steps, self.loras, dict(self.scheduler))
         return latents, [RunResult(image, steps) for image, steps in runs], scheduler_report, tokenizer
 
     def _graph_runs(self, runner: str, latents: Any, tokenizer: Any) -> dict[str, Any]:
@@ -143,22 +146,26 @@ class PipelineCheck:
             LOG.debug("%s: %s", runner, ", ".join(f"{c} on {k}" for c, k in kinds.items()))
             runs, negative_cut = self.hooks.graph_runs(self.checkpoint_dir, components, self.settings,
                                                        self.text_length, latents, tokenizer, capture_steps,
-                                                       self.transformer_max_batch)
+                                                       self.transformer_max_batch, dict(self.scheduler))
         results = [RunResult(image, steps, cut, calls) for image, steps, cut, calls in runs]
         return {"components": kinds, "results": results, "negative_prompt_truncated": negative_cut}
 
     def _component_runs(self, runner: str, stack: contextlib.ExitStack) -> tuple[dict[str, Any], dict[str, str]]:
         hooks = self.hooks
         runs, kinds = {}, {}
+        bound = (hooks.lora_binding(list(self.loras), self.onnx_paths["transformer"], list(self.lora_targets))[0]
+                 if self.loras else {})
         for component in self.graph_components:
             config = hooks.feed_config(self.checkpoint_dir, component)
             if runner == TRT and component in self.engine_paths:
                 session = stack.enter_context(engine_runner(self.engine_paths[component], self.backend,
                                                             self.engine_parts.get(component, ())))
-                runs[component], kinds[component] = hooks.graph_component_run(component, session.infer, config), TRT
+                infer = _with_feed(session.infer, bound if component == "transformer" else {})
+                runs[component], kinds[component] = hooks.graph_component_run(component, infer, config), TRT
             elif component in self.onnx_paths:
                 session = stack.enter_context(OnnxRuntimeRunner(self.onnx_paths[component]))
-                runs[component], kinds[component] = hooks.graph_component_run(component, session.infer, config), ORT
+                infer = _with_feed(session.infer, bound if component == "transformer" else {})
+                runs[component], kinds[component] = hooks.graph_component_run(component, infer, config), ORT
             else:
                 runs[component] = hooks.torch_component_run(component, self.checkpoint_dir)
                 kinds[component] = f"{REFERENCE} (no graph built for it)"
@@ -338,6 +345,11 @@ def check_configuration(check: PipelineCheck) -> None:
         raise fail(check.checkpoint_dir, "checkpoint_dir", "not a diffusers-layout checkpoint (no model_index.json)")
 
 
+def _with_feed(infer: Any, extra: Mapping[str, Any]) -> Any:
+    """A session's infer with inputs bound for the whole check (the transformer's LoRA inputs)."""
+    return (lambda feed: infer({**feed, **extra})) if extra else infer
+
+
 def from_recipe(loaded: Any, component: str | None, inputs: Any) -> PipelineCheck:
     """Recipe-wide stage: every component the recipe builds runs on its graph; the others stay PyTorch."""
     section = getattr(loaded.recipe, "pipeline_check", None)
@@ -358,4 +370,14 @@ def from_recipe(loaded: Any, component: str | None, inputs: Any) -> PipelineChec
         family=loaded.recipe.family,
         transformer_max_batch=(loaded.recipe.components["transformer"].profile.batch.max
                                if "transformer" in built else 2),
+        loras=tuple((Path(item["path"]), float(item["scale"])) for item in loaded.lora),
+        lora_targets=_lora_targets(loaded),
+        scheduler=dict(loaded.recipe.sampling.scheduler),
     )
+
+
+def _lora_targets(loaded: Any) -> tuple[str, ...]:
+    transformer = loaded.recipe.components.get("transformer")
+    if transformer is None or transformer.lora is None:
+        return ()
+    return tuple(transformer.lora.targets or loaded.family.components["transformer"].lora_defaults)

@@ -6,6 +6,8 @@ later stages) parse it back with `model_validate`, so a renamed field fails loud
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -102,4 +104,6 @@ class ValidationReport(Record):
     results_file: str
     blockwise: bool = False
     blocks: list[BlockError] | None = None
+    # LoRA cases (engines with LoRA inputs): the synthetic files bound, their reference diffusers + PEFT
+    lora: dict[str, Any] | None = None
     failure: str | None = None

@@ -41,6 +41,8 @@ class GraphSurgery:
     passes: tuple[str, ...]
     text_length: int
     family: str = DEFAULT_FAMILY
+    lora_targets: tuple[str, ...] = ()  # block linears that get a LoRA branch (stages.graphs.lora), with this rank
+    lora_rank: int = 0
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         import onnx
@@ -49,6 +51,7 @@ class GraphSurgery:
         hidden = hide_weights(model)
         reports = []
         frozen: list[str] = []
+        lora = self._add_lora_branches(model) if self.lora_targets else None
         for name in self.passes:
             before = len(model.graph.node)
             LOG.debug(f"{name} ({before} nodes)")
@@ -61,7 +64,27 @@ class GraphSurgery:
         link_upstream_files(model, self.source.parent, out_dir)
         save_model(model, out_dir / MODEL_FILE)
         return {"component": self.component, "model_file": MODEL_FILE, "passes": reports, "frozen_nodes": frozen,
-                "nodes": len(model.graph.node)}
+                "nodes": len(model.graph.node), "lora": lora}
+
+    def _add_lora_branches(self, model: Any) -> dict[str, Any]:
+        """Before the recipe's passes, so freezing and shape inference see the branches as part of their linears."""
+        from stages.graphs.lora import add_branches, linear_flops_per_token
+
+        names = [t.name for t in model.graph.initializer] + [v.name for v in model.graph.input]
+        modules, absent = component_module(self.component, self.family).lora_modules(names, list(self.lora_targets))
+        if not modules:
+            raise fail(self.source, "lora", f"found no linears {list(self.lora_targets)} to branch")
+        base = linear_flops_per_token(model)
+        try:
+            branches = add_branches(model, modules, self.lora_rank)
+        except ValueError as error:
+            raise fail(self.source, "lora", str(error)) from None
+        LOG.debug(f"LoRA branches of rank {self.lora_rank} on {len(branches)} linears")
+        return {"max_rank": self.lora_rank, "targets": list(self.lora_targets), "branches": len(branches),
+                "pruned": absent,
+                "flops_per_token": sum(b.flops_per_token(self.lora_rank) for b in branches),
+                "base_linear_flops_per_token": base,
+                "input_bytes": sum(b.input_bytes(self.lora_rank) for b in branches)}
 
 
 def fold_constants(stage: GraphSurgery, model: Any) -> tuple[Any, dict[str, Any]]:
@@ -153,5 +176,8 @@ PASSES: dict[str, Callable[[GraphSurgery, Any], tuple[Any, dict[str, Any]]]] = {
 def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs) -> GraphSurgery:
     assert component is not None
     source = inputs.dir("export", component) / MODEL_FILE
-    passes = tuple(loaded.recipe.components[component].surgery.passes)
-    return GraphSurgery(component, source, passes, loaded.recipe.text_length, loaded.recipe.family)
+    section = loaded.recipe.components[component]
+    lora = section.lora
+    targets = tuple(lora.targets or loaded.family.components[component].lora_defaults) if lora else ()
+    return GraphSurgery(component, source, tuple(section.surgery.passes), loaded.recipe.text_length,
+                        loaded.recipe.family, targets, lora.max_rank if lora else 0)

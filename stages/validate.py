@@ -24,7 +24,7 @@ from stages.reports import (BlockError, Comparison, EngineRun, FreezingEffect, O
 from stages.store.local import scratch_beside
 
 if TYPE_CHECKING:
-    from stages.recipe.schema import LoadedRecipe, Tolerance, ValidateSettings
+    from stages.recipe.schema import LoadedRecipe, LoraSettings, Tolerance, ValidateSettings
 
 REFERENCE = RunnerName.REFERENCE.value
 ORT = RunnerName.ONNXRUNTIME.value
@@ -48,6 +48,8 @@ class ValidateAgainstPytorch:
     family: str = DEFAULT_FAMILY
     blockwise: bool = False
     part_contracts: tuple[dict[str, Any], ...] = ()  # the engine's parts (stages.graphs.parts), when it is split
+    lora: LoraSettings | None = None  # the graph has LoRA inputs: also validate with LoRAs bound
+    lora_targets: tuple[str, ...] = ()
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         from polygraphy.comparator import RunResults
@@ -55,17 +57,24 @@ class ValidateAgainstPytorch:
         spec = component_module(self.component, self.family)
         execution = onnxruntime_execution(self.onnx_path)
         LOG.info("%s %s on %s: %s", self.component, ORT, self.onnx_label or self.onnx_path.name, execution)
-        blocks = None
+        blocks, lora_report = None, None
         results = RunResults()
         with scratch_beside(out_dir, "parts") as scratch:
             built_graph = self._built_graph(spec, Path(scratch))
             if self.blockwise:
                 blocks, cases, not_run = self._blockwise(spec, out_dir, results)
+                if self.lora is not None:
+                    lora_report = {"not_run": "LoRA cases need the whole fp32 model in memory, not block-wise runs"}
+                    LOG.warning("%s: %s", self.component, lora_report["not_run"])
             else:
                 model = spec.load(self.checkpoint_dir)
                 cases, not_run = self._cases(spec, model)
                 LOG.debug("%d cases: PyTorch fp32 reference", len(cases))
-                results.add([spec.reference_outputs(model, case) for case in cases], runner_name=REFERENCE)
+                references = [spec.reference_outputs(model, case) for case in cases]
+                if self.lora is not None:
+                    extra, lora_report = self._lora_cases(spec, model, cases, Path(scratch))
+                    cases, references = [*cases, *extra], [*references, *(c["reference"] for c in extra)]
+                results.add(references, runner_name=REFERENCE)
                 del model
                 LOG.debug("ONNX Runtime on %s", self.onnx_path.name)
                 results.add(run_all(built_graph, [c["feed"] for c in cases]), runner_name=ORT)
@@ -99,8 +108,21 @@ class ValidateAgainstPytorch:
             results_file="results.json",
             blockwise=self.blockwise,
             blocks=blocks,
+            lora=lora_report,
             failure=f"validation of {self.component} failed: " + "; ".join(failed) if failed else None,
         ).dump()
+
+    def _lora_cases(self, spec: Any, model: Any, cases: list[dict[str, Any]], work: Path
+                    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        import onnx
+
+        assert self.lora is not None
+        graph = onnx.load(str(self.onnx_path), load_external_data=False).graph
+        declared = [(v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in graph.input]
+        extra, report = spec.lora_cases(model, cases, self.lora_targets, self.lora.max_rank, self.lora.validate_scale,
+                                        work, self.settings.seed, declared)
+        LOG.debug("%d LoRA cases against diffusers + PEFT", len(extra))
+        return extra, report
 
     def _built_graph(self, spec: Any, work: Path) -> Runner:
         """ONNX Runtime on the graph the engine was built from: the precision graph, or for a split engine its part
@@ -342,6 +364,7 @@ def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs
     assert component is not None
     precision_dir = inputs.dir("precision", component)
     precision = inputs.report("precision", component)
+    lora = loaded.recipe.components[component].lora
     graphs = tuple((ComparisonGraph(name), precision_dir / path)
                    for name, path in precision.get("comparison_graphs", {}).items())
     return ValidateAgainstPytorch(
@@ -359,6 +382,8 @@ def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs
         family=loaded.recipe.family,
         blockwise=blockwise.wanted(loaded.recipe.components[component].validate_.blockwise, loaded.family,
                                    component, inputs.weights),
+        lora=lora,
+        lora_targets=tuple(lora.targets or loaded.family.components[component].lora_defaults) if lora else (),
     )
 
 

@@ -40,6 +40,8 @@ class ComponentInfo:
     surgery_passes: tuple[str, ...] = ALL_SURGERY
     quantizable: bool = False  # INT8/FP8 plans apply (calibration data can be captured for it)
     block_pattern: str | None = None  # regex over node names whose group 1 is the block index (block-wise runs)
+    lora_targets: tuple[str, ...] = ()  # linears of a block that may take a LoRA branch (none: no LoRA)
+    lora_defaults: tuple[str, ...] = ()  # the targets when a recipe's `lora.targets` is empty
 
 
 @dataclass(frozen=True)

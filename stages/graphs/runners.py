@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from stages.errors import fail
-from stages.graphs import bf16
+from stages.graphs import bf16, lora
 from stages.graphs.qdq import ONNX_BFLOAT16, QDQ_OPS, has_fp8
 from stages.targets.backends import BACKENDS
 
@@ -89,6 +89,7 @@ class OnnxRuntimeRunner:
         types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
                  "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
         inputs = self._session.get_inputs()
+        feed = {**lora.unbound_feed((i.name, i.shape) for i in inputs if i.name not in feed), **feed}
         missing = sorted({i.name for i in inputs} - set(feed))
         if missing:
             raise fail(self.onnx_path, "inputs", f"the graph needs {missing}, which the feed function does not "
@@ -148,7 +149,12 @@ class EngineRunner:
             self.runtime_cache.write_bytes(bytes(self._cache.serialize()))
 
     def infer(self, feed: Mapping[str, Any]) -> dict[str, Any]:
-        return {name: _as_float32(value) for name, value in self._runner.infer(dict(feed)).items()}
+        import numpy as np
+
+        declared = self._runner.get_input_metadata()
+        unbound = lora.unbound_feed((n, m.shape) for n, m in declared.items() if n not in feed)
+        feed = {**{n: np.ascontiguousarray(v) for n, v in unbound.items()}, **feed}
+        return {name: _as_float32(value) for name, value in self._runner.infer(feed).items()}
 
 
 class ChainedRunner:
@@ -174,7 +180,8 @@ class ChainedRunner:
     def infer(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         values = dict(feed)
         for runner, names in zip(self.runners, self.inputs):
-            values.update(runner.infer({name: values[name] for name in names}))
+            values.update(runner.infer({name: values[name] for name in names
+                                        if name in values or not lora.is_lora_input(name)}))
         return {name: values[name] for name in self.outputs}
 
 

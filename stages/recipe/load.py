@@ -20,9 +20,11 @@ from stages.paths import RECIPES_DIR
 from stages.recipe.checkpoint_checks import check_model_dir
 from stages.recipe.fit import check_recipe_fits, pipeline_check_refusal, resolve_parts
 from stages.recipe.prompts import check_settings
+from stages.recipe.loras import parse_lora
 from stages.recipe.schema import (MAX_RECIPE_BYTES, MAX_YAML_DEPTH, MAX_YAML_NODES, NAME_PATTERN, LoadedRecipe,
                                   ModelSource, Recipe)
 from stages.recipe.target_checks import check_target
+from stages.store.digests import sha256_file
 from stages.targets.memory_fit import GIB
 from stages.store.views import RESERVED as RESERVED_NAMES  # a view's name must not shadow the store or the caches
 
@@ -58,8 +60,10 @@ def shipped_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-def load_recipe(recipe: str, overrides: dict[str, str] | None = None, model: str | None = None) -> LoadedRecipe:
-    """Load, merge, override and validate a recipe; raises ForgeError with a one-line message."""
+def load_recipe(recipe: str, overrides: dict[str, str] | None = None, model: str | None = None,
+                lora: str | None = None) -> LoadedRecipe:
+    """Load, merge, override and validate a recipe; raises ForgeError with a one-line message. `lora`: the
+    command line's `lora=` (the LoRAs the pipeline check binds; `doit generate` reads it too)."""
     path = resolve_recipe_path(recipe)
     if model is not None and not model.strip():
         raise fail("command line", "model=", "is empty; allowed: tiny (the built-in random-weight model) or the path "
@@ -81,6 +85,7 @@ def load_recipe(recipe: str, overrides: dict[str, str] | None = None, model: str
     if validated.pipeline_check is not None:
         check_settings(validated.pipeline_check, validated.text_length, source=path)
     check_target(path, validated)
+    loras = lora_files(path, validated, lora)
     split = resolve_parts(path, validated)
     resolved = validated.model_dump(mode="json", by_alias=True)
     for component, choice in split.items():
@@ -94,7 +99,22 @@ def load_recipe(recipe: str, overrides: dict[str, str] | None = None, model: str
         overrides=parsed_overrides,
         parts={component: dataclasses.asdict(choice) for component, choice in split.items()},
         pipeline_check_not_run=pipeline_check_refusal(validated),
+        lora=loras,
     )
+
+
+def lora_files(path: Path, recipe: Recipe, text: str | None) -> list[dict[str, Any]]:
+    """`lora=` as [{path, sha256, scale}] (its content enters the pipeline check's key); required where the
+    recipe's sampling says so."""
+    transformer = recipe.components.get("transformer")
+    if text is None:
+        if recipe.sampling.lora == "required":
+            raise fail(path, "sampling.lora", "required: give lora=FILE[:SCALE] (the recipe samples with a "
+                       "distillation LoRA, e.g. Qwen-Image-Lightning-8steps-V1.0.safetensors; "
+                       "scripts/synthetic_lora.py writes one of the published shapes for tests)")
+        return []
+    found = parse_lora(text, transformer.lora if transformer is not None else None)
+    return [{"path": str(file.resolve()), "sha256": sha256_file(file), "scale": scale} for file, scale in found]
 
 
 def view_name(path: Path, model: ModelSource, overrides: dict[str, Any] | None = None) -> str:

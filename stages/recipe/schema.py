@@ -264,8 +264,19 @@ class ValidateSettings(Strict):
     case_memory_gib: float = Field(default=4.0, gt=0)
 
 
+class LoraSettings(Strict):
+    """LoRA branches as engine inputs (stages.graphs.lora): one engine serves the base model and any LoRA up to
+    `max_rank`, bound at run time. `targets`: linears of each block (the family's defaults when empty)."""
+
+    max_rank: int = Field(ge=1, le=1024)
+    targets: list[str] = []
+    # LoRAs bound in validation (synthetic, of the targets' shapes: rank max_rank and a lower one), at this scale
+    validate_scale: float = Field(default=0.8, gt=0)
+
+
 class Component(Strict):
     profile: Profile
+    lora: LoraSettings | None = None
     export: ExportSettings = ExportSettings()
     surgery: SurgerySettings = SurgerySettings()
     precision: PrecisionSettings = PrecisionSettings()
@@ -322,6 +333,17 @@ def check_component(name: str, component: Component, text_length: int, family: F
     if component.precision.quantized and not info.quantizable:
         raise ValueError(f"{prefix}.precision.dtype: {name} is kept in fp32/fp16/bf16; quantization applies to "
                          f"{', '.join(n for n, i in family.components.items() if i.quantizable)}")
+    if component.lora is not None:
+        if not info.lora_targets:
+            raise ValueError(f"{prefix}.lora: {name} takes no LoRA; LoRA branches apply to "
+                             f"{', '.join(n for n, i in family.components.items() if i.lora_targets) or 'no component'}")
+        wrong = [t for t in component.lora.targets if t not in info.lora_targets]
+        if wrong:
+            raise ValueError(f"{prefix}.lora.targets: {wrong} are not linears of a block; allowed: "
+                             f"{', '.join(info.lora_targets)}")
+        if component.precision.quantized:
+            raise ValueError(f"{prefix}.lora: LoRA branches with {component.precision.dtype} GEMMs are not supported "
+                             "yet; allowed: fp16/bf16/fp32 plans, or lora: null")
     unsupported = [p for p in component.surgery.passes if p not in info.surgery_passes]
     if unsupported:
         raise ValueError(f"{prefix}.surgery.passes: {unsupported} do not apply to {name}; "
@@ -342,12 +364,37 @@ class PipelineCheckSection(Strict):
     height: int = Field(default=1024, gt=0)
     width: int = Field(default=1024, gt=0)
     num_inference_steps: int = Field(default=50, ge=1)
-    true_cfg_scale: float = Field(default=4.0, gt=1)
+    true_cfg_scale: float = Field(default=4.0, ge=1)  # 1: no CFG (a distilled sampler's one call per step)
     seed: int = 0
     thresholds: PipelineCheckThresholds
     # the check holds the whole fp32 reference pipeline: with a checkpoint whose fp32 weights exceed this it is not
     # run (the manifest and the build's last lines say so); the release needs ~108 GiB
     memory_gib: float = Field(default=6.0, gt=0)
+
+
+SCHEDULER_KEYS = ("base_image_seq_len", "base_shift", "invert_sigmas", "max_image_seq_len", "max_shift",
+                  "num_train_timesteps", "shift", "shift_terminal", "stochastic_sampling", "time_shift_type",
+                  "use_beta_sigmas", "use_dynamic_shifting", "use_exponential_sigmas", "use_karras_sigmas")
+
+
+class Sampling(Strict):
+    """How images are made by default (`doit generate`, `EnginePipeline`) and the scheduler the pipeline check runs:
+    `scheduler` overrides the checkpoint's FlowMatchEulerDiscreteScheduler config (a distillation LoRA's published
+    settings); `lora: required` makes `lora=FILE` mandatory (the recipe is a distilled sampler's)."""
+
+    num_inference_steps: int = Field(default=50, ge=1, le=1000)
+    true_cfg_scale: float = Field(default=4.0, ge=1.0)
+    scheduler: dict[str, Any] = {}
+    lora: Literal["optional", "required"] = "optional"
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        wrong = sorted(set(value) - set(SCHEDULER_KEYS))
+        if wrong:
+            raise ValueError(f"{wrong} are not FlowMatchEulerDiscreteScheduler settings; allowed: "
+                             f"{', '.join(SCHEDULER_KEYS)}")
+        return value
 
 
 class AuditThresholds(Strict):
@@ -369,6 +416,7 @@ class Recipe(Strict):
     family: Literal[tuple(FAMILIES)] = DEFAULT_FAMILY  # type: ignore[valid-type]
     components: dict[Literal[ALL_COMPONENTS], Component] = Field(min_length=1)  # type: ignore[valid-type]
     pipeline_check: PipelineCheckSection | None = None
+    sampling: Sampling = Sampling()
     audit: AuditThresholds = AuditThresholds()
 
     @property
@@ -400,6 +448,7 @@ class LoadedRecipe(BaseModel):
     overrides: dict[str, Any]
     parts: dict[str, dict[str, Any]] = {}  # component -> stages.recipe.fit.PartsChoice as a dict
     pipeline_check_not_run: str | None = None  # why the recipe's pipeline check does not run with this checkpoint
+    lora: list[dict[str, Any]] = []  # `lora=` on the command line: [{path, sha256, scale}]
 
     @property
     def family(self) -> Family:

@@ -119,6 +119,7 @@ def _component_entry(build: Build, component: str) -> dict[str, Any]:
         "fit": _fit_entry(build, component),
         "parts": _parts_entry(build, component, engines),
         "precision": _precision_entry(reports.get("precision") or {}),
+        "lora": _lora_entry(reports),
         "calibration": reports.get("calibration") and {
             **{k: reports["calibration"][k] for k in ("samples", "files", "prompts", "settings", "inputs")
                if k in reports["calibration"]},
@@ -229,6 +230,16 @@ def fit_warnings(manifest: dict[str, Any]) -> list[str]:
 
 
 BULKY_PRECISION_KEYS = ("excluded_nodes", "quantized_gemms", "detached_shared_qdq")
+
+
+def _lora_entry(reports: dict[str, Any]) -> dict[str, Any] | None:
+    """The engine's LoRA inputs (stages.graphs.lora): targets, rank, what they cost, and validation with LoRAs bound."""
+    lora = (reports.get("surgery") or {}).get("lora")
+    if not lora:
+        return None
+    base = lora.get("base_linear_flops_per_token") or 0
+    return {**lora, "extra_linear_flops_percent": round(100 * lora["flops_per_token"] / base, 3) if base else None,
+            "validation": (reports.get("validate") or {}).get("lora")}
 
 
 def _precision_entry(report: dict[str, Any]) -> dict[str, Any]:

@@ -136,6 +136,15 @@ class BuiltRecipe:
         self.verified.add(entry["path"])
         return path
 
+    @property
+    def lora_settings(self) -> Any:
+        """The recipe's `components.transformer.lora` (None: the engine has no LoRA inputs)."""
+        from stages.recipe.schema import LoraSettings
+
+        section = (self.recipe.get("components") or {}).get("transformer") or {}
+        entry = self.component("transformer").get("lora")
+        return LoraSettings.model_validate(section["lora"]) if entry and section.get("lora") else None
+
     def profile(self, component: str) -> dict[str, Any]:
         return self.recipe["components"][component]["profile"]
 

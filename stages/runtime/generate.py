@@ -29,6 +29,7 @@ def generate(request: GenerateRequest, manifest: Path) -> list[Path]:
         if not _passed(pipe.built.manifest):
             LOG.warning("%s: the build's validation or pipeline check did not pass; see its junit.xml", pipe.built.name)
         truncated = check_lengths(pipe, request)
+        pipe.set_lora(request.lora)
         request.out.mkdir(parents=True, exist_ok=True)
         metadata = provenance(pipe, request)
         written: list[Path] = []
@@ -85,6 +86,7 @@ def provenance(pipe: EnginePipeline, request: GenerateRequest) -> dict[str, str]
         "steps": str(request.steps),
         "true_cfg_scale": f"{request.cfg:g}",
         "runner": pipe.label,
+        "lora": json.dumps(pipe.loras),
     }
 
 

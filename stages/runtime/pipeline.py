@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ class EnginePipeline:
             raise fail("EnginePipeline", "runner", f"{runner!r}; allowed: {', '.join(RUNNERS)}")
         self.built = built
         self.runner, self.why = choose_runner(runner, built)
+        self._lora_feed: dict[str, Any] = {}
+        self.loras: list[dict[str, Any]] = []  # what is bound now: file, sha256, scale, rank
         self._stack = contextlib.ExitStack()
         started = time.perf_counter()
         try:
@@ -71,8 +74,36 @@ class EnginePipeline:
     def prompt_tokens(self, prompt: str) -> int:
         return self.pipe.prompt_tokens(prompt)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: Any, lora: Any = "keep", **kwargs: Any) -> Any:
+        """diffusers' `QwenImagePipeline.__call__` arguments; `lora=` binds LoRAs for this and later calls first
+        (see `set_lora`)."""
+        if lora != "keep":
+            self.set_lora(lora)
         return self.pipe(*args, **kwargs)
+
+    def set_lora(self, lora: str | Sequence[tuple[str | Path, float]] | None) -> list[dict[str, Any]]:
+        """Bind LoRAs to the transformer's LoRA inputs, no rebuild: `"a.safetensors:0.8,b.safetensors"` or
+        `[(path, scale), ...]`; several are summed in rank slots of their own; None or `[]`: the base model.
+        Files are read with diffusers' loader; one that does not fit the engine is refused in one line and the
+        LoRAs bound before stay bound."""
+        from stages.families import FAMILIES
+        from stages.runtime.request import parse_lora
+
+        settings = self.built.lora_settings
+        if isinstance(lora, str):
+            lora = parse_lora(lora, settings, source="lora")
+        specs = [(Path(path), float(scale)) for path, scale in (lora or [])]
+        if specs and settings is None:
+            parse_lora(str(specs[0][0]), settings, source="lora")  # the one-line refusal: no LoRA inputs
+        if not specs:
+            self._lora_feed, self.loras = {}, []
+            return []
+        hooks = FAMILIES[self.built.family].pipeline()
+        graph = self.built.path("transformer", "precision", "model.onnx")
+        targets = self.built.component("transformer")["lora"]["targets"]
+        self._lora_feed, self.loras = hooks.lora_binding(specs, graph, targets)
+        LOG.info("LoRA bound: %s", ", ".join(f"{r['file']} x{r['scale']:g} (rank {r['rank']})" for r in self.loras))
+        return self.loras
 
     def close(self) -> None:
         self._stack.close()
@@ -94,9 +125,15 @@ class EnginePipeline:
         for component in COMPONENTS:
             config = hooks.runtime_feed_config(export[component], component)
             session = self._stack.enter_context(self._component_runner(component))
-            runs[component] = hooks.graph_component_run(component, session.infer, config)
+            infer = self._with_lora(session.infer) if component == "transformer" else session.infer
+            runs[component] = hooks.graph_component_run(component, infer, config)
         return hooks.engine_pipeline(runs, export, self.built.text_length,
-                                     int(self.built.profile("transformer")["batch"]["max"]))
+                                     int(self.built.profile("transformer")["batch"]["max"]),
+                                     (self.built.recipe.get("sampling") or {}).get("scheduler") or {})
+
+    def _with_lora(self, infer: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        """The transformer's feeds with the bound LoRA inputs (none bound: the runner's zeros, s = 0)."""
+        return lambda feed: infer({**feed, **self._lora_feed})
 
     def _component_runner(self, component: str) -> Any:
         if self.runner == RunnerName.ENGINE.value:

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from stages.errors import fail
+from stages.recipe.loras import parse_lora
 from stages.runtime.built import COMPONENTS
 
 RUNNERS = ("auto", "engine", "onnxruntime")
 VARIABLES = ("prompt", "prompts", "negative_prompt", "height", "width", "steps", "cfg", "seed", "batch", "out",
-             "runner", "truncate")
+             "runner", "truncate", "lora")
 SOURCE = "command line"
 
 
@@ -35,6 +36,7 @@ class GenerateRequest:
     runner: str
     truncate: bool
     prompts_file: Path | None = None
+    lora: tuple[tuple[Path, float], ...] = ()
 
 
 def parse_request(cli_vars: dict[str, str], loaded: Any, root: Path) -> GenerateRequest:
@@ -72,8 +74,10 @@ def parse_request(cli_vars: dict[str, str], loaded: Any, root: Path) -> Generate
         raise fail(SOURCE, "out", f"{out} is a file; allowed: a folder (created if missing)")
     return GenerateRequest(
         prompts=prompts, negative_prompt=cli_vars.get("negative_prompt", " "), height=height, width=width,
-        steps=_int(cli_vars, "steps", 50, minimum=1), cfg=_float(cli_vars, "cfg", 4.0), seed=_int(cli_vars, "seed", 0, minimum=0),
-        batch=batch, out=out, runner=runner, truncate=truncate == "1", prompts_file=prompts_file)
+        steps=_int(cli_vars, "steps", loaded.recipe.sampling.num_inference_steps, minimum=1),
+        cfg=_float(cli_vars, "cfg", loaded.recipe.sampling.true_cfg_scale), seed=_int(cli_vars, "seed", 0, minimum=0),
+        batch=batch, out=out, runner=runner, truncate=truncate == "1", prompts_file=prompts_file,
+        lora=tuple((Path(item["path"]), float(item["scale"])) for item in loaded.lora))
 
 
 def _prompts(cli_vars: dict[str, str]) -> tuple[tuple[str, ...], Path | None]:

@@ -37,7 +37,7 @@ def load_from_command_line(cli_vars: dict[str, str]) -> Build:
     """Everything checkable is checked here, before doit runs any task; raises ForgeError (one line)."""
     overrides = {key: value for key, value in cli_vars.items() if key not in RESERVED_VARS}
     recipe = cli_vars.get("recipe") or _first_audited(cli_vars) or DEFAULT_RECIPE
-    loaded = load_recipe(recipe, overrides=overrides, model=cli_vars.get("model"))
+    loaded = load_recipe(recipe, overrides=overrides, model=cli_vars.get("model"), lora=cli_vars.get("lora"))
     build = Build(loaded, artifacts_root(), deep=_flag(cli_vars.get("verify", "0")))
     build.remote = remote.from_settings(remote.settings_from(cli_vars, os.environ))  # no fsspec import yet
     return build
@@ -130,10 +130,10 @@ def generate_request(cli_vars: dict[str, str], build: Build, argv: list[str]) ->
     from stages.errors import fail
 
     if "generate" not in argv[1:]:
-        given = sorted(set(cli_vars) & set(GENERATE_VARS))
+        given = sorted(set(cli_vars) & set(GENERATE_VARS) - {"lora"})
         if given:
             raise fail("command line", given[0], "is a doit generate variable; allowed here: recipe=, model=, "
-                       "remote=, verify=, KEY.PATH=VALUE (see doit help build)")
+                       "remote=, verify=, lora=, KEY.PATH=VALUE (see doit help build)")
         return None
     return parse_request(cli_vars, build.loaded, build.root)
 

@@ -12,6 +12,7 @@ from types import ModuleType
 from typing import Any
 
 from stages.families.base import ALL_SURGERY, ComponentInfo, Family
+from stages.families.qwen_image import lora_targets
 
 
 def _text_encoder() -> ModuleType:
@@ -69,6 +70,7 @@ FAMILY = Family(
         "transformer": ComponentInfo(
             _transformer, _transformer_feed, ("transformer",), "transformer", ("sizes", "timesteps", "text_tokens"),
             ("sample",), quantizable=True, block_pattern=r"^/transformer_blocks/(\d+)/",
+            lora_targets=lora_targets.BLOCK_LINEARS, lora_defaults=lora_targets.DEFAULT_TARGETS,
         ),
         "vae_decoder": ComponentInfo(
             _vae, _vae_decoder_feed, ("vae",), "vae", ("sizes",), ("image",), ALL_SURGERY[:3],

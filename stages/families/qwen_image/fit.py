@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from stages.families.qwen_image.lora_targets import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS
 from stages.families.qwen_image.text_branch import TEXT_BRANCH_PATTERNS
 from stages.targets import memory_fit
 
@@ -79,12 +80,27 @@ def activation_bytes(component: str, section: Any, checkpoint: Path, text_length
         return json.loads((checkpoint / folder / "config.json").read_text())
 
     if component == "transformer":
-        return memory_fit.transformer_activation_bytes(config("transformer"), batch, *profile.largest, text_length)
+        return (memory_fit.transformer_activation_bytes(config("transformer"), batch, *profile.largest, text_length)
+                + lora_input_bytes(config("transformer"), section.lora))
     if component == "text_encoder":
         loaded = config("text_encoder")
         return memory_fit.text_encoder_activation_bytes(loaded.get("text_config", loaded), batch,
                                                         text_length + PROMPT_TEMPLATE_TOKENS)
     return memory_fit.vae_decoder_activation_bytes(config("vae"), batch, profile.height.max, profile.width.max)
+
+
+def lora_input_bytes(config: dict[str, Any], lora: Any) -> int:
+    """Device bytes of the LoRA inputs at `max_rank` (fp16 down [in, R] and up [R, out] per targeted linear of every
+    block, stages.graphs.lora): at release width and rank 64 on the default targets ~0.79 GiB."""
+    if lora is None:
+        return 0
+    dim = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    sizes = {"img_mlp.net.0.proj": (dim, 4 * dim), "txt_mlp.net.0.proj": (dim, 4 * dim),
+             "img_mlp.net.2": (4 * dim, dim), "txt_mlp.net.2": (4 * dim, dim),
+             "img_mod.1": (dim, 6 * dim), "txt_mod.1": (dim, 6 * dim)}
+    targets = lora.targets or DEFAULT_LORA_TARGETS
+    per_block = sum(2 * lora.max_rank * sum(sizes.get(target, (dim, dim))) for target in targets)
+    return int(config["num_layers"]) * per_block + 4 * lora.max_rank
 
 
 def calls_per_image(component: str, section: Any, steps: int = DEFAULT_STEPS) -> int:

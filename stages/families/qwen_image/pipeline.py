@@ -115,7 +115,7 @@ def runtime_feed_config(export_dir: Path, component: str) -> dict[str, Any]:
 
 
 def engine_pipeline(runs: dict[str, ComponentRun], export_dirs: dict[str, Path], text_length: int,
-                    transformer_max_batch: int) -> Any:
+                    transformer_max_batch: int, scheduler: dict[str, Any] | None = None) -> Any:
     """The engine pipeline on component runs, configured from the files the exports ship: the tokenizer, the
     scheduler and the transformer's and VAE's configs."""
     transformer = export_dirs["transformer"]
@@ -123,8 +123,8 @@ def engine_pipeline(runs: dict[str, ComponentRun], export_dirs: dict[str, Path],
         raise fail(transformer, "scheduler/scheduler_config.json", "not shipped: the checkpoint the recipe was built "
                    "from has no scheduler/; allowed: a diffusers-layout checkpoint with model_index.json and scheduler/")
     return QwenImageEnginePipeline(
-        runs, scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(str(transformer), subfolder="scheduler",
-                                                                         local_files_only=True),
+        runs, scheduler=with_overrides(FlowMatchEulerDiscreteScheduler.from_pretrained(
+            str(transformer), subfolder="scheduler", local_files_only=True), scheduler or {}),
         tokenizer=qwen_tokenizer.load_tokenizer(export_dirs["text_encoder"]),
         transformer_config=component_config(transformer, "transformer", shipped=True),
         vae_scale_factor=qwen_vae.spatial_compression(component_config(export_dirs["vae_decoder"], "vae_decoder",
@@ -165,6 +165,12 @@ def load_scheduler(checkpoint_dir: str | Path) -> FlowMatchEulerDiscreteSchedule
                                                            local_files_only=True)
 
 
+def with_overrides(scheduler: FlowMatchEulerDiscreteScheduler, overrides: dict[str, Any]
+                   ) -> FlowMatchEulerDiscreteScheduler:
+    """The scheduler with a recipe's `sampling.scheduler` settings (e.g. Qwen-Image-Lightning's shift 3)."""
+    return FlowMatchEulerDiscreteScheduler.from_config({**scheduler.config, **overrides}) if overrides else scheduler
+
+
 def scheduler_differences(scheduler: FlowMatchEulerDiscreteScheduler) -> dict[str, Any]:
     """Settings where a checkpoint's scheduler departs from the released Qwen-Image one ({} when it matches)."""
     config = dict(scheduler.config)
@@ -196,11 +202,20 @@ def _common_call(settings: Any, text_length: int, latents: Any, callback: Any) -
     }
 
 
-def reference_runs(checkpoint_dir: str | Path, settings: Any, text_length: int,
-                   capture: Any) -> tuple[Any, list[tuple[np.ndarray, list[np.ndarray]]], dict[str, Any], Any]:
-    """Every prompt through the stock QwenImagePipeline: (latents, [(image, step latents)], scheduler, tokenizer)."""
+def reference_runs(checkpoint_dir: str | Path, settings: Any, text_length: int, capture: Any,
+                   loras: Any = (), scheduler: dict[str, Any] | None = None
+                   ) -> tuple[Any, list[tuple[np.ndarray, list[np.ndarray]]], dict[str, Any], Any]:
+    """Every prompt through the stock QwenImagePipeline: (latents, [(image, step latents)], scheduler, tokenizer);
+    `loras`: (file, scale) pairs loaded with `load_lora_weights` (PEFT); `scheduler`: config overrides."""
     pipeline = load_pipeline(checkpoint_dir)
     pipeline.set_progress_bar_config(disable=True)
+    if scheduler:
+        pipeline.scheduler = with_overrides(pipeline.scheduler, scheduler)
+    if loras:
+        names = [f"lora{index}" for index in range(len(loras))]
+        for name, (path, _) in zip(names, loras):
+            pipeline.load_lora_weights(str(path), adapter_name=name)
+        pipeline.set_adapters(names, [float(scale) for _, scale in loras])
     latents = initial_latents(pipeline, settings.height, settings.width, settings.seed)
     results = []
     for prompt in settings.prompts:
@@ -210,17 +225,17 @@ def reference_runs(checkpoint_dir: str | Path, settings: Any, text_length: int,
         results.append((np.asarray(images[0].convert("RGB")), list(steps)))
     differences = scheduler_differences(pipeline.scheduler)
     scheduler_report = {"class": type(pipeline.scheduler).__name__, "matches_released": not differences,
-                        "differences_from_released": differences}
+                        "differences_from_released": differences, "recipe_overrides": scheduler or {}}
     return latents, results, scheduler_report, pipeline.tokenizer
 
 
 def graph_runs(checkpoint_dir: str | Path, components: dict[str, Any], settings: Any, text_length: int, latents: Any,
-               tokenizer: Any, capture: Any, transformer_max_batch: int = 2
+               tokenizer: Any, capture: Any, transformer_max_batch: int = 2, scheduler: dict[str, Any] | None = None
                ) -> tuple[list[tuple[np.ndarray, list[np.ndarray], int, int]], int]:
     """Every prompt through the engine pipeline users run (`QwenImageEnginePipeline`) on the components' runs:
     ([(image, steps, truncated, transformer calls)], negative prompt truncation)."""
     pipe = QwenImageEnginePipeline(
-        components, scheduler=load_scheduler(checkpoint_dir), tokenizer=tokenizer,
+        components, scheduler=with_overrides(load_scheduler(checkpoint_dir), scheduler or {}), tokenizer=tokenizer,
         transformer_config=component_config(checkpoint_dir, "transformer"),
         vae_scale_factor=qwen_vae.spatial_compression(component_config(checkpoint_dir, "vae_decoder")),
         text_length=text_length, transformer_max_batch=transformer_max_batch)
@@ -235,3 +250,21 @@ def graph_runs(checkpoint_dir: str | Path, components: dict[str, Any], settings:
         negative_cut = truncated[-1] if settings.true_cfg_scale > 1 else 0
         results.append((np.asarray(image.convert("RGB")), list(steps), truncated[0], pipe.timings.transformer_calls))
     return results, negative_cut
+
+
+def lora_binding(specs: list[tuple[Path, float]], graph: Path, targets: list[str]
+                 ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """(the transformer's LoRA inputs, what is bound) for these (file, scale) pairs; `graph`: the ONNX the engine was
+    built from (its LoRA inputs' names and shapes, its weights' names), `targets`: the recipe's LoRA targets."""
+    import onnx
+
+    from stages.families.qwen_image import lora
+    from stages.graphs.lora import graph_branches
+
+    model = onnx.load(str(graph), load_external_data=False).graph
+    rank, branches = graph_branches((v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in model.input)
+    _, pruned = qwen_image.lora_modules([t.name for t in model.initializer], targets)
+    files = [(lora.read_lora(path), scale) for path, scale in specs]
+    feed = lora.bind(files, branches, rank, set(pruned))
+    return feed, [{"file": weights.path.name, "sha256": weights.sha256, "scale": scale, "rank": weights.rank}
+                  for weights, scale in files]

@@ -22,6 +22,7 @@ from diffusers import QwenImageTransformer2DModel
 
 from stages.families.qwen_image.shards import ShardReader as _ShardReader
 from stages.families.qwen_image.shards import one_block_at_a_time, ship_files
+from stages.families.qwen_image.lora_targets import lora_modules  # noqa: F401 - the family contract
 from stages.families.qwen_image.text_branch import TEXT_BRANCH_PATTERNS  # noqa: F401 - the family contract
 
 TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
@@ -324,6 +325,35 @@ def validation_cases(model: QwenImageTransformer2DModel, settings: Any, text_len
                 "feed": transformer_engine_inputs(**call, axes_dims_rope=config.axes_dims_rope),
             })
     return cases
+
+
+def lora_cases(model: QwenImageTransformer2DModel, cases: list[dict[str, Any]], targets: Sequence[str], max_rank: int,
+               scale: float, work: Path, seed: int, graph_inputs: Sequence[tuple[str, Sequence[int]]]
+               ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The first case again with a LoRA bound: synthetic files of the targets' shapes, rank `max_rank` (PEFT keys and
+    metadata alpha) and a lower rank, zero-padded (kohya keys, `.alpha`), at `scale`; each case's reference is
+    diffusers + PEFT loading that file into the fp32 model. Returns (cases with `reference`, what the report says)."""
+    import copy
+
+    from stages.families.qwen_image import lora
+    from stages.graphs.lora import graph_branches
+
+    rank, branches = graph_branches(graph_inputs)
+    shapes = lora.linear_shapes(model, targets)
+    pruned = set(shapes) - {branch.module for branch in branches}  # the export left them out: they reach no output
+    found, files = [], []
+    for number, (lora_rank, fmt) in enumerate(((max_rank, "peft"), (max(1, max_rank // 4), "kohya"))):
+        path = lora.write_synthetic(work / f"lora-{number}-rank{lora_rank}-{fmt}.safetensors", shapes, lora_rank,
+                                    seed + 1000 + number, fmt, alpha=lora_rank / 2)
+        weights = lora.read_lora(path)
+        binding = lora.bind([(weights, scale)], branches, rank, pruned)
+        with torch.no_grad():
+            reference = reference_outputs(lora.apply_with_peft(copy.deepcopy(model), [(path, scale)]), cases[0])
+        found.append({**cases[0], "description": f"{cases[0]['description']} + LoRA rank {lora_rank} ({fmt} keys) "
+                      f"at scale {scale:g}", "feed": {**cases[0]["feed"], **binding}, "reference": reference})
+        files.append({"rank": lora_rank, "format": fmt, "alpha": lora_rank / 2, "sha256": weights.sha256})
+    return found, {"max_rank": rank, "scale": scale, "files": files, "cases": [c["description"] for c in found],
+                   "reference": "diffusers load_lora_into_transformer (PEFT) on the fp32 model"}
 
 
 def reference_outputs(model: QwenImageTransformer2DModel, case: dict[str, Any]) -> dict[str, np.ndarray]:
