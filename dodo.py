@@ -33,7 +33,7 @@ for stop in (signal.SIGINT, signal.SIGTERM):  # SIGTERM stops a build as Ctrl-C 
 log.configure()
 
 try:
-    BUILD = load_from_command_line(command_line_vars())
+    BUILD = load_from_command_line(command_line_vars(), generating="generate" in sys.argv[1:])
     AUDIT = audit_request(command_line_vars(), BUILD)
     GENERATE = generate_request(command_line_vars(), BUILD, sys.argv)
     DOIT_CONFIG["reporter"] = ci.reporter(banners(BUILD), STOP)

@@ -36,6 +36,7 @@ from stages.errors import fail
 from stages.families import DEFAULT_FAMILY, FAMILIES
 from stages.graphs.runners import OnnxRuntimeRunner, RunnerName, engine_runner, engine_unrunnable_reason
 from stages.language import prompt_language
+from stages.store.digests import sha256_file
 
 REFERENCE, ORT, TRT = RunnerName.REFERENCE.value, RunnerName.ONNXRUNTIME.value, RunnerName.ENGINE.value
 
@@ -217,6 +218,7 @@ class PipelineCheck:
             "components": {runner: run["components"] for runner, run in runs.items()},
             "onnx": {c: _display_path(p, self.display_root) for c, p in self.onnx_paths.items()},
             "scheduler": scheduler,
+            "lora": [{"file": path.name, "sha256": sha256_file(path), "scale": scale} for path, scale in self.loras],
             "settings": {"height": s.height, "width": s.width, "num_inference_steps": s.num_inference_steps,
                          "true_cfg_scale": s.true_cfg_scale, "seed": s.seed, "negative_prompt": s.negative_prompt,
                          "text_length": self.text_length},
@@ -370,7 +372,7 @@ def from_recipe(loaded: Any, component: str | None, inputs: Any) -> PipelineChec
         family=loaded.recipe.family,
         transformer_max_batch=(loaded.recipe.components["transformer"].profile.batch.max
                                if "transformer" in built else 2),
-        loras=tuple((Path(item["path"]), float(item["scale"])) for item in loaded.lora),
+        loras=tuple((Path(item["path"]), float(item["scale"])) for item in loaded.check_loras),
         lora_targets=_lora_targets(loaded),
         scheduler=dict(loaded.recipe.sampling.scheduler),
     )

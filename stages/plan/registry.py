@@ -56,7 +56,7 @@ def _pipeline_check_settings(loaded: LoadedRecipe, component: str | None) -> dic
     """The section, the sampling scheduler, and `lora=` by content (sha256 and scale, not the path)."""
     return {"pipeline_check": loaded.resolved.get("pipeline_check"), "target": loaded.resolved["target"],
             "text_length": loaded.recipe.text_length, "scheduler": loaded.resolved["sampling"]["scheduler"],
-            "lora": [{"sha256": item["sha256"], "scale": item["scale"]} for item in loaded.lora]}
+            "lora": [{"sha256": item["sha256"], "scale": item["scale"]} for item in loaded.check_loras]}
 
 
 def _engine_settings(loaded: LoadedRecipe, component: str | None) -> dict[str, Any]:

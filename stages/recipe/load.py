@@ -61,9 +61,10 @@ def shipped_recipes() -> list[str]:
 
 
 def load_recipe(recipe: str, overrides: dict[str, str] | None = None, model: str | None = None,
-                lora: str | None = None) -> LoadedRecipe:
+                lora: str | None = None, generating: bool = False) -> LoadedRecipe:
     """Load, merge, override and validate a recipe; raises ForgeError with a one-line message. `lora`: the
-    command line's `lora=` (the LoRAs the pipeline check binds; `doit generate` reads it too)."""
+    command line's `lora=`, which the pipeline check binds on `doit build` (and, for a recipe whose sampling requires
+    a LoRA, on `doit generate`); `doit generate` binds it to its images either way."""
     path = resolve_recipe_path(recipe)
     if model is not None and not model.strip():
         raise fail("command line", "model=", "is empty; allowed: tiny (the built-in random-weight model) or the path "
@@ -100,6 +101,7 @@ def load_recipe(recipe: str, overrides: dict[str, str] | None = None, model: str
         parts={component: dataclasses.asdict(choice) for component, choice in split.items()},
         pipeline_check_not_run=pipeline_check_refusal(validated),
         lora=loras,
+        lora_in_check=not generating or validated.sampling.lora == "required",
     )
 
 

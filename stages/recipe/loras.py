@@ -48,7 +48,12 @@ def parse_lora(text: str, settings: Any, source: str = SOURCE) -> tuple[tuple[Pa
         if rank > settings.max_rank:
             raise fail(path, key, f"rank {rank} is above the engine's {settings.max_rank} "
                        f"(components.transformer.lora.max_rank); allowed: rank 1..{settings.max_rank}")
-        found.append((path, scale))
-    return tuple(found)
+        found.append((path, scale, rank))
+    total = sum(rank for _, _, rank in found)
+    if total > settings.max_rank:
+        raise fail(source, "lora", f"{' + '.join(f'{p.name} (rank {r})' for p, _, r in found)} = rank {total} "
+                   f"together, above the engine's {settings.max_rank} (components.transformer.lora.max_rank); "
+                   "allowed: LoRAs whose ranks sum to at most that")
+    return tuple((path, scale) for path, scale, _ in found)
 
 

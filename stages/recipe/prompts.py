@@ -27,9 +27,9 @@ def check_settings(settings: Any, text_length: int, source: str | Path | None = 
                         f"(languages found: {languages})")
     if not any(QUOTED.search(p) for p in prompts):
         raise error("prompts", 'needs at least one prompt asking for rendered text, quoted as "..." or “...”')
-    if not settings.true_cfg_scale > 1:
-        raise error("true_cfg_scale", f"must be > 1 so the pipeline runs CFG with the negative prompt, "
-                    f"got {settings.true_cfg_scale}")
+    if not settings.true_cfg_scale >= 1:
+        raise error("true_cfg_scale", f"must be > 1 (CFG with the negative prompt) or 1 (no CFG: a distilled "
+                    f"sampler such as Qwen-Image-Lightning), got {settings.true_cfg_scale}")
     for key in ("height", "width"):
         value = getattr(settings, key)
         if not isinstance(value, int) or value <= 0 or value % 16:

@@ -449,6 +449,11 @@ class LoadedRecipe(BaseModel):
     parts: dict[str, dict[str, Any]] = {}  # component -> stages.recipe.fit.PartsChoice as a dict
     pipeline_check_not_run: str | None = None  # why the recipe's pipeline check does not run with this checkpoint
     lora: list[dict[str, Any]] = []  # `lora=` on the command line: [{path, sha256, scale}]
+    lora_in_check: bool = False  # the pipeline check binds them (doit build, or a recipe that requires a LoRA)
+
+    @property
+    def check_loras(self) -> list[dict[str, Any]]:
+        return self.lora if self.lora_in_check else []
 
     @property
     def family(self) -> Family:

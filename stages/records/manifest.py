@@ -96,7 +96,7 @@ def _pipeline_check_entry(build: Build) -> dict[str, Any] | None:
     if report is None:
         return None
     keep = ("passed", "runner", "runners", "reference", "engine", "components", "thresholds", "settings",
-            "truncated_prompts", "summary", "failure")
+            "scheduler", "lora", "truncated_prompts", "summary", "failure")
     return {**{k: report[k] for k in keep if k in report},
             "prompts": [{k: p[k] for k in ("index", "prompt", "language", "runs") if k in p}
                         for p in report.get("prompts", [])],

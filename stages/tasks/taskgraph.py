@@ -33,11 +33,12 @@ def command_line_vars() -> dict[str, str]:
     return dict(doit_cmd._CMDLINE_VARS or {})
 
 
-def load_from_command_line(cli_vars: dict[str, str]) -> Build:
+def load_from_command_line(cli_vars: dict[str, str], generating: bool = False) -> Build:
     """Everything checkable is checked here, before doit runs any task; raises ForgeError (one line)."""
     overrides = {key: value for key, value in cli_vars.items() if key not in RESERVED_VARS}
     recipe = cli_vars.get("recipe") or _first_audited(cli_vars) or DEFAULT_RECIPE
-    loaded = load_recipe(recipe, overrides=overrides, model=cli_vars.get("model"), lora=cli_vars.get("lora"))
+    loaded = load_recipe(recipe, overrides=overrides, model=cli_vars.get("model"), lora=cli_vars.get("lora"),
+                         generating=generating)
     build = Build(loaded, artifacts_root(), deep=_flag(cli_vars.get("verify", "0")))
     build.remote = remote.from_settings(remote.settings_from(cli_vars, os.environ))  # no fsspec import yet
     return build
