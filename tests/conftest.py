@@ -91,7 +91,7 @@ WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1 under `pytest -n 
 # first file needs the session build (`built`, both cores); the second does not, so the other worker works
 # meanwhile. Measured wall seconds per file on the 2-core machine; files not listed follow in their own order.
 LONGEST_FIRST = ("test_recipes.py", "test_weights.py", "test_crash.py", "test_pipeline_check.py", "test_remote.py",
-                 "test_dodo.py", "test_code_change.py", "test_views.py", "test_parts.py", "test_command_line.py",
+                 "test_dodo.py", "test_code_change.py", "test_views.py", "test_lora.py", "test_parts.py", "test_command_line.py",
                  "test_isolation.py", "test_quantize.py", "test_audit.py")  # 333 s ... 28 s (2026-12-02)
 
 

@@ -489,7 +489,7 @@ def test_recipe_thresholds_gate_the_audit(audited: dict) -> None:
 
 
 @pytest.mark.parametrize("value, message", [
-    ("nope", "recipes=: no recipe named 'nope'; allowed: comma-separated recipe names (a10-fp16, a10-int8, "),
+    ("nope", "recipes=: no recipe named 'nope'; allowed: comma-separated recipe names (a10-fp16, a10-fp16-lightning, "),
     ("", "recipes=: is empty; allowed: comma-separated recipe names"),
     ("a10-fp16,,a10-int8", "recipes=: has an empty name in 'a10-fp16,,a10-int8'; allowed:"),
     ("missing.yaml", "recipes=: recipe file 'missing.yaml' not found; allowed:"),

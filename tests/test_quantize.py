@@ -38,9 +38,10 @@ BLOCK_PATTERN = r"^/transformer_blocks/(\d+)/"
 
 
 @pytest.fixture(scope="session")
-def surgery(built: dict[str, Path]) -> SimpleNamespace:
-    """The surgery stage's transformer output of the session's a10-fp16 build, and the real tiny transformer."""
-    recipe = built["recipe"]
+def surgery(built: dict[str, Path], built_int8: tuple) -> SimpleNamespace:
+    """The surgery stage's transformer output of the session's a10-int8 build (a10-fp16's passes, without LoRA
+    inputs: quantized plans have none), and the real tiny transformer."""
+    recipe = built["artifacts"] / "a10-int8"
     record = json.loads((recipe / "transformer" / "surgery" / "record.json").read_text())
     config = json.loads((recipe / "checkpoint" / "transformer" / "config.json").read_text())
     return SimpleNamespace(onnx=recipe / "transformer" / "surgery" / "model.onnx", config=config,

@@ -102,15 +102,16 @@ def test_rtx5090_fp8_reuses_identical_calibration(workspace: dict) -> None:
 
 
 def test_identical_work_is_done_once_across_recipes(workspace: dict) -> None:
-    """a10-int8 after a10-fp16: the checkpoint, every export and surgery, and the text encoder's and VAE's
-    precision and engines are reused; rtx5090-fp8 after l40s-fp8 also reuses the calibration and quantization."""
+    """a10-int8 after a10-fp16: the checkpoint, every export, and the text encoder's and VAE's surgery, precision
+    and engines are reused (its transformer has no LoRA inputs, so its surgery is its own); rtx5090-fp8 after
+    l40s-fp8 also reuses the calibration and quantization."""
     _, _, log = workspace["builds"]["a10-int8"]
     int8 = "a10-int8"
-    shared = {f"checkpoint:{int8}", *(f"{s}:{int8}/{c}" for s in ("export", "surgery")
-                                       for c in ("text_encoder", "transformer", "vae_decoder")),
-              *(f"{s}:{int8}/{c}" for s in ("precision", "engine") for c in ("text_encoder", "vae_decoder"))}
+    shared = {f"checkpoint:{int8}", *(f"export:{int8}/{c}" for c in ("text_encoder", "transformer", "vae_decoder")),
+              *(f"{s}:{int8}/{c}" for s in ("surgery", "precision", "engine") for c in ("text_encoder", "vae_decoder"))}
     assert shared <= set(reused_tasks(log)) and not shared & set(built_tasks(log))
-    assert {f"precision:{int8}/transformer", f"engine:{int8}/transformer"} <= set(built_tasks(log))
+    assert {f"surgery:{int8}/transformer", f"precision:{int8}/transformer",
+            f"engine:{int8}/transformer"} <= set(built_tasks(log))
     _, _, log = workspace["builds"]["rtx5090-fp8"]
     assert f"precision:{name_of('rtx5090-fp8')}/transformer" in reused_tasks(log)
     assert not [task for task in built_tasks(log) if task.startswith(("checkpoint:", "export:", "surgery:", "calibration:"))]

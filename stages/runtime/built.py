@@ -13,17 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from stages.errors import fail
+from stages.store.digests import sha256_file
 
 MANIFEST = "manifest.json"
 COMPONENTS = ("text_encoder", "transformer", "vae_decoder")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -130,7 +123,7 @@ class BuiltRecipe:
             return path
         if not path.is_file():
             raise fail(path, "sha256", "missing; rebuild the recipe (doit build recipe=...)")
-        if sha256_of(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise fail(path, "sha256", f"does not match the manifest ({entry['sha256'][:12]}...): damaged or replaced; "
                        "rebuild the recipe")
         self.verified.add(entry["path"])

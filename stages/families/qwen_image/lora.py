@@ -10,7 +10,6 @@ adds per linear is then `scale * scaling * x A^T B^T`, which is what PEFT comput
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import torch
 from stages.errors import fail
 from stages.graphs.lora import SCALE_INPUT, Branch, down_input, up_input
 from stages.safetensors import read_header
+from stages.store.digests import sha256_file
 
 PREFIX = "transformer."  # diffusers loads a Qwen-Image LoRA's keys under the pipeline's transformer
 RANKS_KEY = "components.transformer.lora.max_rank"
@@ -40,14 +40,6 @@ class LoraFile:
     @property
     def rank(self) -> int:
         return max(a.shape[0] for a, _ in self.modules.values())
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_lora(path: str | Path) -> LoraFile:
@@ -98,7 +90,7 @@ def read_lora(path: str | Path) -> LoraFile:
         alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
         scaling = alpha / (math.sqrt(rank) if config.use_rslora else rank)
         modules[module] = (a.float().numpy(), (b.float() * scaling).numpy())
-    return LoraFile(path, sha256_of(path), modules)
+    return LoraFile(path, sha256_file(path), modules)
 
 
 def check_fits(lora: LoraFile, branches: Sequence[Branch], max_rank: int, pruned: Collection[str] = ()) -> None:
