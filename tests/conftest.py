@@ -179,8 +179,7 @@ SMALL_RECIPE = REPO / "tests" / "recipes" / "transformer-only.yaml"
 SMALL_ARGS = ["build", f"recipe={SMALL_RECIPE}"]
 
 
-SHARED_WITH_SMALL = ("checkpoint", "transformer/export", "transformer/surgery", "transformer/precision",
-                     "transformer/engine")
+SHARED_WITH_SMALL = ("checkpoint", "transformer/export")  # its transformer has no LoRA inputs: its own surgery on
 
 
 def copy_entries(view: Path, labels: tuple[str, ...], artifacts: Path) -> None:
@@ -206,12 +205,13 @@ def copy_entries(view: Path, labels: tuple[str, ...], artifacts: Path) -> None:
 def small(built: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A transformer-only build in a root of its own, for tests that damage, edit or clean (they leave it built).
     Its root starts with copies of the session build's entries it shares (same keys: checkpoint, the transformer's
-    export to engine), so only its own validation is computed."""
+    export); its transformer has no LoRA inputs, so its surgery, precision, engine and validation are its own."""
     root = tmp_path_factory.mktemp("small")
     artifacts, db = root / "artifacts", root / "doit.db"
     copy_entries(built["recipe"], SHARED_WITH_SMALL, artifacts)
     result = run_doit(SMALL_ARGS, artifacts, db)
-    assert {task.split(":")[0] for task in built_tasks(result.stderr)} == {"validate"}, result.stderr[-2000:]
+    assert {task.split(":")[0] for task in built_tasks(result.stderr)} == {"surgery", "precision", "engine", "validate"}, \
+        result.stderr[-2000:]
     name = view_name(str(SMALL_RECIPE))
     return {"artifacts": artifacts, "db": db, "args": SMALL_ARGS, "name": name, "view": artifacts / name}
 

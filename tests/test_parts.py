@@ -13,14 +13,15 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.conftest import (REPO, SMALL_ARGS, SMALL_RECIPE, built_tasks, copy_entries, forget_symbolic_dims, run_doit,
-                            verify_manifest, view_name)
 from stages.engine import BuildEngine
 from stages.errors import ForgeError
 from stages.families.qwen_image import FAMILY
 from stages.families.qwen_image import transformer as qwen_image
 from stages.graphs import blockwise, parts
+from stages.graphs.lora import is_lora_input
 from stages.graphs.runners import ChainedRunner, OnnxRuntimeRunner, run_all
+from tests.conftest import (REPO, SMALL_ARGS, SMALL_RECIPE, built_tasks, copy_entries, forget_symbolic_dims, run_doit,
+                            verify_manifest, view_name)
 from stages.recipe.load import load_recipe
 
 PATTERN = FAMILY.components["transformer"].block_pattern
@@ -131,6 +132,9 @@ def test_bad_part_settings_are_refused_in_one_line_before_work(tmp_path: Path) -
     assert "build.parts" in result.stderr + result.stdout and not artifacts.exists(), "nothing written"
 
 
+WITH_LORA = "components.transformer.lora={max_rank: 64}"  # a10-fp16's LoRA inputs: its validation binds LoRAs
+
+
 @pytest.fixture(scope="module")
 def split_build(built: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The transformer-only recipe with its engine forced into two parts, in a root of its own that starts with
@@ -139,9 +143,9 @@ def split_build(built: dict[str, Any], tmp_path_factory: pytest.TempPathFactory)
     artifacts, db = root / "artifacts", root / "doit.db"
     copy_entries(built["recipe"], ("checkpoint", "transformer/export", "transformer/surgery", "transformer/precision"),
                  artifacts)
-    args = [*SMALL_ARGS, SPLIT]
+    args = [*SMALL_ARGS, SPLIT, WITH_LORA]
     result = run_doit(args, artifacts, db)
-    name = view_name(str(SMALL_RECIPE), overrides=[SPLIT])
+    name = view_name(str(SMALL_RECIPE), overrides=[SPLIT, WITH_LORA])
     return {"artifacts": artifacts, "db": db, "args": args, "view": artifacts / name, "name": name, "log": result}
 
 

@@ -26,7 +26,7 @@ from stages.paths import REPO_DIR
 from stages.plan import noop
 from stages.tasks.ci import EXIT_INTERRUPTED, Tally
 
-USAGE = ("[recipe=NAME|FILE.yaml] [model=tiny|DIR] [remote=URL] [remote_required=1] [verify=1] "
+USAGE = ("[recipe=NAME|FILE.yaml] [model=tiny|DIR] [remote=URL] [remote_required=1] [verify=1] [lora=FILE[:SCALE]] "
          "[KEY.PATH=VALUE ...] [-n N] [-v 0|1|2]")
 
 DESCRIPTION = """\
@@ -41,6 +41,8 @@ Variables (key=value, anywhere on the line):
                           default: the FORGE_REMOTE environment variable
   remote_required=1       an unreachable remote fails the build (exit 1) instead of a local build
   verify=1                rehash every output the build uses instead of the size/mtime/inode check
+  lora=FILE[:SCALE],...   LoRA .safetensors the pipeline check binds to the transformer's LoRA inputs (required by
+                          recipes whose sampling.lora is required, e.g. a10-fp16-lightning); by content in its key
   KEY.PATH=VALUE          override any recipe value, e.g. components.transformer.validate.max_cases=1;
                           an overridden build has a view of its own, artifacts/<recipe>-<digest>
 
