@@ -166,7 +166,7 @@ def test_build_from_checkpoint_directory(built: dict[str, Path], checkpoint_buil
     assert str(checkpoint_build["checkpoint"]) not in json.dumps(manifest)
     assert not (checkpoint_build["recipe"] / "checkpoint").exists()
     mine = artifact_digests(manifest)
-    assert mine["transformer/surgery/model.onnx"] == artifact_digests(tiny)["transformer/surgery/model.onnx"]
+    assert mine["transformer/export/model.onnx"] == artifact_digests(tiny)["transformer/export/model.onnx"]
     assert list(manifest["components"]) == ["transformer"] and manifest["pipeline_check"] is None
     assert manifest["components"]["transformer"]["validation"]["passed"]
 
