@@ -87,7 +87,7 @@ class EnginePipeline:
         Files are read with diffusers' loader; one that does not fit the engine is refused in one line and the
         LoRAs bound before stay bound."""
         from stages.families import FAMILIES
-        from stages.runtime.request import parse_lora
+        from stages.recipe.loras import parse_lora
 
         settings = self.built.lora_settings
         if isinstance(lora, str):

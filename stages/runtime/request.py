@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from stages.errors import fail
-from stages.recipe.loras import parse_lora
 from stages.runtime.built import COMPONENTS
 
 RUNNERS = ("auto", "engine", "onnxruntime")
