@@ -147,14 +147,12 @@ def built(shared_artifacts: dict[str, Path]) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def built_int8(built: dict[str, Any], shared_artifacts: dict[str, Path]) -> tuple[dict, list[str], str]:
-    """a10-int8 as shipped, after a10-fp16 and into the same store, once per session, one task at a time (both
-    cores are busy with the two test workers, and `-n 2` costs every task process its own imports: a cold a10-fp16
-    took 146 s of CPU with `-n 2`, 119 s without; the session's a10-fp16 build keeps `-n 2`) (test_recipes reads its
+    """a10-int8 as shipped, after a10-fp16 and into the same store, once per session (test_recipes reads its
     log: what it shares with a10-fp16 is reused; test_audit audits it beside a10-fp16). Returns (manifest,
     executed tasks, stderr)."""
     artifacts, db = built["artifacts"], built["db"]
     result = once_per_session(shared_artifacts["root"], "a10-int8",
-                              lambda: run_doit(["build", "recipe=a10-int8"], artifacts, db))
+                              lambda: run_doit(["build", "recipe=a10-int8", "-n", "2"], artifacts, db))
     manifest = json.loads((artifacts / "a10-int8" / "manifest.json").read_text())
     return manifest, executed_tasks(result.stdout), result.stderr
 

@@ -146,7 +146,7 @@ def test_the_lightning_recipe_shares_the_engines_and_checks_eight_uncfg_steps(se
     built = setup["built"]
     refused = run_doit(["build", "recipe=a10-fp16-lightning"], built["artifacts"], built["db"], check=False)
     assert refused.returncode == 2 and "sampling.lora: required: give lora=FILE" in refused.stderr
-    result = run_doit(["build", "recipe=a10-fp16-lightning", f"lora={setup['files']['lightning']}"],
+    result = run_doit(["build", "recipe=a10-fp16-lightning", f"lora={setup['files']['lightning']}", "-n", "2"],
                       built["artifacts"], built["db"])
     assert [t.split(":")[0] for t in built_tasks(result.stderr)] == ["pipeline_check"], result.stderr[-3000:]
     check = json.loads((built["artifacts"] / "a10-fp16-lightning" / "manifest.json").read_text())["pipeline_check"]
