@@ -20,24 +20,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.families.qwen_image.lora_targets import DEFAULT_TARGETS  # noqa: E402
+from stages.families.qwen_image.lora_targets import DEFAULT_TARGETS, block_linear_shapes  # noqa: E402
 
 RELEASED = {"num_layers": 60, "num_attention_heads": 24, "attention_head_dim": 128}
 SIZES = ((1024, 1024), (1328, 1328), (1664, 928))
 TEXT = 256
 
 
-def shapes(dim: int) -> dict[str, tuple[int, int]]:
-    mlp = {"img_mlp.net.0.proj": (dim, 4 * dim), "txt_mlp.net.0.proj": (dim, 4 * dim),
-           "img_mlp.net.2": (4 * dim, dim), "txt_mlp.net.2": (4 * dim, dim)}
-    return {target: mlp.get(target, (dim, dim)) for target in DEFAULT_TARGETS}
-
-
 def figures(config: dict[str, int], rank: int) -> dict[str, object]:
     dim = config["num_attention_heads"] * config["attention_head_dim"]
     per_stream = {"image": [t for t in DEFAULT_TARGETS if not t.startswith(("txt", "attn.add", "attn.to_add"))]}
     per_stream["text"] = [t for t in DEFAULT_TARGETS if t not in per_stream["image"]]
-    linear = shapes(dim)
+    linear = {target: shape for target, shape in block_linear_shapes(dim).items() if target in DEFAULT_TARGETS}
     rows = []
     for height, width in SIZES:
         tokens = {"image": (height // 16) * (width // 16), "text": TEXT}

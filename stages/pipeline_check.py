@@ -36,7 +36,6 @@ from stages.errors import fail
 from stages.families import DEFAULT_FAMILY, FAMILIES
 from stages.graphs.runners import OnnxRuntimeRunner, RunnerName, engine_runner, engine_unrunnable_reason
 from stages.language import prompt_language
-from stages.store.digests import sha256_file
 
 REFERENCE, ORT, TRT = RunnerName.REFERENCE.value, RunnerName.ONNXRUNTIME.value, RunnerName.ENGINE.value
 
@@ -120,12 +119,14 @@ class PipelineCheck:
                  len(settings.prompts), settings.height, settings.width, settings.num_inference_steps,
                  settings.true_cfg_scale)
         latents, references, scheduler_report, tokenizer = self._reference_runs()
-        runs = {ORT: self._graph_runs(ORT, latents, tokenizer)}
+        bound, loras = (self.hooks.lora_binding(list(self.loras), self.onnx_paths["transformer"],
+                                                list(self.lora_targets)) if self.loras else ({}, []))
+        runs = {ORT: self._graph_runs(ORT, latents, tokenizer, bound)}
         engine = self._engine_status()
         if engine["ran"]:
-            runs[TRT] = self._graph_runs(TRT, latents, tokenizer)
+            runs[TRT] = self._graph_runs(TRT, latents, tokenizer, bound)
         prompts = [self._prompt_entry(index, reference, runs, out_dir) for index, reference in enumerate(references)]
-        report = self._report(prompts, runs, engine, scheduler_report)
+        report = self._report(prompts, runs, engine, scheduler_report, loras)
         (out_dir / METRICS_FILE).write_text(json.dumps({"thresholds": report["thresholds"], "prompts": prompts},
                                                        indent=2, ensure_ascii=False) + "\n")
         for line in report["summary"]:
@@ -140,10 +141,11 @@ class PipelineCheck:
             self.checkpoint_dir, self.settings, self.text_length, capture_steps, self.loras, dict(self.scheduler))
         return latents, [RunResult(image, steps) for image, steps in runs], scheduler_report, tokenizer
 
-    def _graph_runs(self, runner: str, latents: Any, tokenizer: Any) -> dict[str, Any]:
-        """All prompts with every component that has a graph replaced by it (ONNX Runtime or the engine)."""
+    def _graph_runs(self, runner: str, latents: Any, tokenizer: Any, bound: Mapping[str, Any]) -> dict[str, Any]:
+        """All prompts with every component that has a graph replaced by it (ONNX Runtime or the engine); `bound`:
+        the transformer's LoRA inputs."""
         with contextlib.ExitStack() as stack:
-            components, kinds = self._component_runs(runner, stack)
+            components, kinds = self._component_runs(runner, stack, bound)
             LOG.debug("%s: %s", runner, ", ".join(f"{c} on {k}" for c, k in kinds.items()))
             runs, negative_cut = self.hooks.graph_runs(self.checkpoint_dir, components, self.settings,
                                                        self.text_length, latents, tokenizer, capture_steps,
@@ -151,11 +153,10 @@ class PipelineCheck:
         results = [RunResult(image, steps, cut, calls) for image, steps, cut, calls in runs]
         return {"components": kinds, "results": results, "negative_prompt_truncated": negative_cut}
 
-    def _component_runs(self, runner: str, stack: contextlib.ExitStack) -> tuple[dict[str, Any], dict[str, str]]:
+    def _component_runs(self, runner: str, stack: contextlib.ExitStack, bound: Mapping[str, Any]
+                        ) -> tuple[dict[str, Any], dict[str, str]]:
         hooks = self.hooks
         runs, kinds = {}, {}
-        bound = (hooks.lora_binding(list(self.loras), self.onnx_paths["transformer"], list(self.lora_targets))[0]
-                 if self.loras else {})
         for component in self.graph_components:
             config = hooks.feed_config(self.checkpoint_dir, component)
             if runner == TRT and component in self.engine_paths:
@@ -203,7 +204,7 @@ class PipelineCheck:
         return entry
 
     def _report(self, prompts: list[dict[str, Any]], runs: dict[str, Any], engine: dict[str, Any],
-                scheduler: dict[str, Any]) -> dict[str, Any]:
+                scheduler: dict[str, Any], loras: list[dict[str, Any]]) -> dict[str, Any]:
         s = self.settings
         thresholds = {name: getattr(s.thresholds, name) for name in ("min_step_cosine", "min_psnr", "min_ssim")}
         failed = [f"prompt {p['index']} ({_short(p['prompt'])}) on {runner}: {', '.join(run['failures'])}"
@@ -218,7 +219,7 @@ class PipelineCheck:
             "components": {runner: run["components"] for runner, run in runs.items()},
             "onnx": {c: _display_path(p, self.display_root) for c, p in self.onnx_paths.items()},
             "scheduler": scheduler,
-            "lora": [{"file": path.name, "sha256": sha256_file(path), "scale": scale} for path, scale in self.loras],
+            "lora": loras,  # what was bound: file, sha256, scale, rank
             "settings": {"height": s.height, "width": s.width, "num_inference_steps": s.num_inference_steps,
                          "true_cfg_scale": s.true_cfg_scale, "seed": s.seed, "negative_prompt": s.negative_prompt,
                          "text_length": self.text_length},
@@ -373,13 +374,6 @@ def from_recipe(loaded: Any, component: str | None, inputs: Any) -> PipelineChec
         transformer_max_batch=(loaded.recipe.components["transformer"].profile.batch.max
                                if "transformer" in built else 2),
         loras=tuple((Path(item["path"]), float(item["scale"])) for item in loaded.check_loras),
-        lora_targets=_lora_targets(loaded),
+        lora_targets=loaded.lora_targets("transformer"),
         scheduler=dict(loaded.recipe.sampling.scheduler),
     )
-
-
-def _lora_targets(loaded: Any) -> tuple[str, ...]:
-    transformer = loaded.recipe.components.get("transformer")
-    if transformer is None or transformer.lora is None:
-        return ()
-    return tuple(transformer.lora.targets or loaded.family.components["transformer"].lora_defaults)

@@ -177,7 +177,6 @@ def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs
     assert component is not None
     source = inputs.dir("export", component) / MODEL_FILE
     section = loaded.recipe.components[component]
-    lora = section.lora
-    targets = tuple(lora.targets or loaded.family.components[component].lora_defaults) if lora else ()
     return GraphSurgery(component, source, tuple(section.surgery.passes), loaded.recipe.text_length,
-                        loaded.recipe.family, targets, lora.max_rank if lora else 0)
+                        loaded.recipe.family, loaded.lora_targets(component),
+                        section.lora.max_rank if section.lora else 0)

@@ -383,7 +383,7 @@ def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs
         blockwise=blockwise.wanted(loaded.recipe.components[component].validate_.blockwise, loaded.family,
                                    component, inputs.weights),
         lora=lora,
-        lora_targets=tuple(lora.targets or loaded.family.components[component].lora_defaults) if lora else (),
+        lora_targets=loaded.lora_targets(component),
     )
 
 

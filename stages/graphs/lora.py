@@ -19,7 +19,6 @@ from typing import Any
 
 SCALE_INPUT = "lora_scale"
 PREFIX = "lora."
-UP_DTYPE = DOWN_DTYPE = "float16"  # half the bytes of fp32 on the device; LoRA weights are bf16/fp16 when published
 
 
 def down_input(module: str) -> str:
@@ -56,12 +55,7 @@ def add_branches(model: Any, modules: Sequence[str], rank: int) -> list[Branch]:
     from onnx import TensorProto, helper
 
     graph = model.graph
-    weights = {t.name: list(t.dims) for t in graph.initializer}
-    weights.update({v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input})
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    weights, consumers = _weights_and_consumers(graph)
     graph.input.append(helper.make_tensor_value_info(SCALE_INPUT, TensorProto.FLOAT, [rank]))
     branches = []
     for module in modules:
@@ -86,12 +80,11 @@ def add_branches(model: Any, modules: Sequence[str], rank: int) -> list[Branch]:
             helper.make_node("Mul", [t["h"], SCALE_INPUT], [t["hs"]], name=f"{scope}/Mul_scale"),
             helper.make_node("MatMul", [t["hs"], t["up_f"]], [t["delta"]], name=f"{scope}/MatMul_up"),
         ]
+        if any(output.name == y for output in graph.output):
+            raise ValueError(f"{module}: a graph output is the linear itself; cannot branch it")
         total = helper.make_node("Add", [y, t["delta"]], [t["sum"]], name=f"{scope}/Add")
-        for reader in [n for n in graph.node if y in n.input]:
+        for reader in consumers.get(y, []):  # new nodes never read a linear's output, so the map stays right
             reader.input[:] = [t["sum"] if name == y else name for name in reader.input]
-        for output in graph.output:
-            if output.name == y:
-                raise ValueError(f"{module}: a graph output is the linear itself; cannot branch it")
         graph.node.extend([*nodes, total])
         branches.append(Branch(module, in_features, out_features))
     _toposort(model)
@@ -101,17 +94,10 @@ def add_branches(model: Any, modules: Sequence[str], rank: int) -> list[Branch]:
 def linear_flops_per_token(model: Any) -> int:
     """FLOPs per token of every linear applied to a token stream (MatMul on a weight; Gemms on a per-call vector,
     such as the modulation's, are not per token): what a LoRA branch's cost is a share of."""
-    graph = model.graph
-    weights = {t.name: list(t.dims) for t in graph.initializer}
-    weights.update({v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input
-                    if not is_lora_input(v.name)})
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    weights, consumers = _weights_and_consumers(model.graph)
     total = 0
     for name, dims in weights.items():
-        if len(dims) != 2 or not all(dims):
+        if len(dims) != 2 or not all(dims) or is_lora_input(name):
             continue
         try:
             reader = _reader(name, consumers)
@@ -119,6 +105,17 @@ def linear_flops_per_token(model: Any) -> int:
             continue
         total += 2 * dims[0] * dims[1] if reader.op_type == "MatMul" else 0
     return total
+
+
+def _weights_and_consumers(graph: Any) -> tuple[dict[str, list[int]], dict[str, list[Any]]]:
+    """{name: dims} of every initializer and graph input (weights are inputs while hidden), {tensor: its readers}."""
+    weights = {t.name: list(t.dims) for t in graph.initializer}
+    weights.update({v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input})
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return weights, consumers
 
 
 def _ends_with_bias(name: str, module: str) -> bool:

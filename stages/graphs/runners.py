@@ -123,6 +123,8 @@ class EngineRunner:
         self._stack: Any = None
         self._runner: Any = None
         self._cache: Any = None
+        self._declared: dict[str, Any] | None = None  # the engine's input shapes
+        self._zeros: dict[str, Any] = {}  # contiguous zeros for LoRA inputs a feed left unbound, made once each
 
     def __enter__(self) -> EngineRunner:
         import contextlib
@@ -151,9 +153,11 @@ class EngineRunner:
     def infer(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         import numpy as np
 
-        declared = self._runner.get_input_metadata()
-        unbound = lora.unbound_feed((n, m.shape) for n, m in declared.items() if n not in feed)
-        feed = {**{n: np.ascontiguousarray(v) for n, v in unbound.items()}, **feed}
+        if self._declared is None:
+            self._declared = {n: m.shape for n, m in self._runner.get_input_metadata().items()}
+        missing = [(n, shape) for n, shape in self._declared.items() if n not in feed and n not in self._zeros]
+        self._zeros.update({n: np.ascontiguousarray(v) for n, v in lora.unbound_feed(missing).items()})
+        feed = {**{n: self._zeros[n] for n in self._declared if n not in feed and n in self._zeros}, **feed}
         return {name: _as_float32(value) for name, value in self._runner.infer(feed).items()}
 
 

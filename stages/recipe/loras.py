@@ -12,12 +12,16 @@ from stages.safetensors import read_header
 SOURCE = "command line"
 
 
+def no_lora_inputs(source: str = SOURCE) -> Exception:
+    return fail(source, "lora", "the transformer engine has no LoRA inputs (components.transformer.lora is not set); "
+                "allowed: a recipe with a lora section, e.g. a10-fp16")
+
+
 def parse_lora(text: str, settings: Any, source: str = SOURCE) -> tuple[tuple[Path, float], ...]:
     """`FILE[:SCALE][,FILE2[:SCALE2]]` -> ((path, scale), ...), each file a readable .safetensors whose LoRA ranks
     (read from its header) fit the engine's `lora.max_rank`; one line naming what is wrong otherwise."""
     if settings is None:
-        raise fail(source, "lora", "the transformer engine has no LoRA inputs (components.transformer.lora is not "
-                   "set); allowed: a recipe with a lora section, e.g. a10-fp16")
+        raise no_lora_inputs(source)
     found = []
     for item in [part.strip() for part in text.split(",")]:
         if not item:

@@ -459,6 +459,14 @@ class LoadedRecipe(BaseModel):
     def family(self) -> Family:
         return self.recipe.family_spec
 
+    def lora_targets(self, component: str) -> tuple[str, ...]:
+        """The block linears that get LoRA branches: the recipe's `lora.targets`, else the family's defaults;
+        () where the component has no `lora` section."""
+        section = self.recipe.components.get(component)
+        if section is None or section.lora is None:
+            return ()
+        return tuple(section.lora.targets or self.family.components[component].lora_defaults)
+
     def part_count(self, component: str) -> int:
         """How many engines the component is built as (`build.parts` resolved at load time)."""
         return int(self.resolved["components"][component]["build"].get("parts", 1))

@@ -87,14 +87,14 @@ class EnginePipeline:
         Files are read with diffusers' loader; one that does not fit the engine is refused in one line and the
         LoRAs bound before stay bound."""
         from stages.families import FAMILIES
-        from stages.recipe.loras import parse_lora
+        from stages.recipe.loras import no_lora_inputs, parse_lora
 
         settings = self.built.lora_settings
         if isinstance(lora, str):
             lora = parse_lora(lora, settings, source="lora")
         specs = [(Path(path), float(scale)) for path, scale in (lora or [])]
         if specs and settings is None:
-            parse_lora(str(specs[0][0]), settings, source="lora")  # the one-line refusal: no LoRA inputs
+            raise no_lora_inputs("lora")
         if not specs:
             self._lora_feed, self.loras = {}, []
             return []

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.families.qwen_image.lora_targets import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS
+from stages.families.qwen_image.lora_targets import block_linear_shapes
 from stages.families.qwen_image.text_branch import TEXT_BRANCH_PATTERNS
 from stages.targets import memory_fit
 
@@ -94,12 +95,8 @@ def lora_input_bytes(config: dict[str, Any], lora: Any) -> int:
     block, stages.graphs.lora): at release width and rank 64 on the default targets ~0.79 GiB."""
     if lora is None:
         return 0
-    dim = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
-    sizes = {"img_mlp.net.0.proj": (dim, 4 * dim), "txt_mlp.net.0.proj": (dim, 4 * dim),
-             "img_mlp.net.2": (4 * dim, dim), "txt_mlp.net.2": (4 * dim, dim),
-             "img_mod.1": (dim, 6 * dim), "txt_mod.1": (dim, 6 * dim)}
-    targets = lora.targets or DEFAULT_LORA_TARGETS
-    per_block = sum(2 * lora.max_rank * sum(sizes.get(target, (dim, dim))) for target in targets)
+    shapes = block_linear_shapes(int(config["num_attention_heads"]) * int(config["attention_head_dim"]))
+    per_block = sum(2 * lora.max_rank * sum(shapes[target]) for target in lora.targets or DEFAULT_LORA_TARGETS)
     return int(config["num_layers"]) * per_block + 4 * lora.max_rank
 
 

@@ -21,19 +21,29 @@ BLOCK_LINEARS: tuple[str, ...] = (*DEFAULT_TARGETS, "img_mod.1", "txt_mod.1")
 BLOCKS = "transformer_blocks"
 
 
+def block_linear_shapes(width: int) -> dict[str, tuple[int, int]]:
+    """(in, out) of every block linear at a transformer width (heads x head dim): the MLPs widen 4x, the
+    modulations give 6 shifts/scales/gates."""
+    wide = {"img_mlp.net.0.proj": (width, 4 * width), "txt_mlp.net.0.proj": (width, 4 * width),
+            "img_mlp.net.2": (4 * width, width), "txt_mlp.net.2": (4 * width, width),
+            "img_mod.1": (width, 6 * width), "txt_mod.1": (width, 6 * width)}
+    return {target: wide.get(target, (width, width)) for target in BLOCK_LINEARS}
+
+
 def lora_modules(weight_names: Iterable[str], targets: Sequence[str]) -> tuple[list[str], list[str]]:
     """(present, absent) module paths `transformer_blocks.<i>.<target>` of a graph's blocks, by its weight names,
     block by block in the targets' order; absent: targeted linears the export left out (the last block's text
     stream reaches no output), whose LoRA weights change nothing."""
     pattern = re.compile(rf"(?:^|\.)({BLOCKS}\.(\d+)\.(.+))\.weight$")
+    order = {target: index for index, target in enumerate(targets)}
     found: dict[tuple[int, int], str] = {}
     blocks = set()
     for name in weight_names:
         match = pattern.search(name)
         if match:
             blocks.add(int(match.group(2)))
-            if match.group(3) in targets:
-                found[(int(match.group(2)), list(targets).index(match.group(3)))] = match.group(1)
-    every = [f"{BLOCKS}.{block}.{target}" for block in sorted(blocks) for target in targets]
+            if match.group(3) in order:
+                found[(int(match.group(2)), order[match.group(3)])] = match.group(1)
     present = [found[key] for key in sorted(found)]
-    return present, [module for module in every if module not in set(present)]
+    every = [f"{BLOCKS}.{block}.{target}" for block in sorted(blocks) for target in targets]
+    return present, [module for module in every if module not in found.values()]

@@ -17,6 +17,7 @@ from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, 
                        QwenImageTransformer2DModel)
 
 from stages.errors import fail
+from stages.families.qwen_image import lora as qwen_lora
 from stages.families.qwen_image import text_encoder as qwen_text_encoder
 from stages.families.qwen_image import tokenizer as qwen_tokenizer
 from stages.families.qwen_image import transformer as qwen_image
@@ -206,16 +207,14 @@ def reference_runs(checkpoint_dir: str | Path, settings: Any, text_length: int, 
                    loras: Any = (), scheduler: dict[str, Any] | None = None
                    ) -> tuple[Any, list[tuple[np.ndarray, list[np.ndarray]]], dict[str, Any], Any]:
     """Every prompt through the stock QwenImagePipeline: (latents, [(image, step latents)], scheduler, tokenizer);
-    `loras`: (file, scale) pairs loaded with `load_lora_weights` (PEFT); `scheduler`: config overrides."""
+    `loras`: (file, scale) pairs diffusers loads into its transformer through PEFT (what `load_lora_weights` does);
+    `scheduler`: config overrides."""
     pipeline = load_pipeline(checkpoint_dir)
     pipeline.set_progress_bar_config(disable=True)
     if scheduler:
         pipeline.scheduler = with_overrides(pipeline.scheduler, scheduler)
     if loras:
-        names = [f"lora{index}" for index in range(len(loras))]
-        for name, (path, _) in zip(names, loras):
-            pipeline.load_lora_weights(str(path), adapter_name=name)
-        pipeline.set_adapters(names, [float(scale) for _, scale in loras])
+        qwen_lora.apply_with_peft(pipeline.transformer, loras)
     latents = initial_latents(pipeline, settings.height, settings.width, settings.seed)
     results = []
     for prompt in settings.prompts:
@@ -258,13 +257,12 @@ def lora_binding(specs: list[tuple[Path, float]], graph: Path, targets: list[str
     built from (its LoRA inputs' names and shapes, its weights' names), `targets`: the recipe's LoRA targets."""
     import onnx
 
-    from stages.families.qwen_image import lora
     from stages.graphs.lora import graph_branches
 
     model = onnx.load(str(graph), load_external_data=False).graph
     rank, branches = graph_branches((v.name, [d.dim_value for d in v.type.tensor_type.shape.dim]) for v in model.input)
     _, pruned = qwen_image.lora_modules([t.name for t in model.initializer], targets)
-    files = [(lora.read_lora(path), scale) for path, scale in specs]
-    feed = lora.bind(files, branches, rank, set(pruned))
+    files = [(qwen_lora.read_lora(path), scale) for path, scale in specs]
+    feed = qwen_lora.bind(files, branches, rank, set(pruned))
     return feed, [{"file": weights.path.name, "sha256": weights.sha256, "scale": scale, "rank": weights.rank}
                   for weights, scale in files]
