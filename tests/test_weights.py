@@ -72,26 +72,39 @@ def load_script() -> ModuleType:
     return module
 
 
-def test_bf16_sharded_checkpoint_stays_bf16_through_fp16_plan(tmp_path: Path) -> None:
-    """A release-shaped (bf16, sharded, indexed) checkpoint at tiny size: weights stay bf16 in place; the
-    frozen text branch reads them through Casts to fp32, the rest through Casts to fp16; output as PyTorch's."""
+@pytest.fixture(scope="module")
+def bf16_surgery(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """A release-shaped (bf16, sharded, indexed) tiny transformer checkpoint, exported and through the recipe's
+    surgery passes (text length 32), by the stage classes themselves: (checkpoint, surgery graph, report)."""
     from stages.export import ExportOnnx
-    from stages.precision import ConvertPrecision
     from stages.surgery import GraphSurgery
 
+    root = tmp_path_factory.mktemp("bf16-sharded")
     synth = load_script()
-    checkpoint = tmp_path / "checkpoint"
+    checkpoint = root / "checkpoint"
     synth.write_component("transformer", checkpoint, synth.component_configs("tiny", None, None, None)["transformer"],
                           0, 200_000)
-    shards = sorted(p.name for p in (checkpoint / "transformer").glob("*.safetensors"))
-    assert len(shards) > 1
-    folders = {name: tmp_path / name for name in ("export", "surgery", "precision")}
+    folders = {name: root / name for name in ("export", "surgery")}
     for folder in folders.values():
         folder.mkdir()
     ExportOnnx("transformer", checkpoint, 32, 20)(folders["export"])
     passes = ("fold_constants", "infer_shapes", "fix_text_padding", "freeze_text_branch", "cleanup")
     surgery = GraphSurgery("transformer", folders["export"] / "model.onnx", passes, 32)(folders["surgery"])
-    ConvertPrecision("transformer", folders["surgery"] / "model.onnx", "fp16", "fp32",
+    return checkpoint, folders["surgery"] / "model.onnx", surgery
+
+
+def test_bf16_sharded_checkpoint_stays_bf16_through_fp16_plan(bf16_surgery: tuple[Path, Path, dict],
+                                                              tmp_path: Path) -> None:
+    """A release-shaped (bf16, sharded, indexed) checkpoint at tiny size: weights stay bf16 in place; the
+    frozen text branch reads them through Casts to fp32, the rest through Casts to fp16; output as PyTorch's."""
+    from stages.precision import ConvertPrecision
+
+    checkpoint, source, surgery = bf16_surgery
+    shards = sorted(p.name for p in (checkpoint / "transformer").glob("*.safetensors"))
+    assert len(shards) > 1
+    folders = {"precision": tmp_path / "precision"}
+    folders["precision"].mkdir()
+    ConvertPrecision("transformer", source, "fp16", "fp32",
                      tuple(surgery["frozen_nodes"]), ())(folders["precision"])
     path = folders["precision"] / "model.onnx"
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -165,25 +178,17 @@ def test_checkpoint_on_another_filesystem_is_copied_once(tmp_path: Path) -> None
         folder.rmdir()
 
 
-def test_weight_only_int8_of_a_bf16_checkpoint_writes_only_int8(tmp_path: Path) -> None:
+def test_weight_only_int8_of_a_bf16_checkpoint_writes_only_int8(bf16_surgery: tuple[Path, Path, dict],
+                                                                 tmp_path: Path) -> None:
     """ModelOpt hands back what it leaves unquantized (the frozen text branch) as fp16 copies of the bf16 weights:
     the stage references the bf16 tensors again through Casts, so it writes the INT8 weights and nothing else."""
-    from stages.export import ExportOnnx
     from stages.quantize import QUANTIZED_WEIGHTS, QuantizePrecision
     from stages.graphs.runners import onnxruntime_session
-    from stages.surgery import GraphSurgery
 
-    synth = load_script()
-    checkpoint = tmp_path / "checkpoint"
-    synth.write_component("transformer", checkpoint, synth.component_configs("tiny", None, None, None)["transformer"],
-                          0, 200_000)
-    folders = {name: tmp_path / name for name in ("export", "surgery", "whole", "blocks")}
+    _, source, surgery = bf16_surgery
+    folders = {name: tmp_path / name for name in ("whole", "blocks")}
     for folder in folders.values():
         folder.mkdir()
-    ExportOnnx("transformer", checkpoint, 32, 20)(folders["export"])
-    passes = ("fold_constants", "infer_shapes", "fix_text_padding", "freeze_text_branch", "cleanup")
-    surgery = GraphSurgery("transformer", folders["export"] / "model.onnx", passes, 32)(folders["surgery"])
-    source = folders["surgery"] / "model.onnx"
     checkpoint_weights = {t.name for t in onnx.load(str(source), load_external_data=False).graph.initializer
                           if external_location(t)}
     for name, pattern in (("whole", None), ("blocks", r"^/transformer_blocks/(\d+)/")):
