@@ -1,6 +1,6 @@
 """End-to-end pipeline check on the tiny model: real exports of all three components, the stock denoising loop.
 
-The graphs come from the real export stage (`ExportOnnx`) of a tiny diffusers-layout checkpoint. References are
+The graphs come from the real export stage (`ExportOnnx`): the session build's, of its tiny diffusers-layout checkpoint. References are
 computed here independently of the check: the stock `QwenImagePipeline` run by the test itself, and PSNR/SSIM
 recomputed from the saved PNGs. A transformer exported from another seed's weights must fail the thresholds.
 """
@@ -20,14 +20,14 @@ from PIL import Image
 from stages.errors import ForgeError
 from stages.export import ExportOnnx
 from stages.families.qwen_image import transformer as qwen_image
-from stages.families.qwen_image.pipeline import initial_latents, load_pipeline, save_tiny_checkpoint
+from stages.families.qwen_image.pipeline import initial_latents, load_pipeline
 from stages.graphs.runners import check_static_shape
 from stages.language import prompt_language
 from stages.pipeline_check import (DEFAULT_PROMPTS, PipelineCheck, PipelineCheckSettings, Thresholds, image_metrics,
                                    step_cosines, threshold_failures)
 from stages.recipe.prompts import check_settings
 
-TEXT_LENGTH = 64
+TEXT_LENGTH = 256  # a10-fp16's
 SIZE = 128
 STEPS = 2
 COMPONENTS = ("text_encoder", "transformer", "vae_decoder")
@@ -43,12 +43,13 @@ def export(component: str, checkpoint: Path, out_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def build(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Seed-0 checkpoint with its three graphs, plus a transformer graph exported from seed-1 weights."""
+def build(built: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The session build's seed-0 checkpoint and its three exported graphs (the export stage's own outputs, at the
+    recipe's text length), plus a transformer graph exported here from seed-1 weights."""
     root = tmp_path_factory.mktemp("pipeline_check")
-    checkpoint = root / "checkpoint"
-    save_tiny_checkpoint(0, checkpoint)
-    onnx = {component: export(component, checkpoint, root / component) for component in COMPONENTS}
+    checkpoint = built["recipe"] / "checkpoint"
+    onnx = {component: built["recipe"] / component / "export" / "model.onnx" for component in COMPONENTS}
+    assert json.loads((built["recipe"] / "manifest.json").read_text())["recipe"]["resolved"]["text_length"] == TEXT_LENGTH
     other = root / "seed1"
     qwen_image.make_tiny_transformer(1).save_pretrained(other / "transformer", safe_serialization=True)
     wrong = export("transformer", other, root / "wrong_transformer")

@@ -104,19 +104,25 @@ def _derive_qwen_backend() -> Tokenizer:
     return backend
 
 
-def _qwen_backend() -> Tokenizer:
-    """The derived backend, memoised in the user cache under a digest of everything it is derived from (the
-    ranks file, this module's source, the tokenizers and transformers versions): deriving 151k merges takes
-    seconds, loading them back under one. A damaged memo is derived again."""
+def _memo_path() -> Path:
+    """The memo's file: named by a digest of the ranks file, this module's source and the two libraries' versions."""
     import tokenizers
     import transformers
-    from tokenizers import Tokenizer
 
     key = hashlib.sha256()
     for part in (qwen_tiktoken_path().read_bytes(), Path(__file__).read_bytes(),
                  tokenizers.__version__.encode(), transformers.__version__.encode()):
         key.update(hashlib.sha256(part).digest())
-    memo = user_cache_dir() / "qwen-tokenizer" / f"{key.hexdigest()[:32]}.json"
+    return user_cache_dir() / "qwen-tokenizer" / f"{key.hexdigest()[:32]}.json"
+
+
+def _qwen_backend() -> Tokenizer:
+    """The derived backend, memoised in the user cache under a digest of everything it is derived from (the
+    ranks file, this module's source, the tokenizers and transformers versions): deriving 151k merges takes
+    seconds, loading them back under one. A damaged memo is derived again."""
+    from tokenizers import Tokenizer
+
+    memo = _memo_path()
     try:
         return Tokenizer.from_file(str(memo))
     except Exception:  # noqa: BLE001 - absent or damaged: derive

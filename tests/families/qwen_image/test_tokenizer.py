@@ -197,14 +197,23 @@ def test_load_tokenizer_names_missing_folder(tmp_path: Path) -> None:
 
 
 def test_memoised_backend_is_the_derived_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The per-user memo (absent, present, damaged) gives the same tokenizer.json as deriving it afresh."""
-    monkeypatch.setenv("FORGE_CACHE", str(tmp_path / "cache"))
-    derived = qt._derive_qwen_backend().to_str()
-    assert qt._qwen_backend().to_str() == derived  # absent: derived and written
-    (memo,) = (tmp_path / "cache" / "qwen-tokenizer").glob("*.json")
-    assert qt._qwen_backend().to_str() == derived  # read back
-    memo.write_text(memo.read_text()[:1000])
-    assert qt._qwen_backend().to_str() == derived  # damaged: derived again and rewritten
+    """The per-user memo gives the same tokenizer.json as deriving it afresh; a damaged one is derived again and
+    rewritten, and a good one is read without deriving."""
     from tokenizers import Tokenizer
 
-    assert Tokenizer.from_file(str(memo)).to_str() == derived
+    monkeypatch.setenv("FORGE_CACHE", str(tmp_path / "cache"))
+    derived = qt._derive_qwen_backend()
+    key = qt._memo_path()
+    key.parent.mkdir(parents=True)
+    key.write_text(derived.to_str()[:1000])  # damaged (a write cut short)
+    assert qt._qwen_backend().to_str() == derived.to_str()
+    assert Tokenizer.from_file(str(key)).to_str() == derived.to_str()
+
+    def no_derivation() -> None:
+        raise AssertionError("derived although the memo is good")
+
+    monkeypatch.setattr(qt, "_derive_qwen_backend", no_derivation)
+    assert qt._qwen_backend().to_str() == derived.to_str()
+    monkeypatch.setenv("FORGE_CACHE", str(tmp_path / "other"))
+    with pytest.raises(AssertionError, match="derived although"):
+        qt._qwen_backend()  # absent: derives
