@@ -62,19 +62,15 @@ class ValidateAgainstPytorch:
         with scratch_beside(out_dir, "parts") as scratch:
             built_graph = self._built_graph(spec, Path(scratch))
             if self.blockwise:
-                blocks, cases, not_run = self._blockwise(spec, out_dir, results)
-                if self.lora is not None:
-                    lora_report = {"not_run": "LoRA cases need the whole fp32 model in memory, not block-wise runs"}
-                    LOG.warning("%s: %s", self.component, lora_report["not_run"])
+                blocks, cases, not_run, lora_report = self._blockwise(spec, out_dir, results, Path(scratch))
             else:
                 model = spec.load(self.checkpoint_dir)
                 cases, not_run = self._cases(spec, model)
-                LOG.debug("%d cases: PyTorch fp32 reference", len(cases))
-                references = [spec.reference_outputs(model, case) for case in cases]
                 if self.lora is not None:
                     extra, lora_report = self._lora_cases(spec, model, cases, Path(scratch))
-                    cases, references = [*cases, *extra], [*references, *(c["reference"] for c in extra)]
-                results.add(references, runner_name=REFERENCE)
+                    cases = [*cases, *extra]
+                LOG.debug("%d cases: PyTorch fp32 reference", len(cases))
+                results.add([spec.reference_outputs(model, case) for case in cases], runner_name=REFERENCE)
                 del model
                 LOG.debug("ONNX Runtime on %s", self.onnx_path.name)
                 results.add(run_all(built_graph, [c["feed"] for c in cases]), runner_name=ORT)
@@ -162,11 +158,15 @@ class ValidateAgainstPytorch:
                        f"{self.settings.case_memory_gib:g} GiB of activations; raise it or add a smaller validate.sizes entry")
         return kept, not_run
 
-    def _blockwise(self, spec: Any, out_dir: Path, results: Any
-                   ) -> tuple[list[BlockError], list[dict[str, Any]], list[str]]:
+    def _blockwise(self, spec: Any, out_dir: Path, results: Any, work: Path
+                   ) -> tuple[list[BlockError], list[dict[str, Any]], list[str], dict[str, Any] | None]:
         """Reference and graphs run block by block (one block's weights in memory); errors after every block."""
         model = spec.load_meta(self.checkpoint_dir)
         cases, not_run = self._cases(spec, model)
+        lora_report = None
+        if self.lora is not None:
+            extra, lora_report = self._lora_cases(spec, model, cases, work)
+            cases = [*cases, *extra]
         pattern = FAMILIES[self.family].components[self.component].block_pattern
         with scratch_beside(out_dir, "segments") as scratch:
             work = Path(scratch)
@@ -185,7 +185,7 @@ class ValidateAgainstPytorch:
         results.add(reference, runner_name=REFERENCE)
         for name, runs in outputs.items():
             results.add(runs, runner_name=name)
-        return [per_block[b] for b in sorted(per_block)], cases, not_run
+        return [per_block[b] for b in sorted(per_block)], cases, not_run, lora_report
 
     def _maybe_run_engine(self, feeds: list[dict[str, Any]], results: Any) -> EngineRun:
         reason = engine_unrunnable_reason(self.compute_capability)

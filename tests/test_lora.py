@@ -118,6 +118,33 @@ def test_validation_binds_a_full_and_a_lower_rank_lora(setup: dict[str, Any]) ->
     assert manifest["components"]["transformer"]["validation"]["passed"]
 
 
+def test_block_wise_validation_binds_the_loras_block_by_block(setup: dict[str, Any], tmp_path: Path) -> None:
+    """The release-size path (one block's weights in memory at a time): diffusers + PEFT inject the LoRAs into the
+    meta model and each block's LoRA weights are read with its base weights. That reference is PEFT on the whole
+    model exactly, and the LoRA graph's chained block segments pass against it with both LoRAs bound."""
+    from stages.families.qwen_image import transformer
+    from stages.recipe.load import load_recipe
+    from stages.validate import ValidateAgainstPytorch
+
+    checkpoint = setup["view"] / "checkpoint"
+    case = {**setup["case"], "loras": [(setup["files"]["kohya"], SCALE), (setup["files"]["peft"], 0.4)]}
+    blocks, final = transformer.blockwise_reference(checkpoint, case)
+    whole = transformer.reference_outputs(setup["model"], case)["sample"]
+    assert np.array_equal(final["sample"], whole) and len(blocks) == setup["model"].config.num_layers
+    assert relative_error(whole, transformer.reference_outputs(setup["model"], setup["case"])["sample"]) > 0.02
+
+    loaded = load_recipe("a10-fp16", {"components.transformer.validate.max_cases": "1"})
+    section = loaded.recipe.components["transformer"]
+    report = ValidateAgainstPytorch(
+        component="transformer", checkpoint_dir=checkpoint, onnx_path=setup["graph"], engine_paths=(Path("unused.plan"),),
+        compute_capability=(8, 6), backend="tensorrt-rtx", settings=section.validate_, text_length=256, blockwise=True,
+        lora=section.lora, lora_targets=loaded.lora_targets("transformer"))(tmp_path)
+    assert report["passed"] and report["blockwise"] and "not_run" not in report["lora"]
+    assert len(report["cases"]) == 3 and report["cases"][1:] == report["lora"]["cases"]
+    assert [f["rank"] for f in report["lora"]["files"]] == [RANK, RANK // 4]
+    assert [b["block"] for b in report["blocks"]] == list(range(setup["model"].config.num_layers))
+
+
 def test_loras_swap_in_one_process_and_across_commands_without_a_rebuild(setup: dict[str, Any],
                                                                         tmp_path: Path) -> None:
     from stages.runtime import EnginePipeline

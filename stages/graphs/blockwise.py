@@ -241,12 +241,13 @@ def run_chained(segment_paths: Sequence[Path], part: Partition, feed: Mapping[st
 
     Tensors are dropped as soon as no later segment reads them, so memory holds one segment's weights and
     the activations crossing the current cut."""
+    from stages.graphs.lora import named_feed
     from stages.graphs.runners import OnnxRuntimeRunner
 
     values: dict[str, Any] = dict(feed)
     for number, (segment, path) in enumerate(zip(part.segments, segment_paths)):
         with OnnxRuntimeRunner(path, name=segment.name, optimize=optimize) as runner:
-            outputs = runner.infer({name: values[name] for name in segment.inputs})
+            outputs = runner.infer(named_feed(values, segment.inputs))
         values.update(outputs)
         for name in [n for n, last in part.last_use.items() if last == number and n not in part.graph_outputs]:
             values.pop(name, None)

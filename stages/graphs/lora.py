@@ -183,6 +183,12 @@ def graph_branches(inputs: Iterable[tuple[str, Sequence[int]]]) -> tuple[int, li
     return rank, branches
 
 
+def named_feed(values: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """The values a graph (a segment, a part) names, LoRA inputs left unbound where absent: its runner makes them
+    zeros; any other absent name is a KeyError."""
+    return {name: values[name] for name in names if name in values or not is_lora_input(name)}
+
+
 def unbound_feed(declared: Iterable[tuple[str, Sequence[Any]]]) -> dict[str, Any]:
     """Zeros for every LoRA input a graph declares: `s = 0`, the base model (broadcast views, no memory)."""
     import numpy as np

@@ -184,8 +184,7 @@ class ChainedRunner:
     def infer(self, feed: Mapping[str, Any]) -> dict[str, Any]:
         values = dict(feed)
         for runner, names in zip(self.runners, self.inputs):
-            values.update(runner.infer({name: values[name] for name in names
-                                        if name in values or not lora.is_lora_input(name)}))
+            values.update(runner.infer(lora.named_feed(values, names)))
         return {name: values[name] for name in self.outputs}
 
 

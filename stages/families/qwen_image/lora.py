@@ -11,7 +11,8 @@ adds per linear is then `scale * scaling * x A^T B^T`, which is what PEFT comput
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+import re
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,18 +142,41 @@ def bind(loras: Sequence[tuple[LoraFile, float]], branches: Sequence[Branch], ma
     return feed
 
 
-def apply_with_peft(model: Any, loras: Sequence[tuple[str | Path, float]]) -> Any:
-    """The reference: diffusers loads each file into the PyTorch transformer through PEFT, at its scale."""
+def apply_with_peft(model: Any, loras: Sequence[tuple[str | Path, float]], on_meta: bool = False) -> Any:
+    """The reference: diffusers loads each file into the PyTorch transformer through PEFT, at its scale. `on_meta`:
+    the model is on the meta device (block-wise references): PEFT's layers and scalings are made, their weights
+    stay meta until `peft_block_weights` gives them block by block."""
     from diffusers import QwenImagePipeline
 
     names = []
     for index, (path, _) in enumerate(loras):
-        name = f"lora{index}"
         state, metadata = QwenImagePipeline.lora_state_dict(str(path), return_lora_metadata=True)
-        QwenImagePipeline.load_lora_into_transformer(state, transformer=model, adapter_name=name, metadata=metadata)
-        names.append(name)
+        QwenImagePipeline.load_lora_into_transformer(state, transformer=model, adapter_name=_adapter(index),
+                                                     metadata=metadata, low_cpu_mem_usage=on_meta)
+        names.append(_adapter(index))
     model.set_adapters(names, [float(scale) for _, scale in loras])
     return model
+
+
+def peft_block_weights(loras: Sequence[tuple[str | Path, float]]) -> Callable[[str], dict[str, torch.Tensor]]:
+    """`weights(prefix)`: the PEFT parameters of one module (`<linear>.lora_A.<adapter>.weight`, ...) relative to
+    `prefix`, in fp32, from diffusers' conversion of each file, for a model `apply_with_peft(..., on_meta=True)` made."""
+    from diffusers import QwenImagePipeline
+
+    states = []
+    for index, (path, _) in enumerate(loras):
+        state = QwenImagePipeline.lora_state_dict(str(path))
+        states.append((_adapter(index), {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}))
+
+    def weights(prefix: str) -> dict[str, torch.Tensor]:
+        return {re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{adapter}.weight", key[len(prefix):]): value.float()
+                for adapter, state in states for key, value in state.items() if key.startswith(prefix)}
+
+    return weights
+
+
+def _adapter(index: int) -> str:
+    return f"lora{index}"
 
 
 # -- synthetic LoRAs of the published shapes (tests, CI, scripts/synthetic_lora.py) -------------------------------------

@@ -21,7 +21,9 @@ class ShardReader:
             with safe_open(str(shard), framework="pt") as handle:
                 self.where.update({key: shard for key in handle.keys()})
 
-    def load(self, module: nn.Module, prefix: str) -> None:
+    def load(self, module: nn.Module, prefix: str, extra: dict[str, Any] | None = None) -> None:
+        """The module's `<prefix>*` tensors, assigned; a linear PEFT wrapped takes its weights as `base_layer`, and
+        `extra` ({parameter name: tensor}, e.g. the LoRA weights) is assigned with them (strict: all or none)."""
         from safetensors import safe_open
 
         wanted = [key for key in self.where if key.startswith(prefix)]
@@ -30,14 +32,22 @@ class ShardReader:
             with safe_open(str(shard), framework="pt") as handle:
                 state.update({key[len(prefix):]: handle.get_tensor(key).float()
                               for key in wanted if self.where[key] == shard})
+        if extra:
+            names = set(module.state_dict())
+            wrapped = {key: "{}.base_layer.{}".format(*key.rsplit(".", 1)) for key in state if "." in key}
+            state = {(wrapped[key] if key not in names and wrapped.get(key) in names else key): value
+                     for key, value in state.items()}
+            state.update(extra)
         module.load_state_dict(state, strict=True, assign=True)
 
 
 @contextlib.contextmanager
 def one_block_at_a_time(reader: ShardReader, blocks: Sequence[nn.Module], prefix: str,
-                        streams: Callable[[Any], dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
-    """While the block, each block's weights are read just before it runs (`<prefix><index>.` keys) and dropped
-    to meta right after; yields the list that collects `streams(output)` of every block, in order."""
+                        streams: Callable[[Any], dict[str, Any]],
+                        extra: Callable[[str], dict[str, Any]] | None = None) -> Iterator[list[dict[str, Any]]]:
+    """While the block, each block's weights are read just before it runs (`<prefix><index>.` keys, with
+    `extra(<prefix><index>.)`) and dropped to meta right after; yields the list that collects `streams(output)` of
+    every block, in order."""
     captured: list[dict[str, Any]] = []
 
     def release(module: nn.Module, args: Any, output: Any) -> None:
@@ -46,7 +56,8 @@ def one_block_at_a_time(reader: ShardReader, blocks: Sequence[nn.Module], prefix
 
     handles = []
     for index, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(lambda module, args, p=f"{prefix}{index}.": reader.load(module, p)))
+        handles.append(block.register_forward_pre_hook(
+            lambda module, args, p=f"{prefix}{index}.": reader.load(module, p, extra(p) if extra else None)))
         handles.append(block.register_forward_hook(release))
     try:
         yield captured

@@ -332,9 +332,8 @@ def lora_cases(model: QwenImageTransformer2DModel, cases: list[dict[str, Any]], 
                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The first case again with a LoRA bound: synthetic files of the targets' shapes, rank `max_rank` (PEFT keys and
     metadata alpha) and a lower rank, zero-padded (kohya keys, `.alpha`), at `scale`; each case's reference is
-    diffusers + PEFT loading that file into the fp32 model. Returns (cases with `reference`, what the report says)."""
-    import copy
-
+    diffusers + PEFT loading that file into the fp32 model (`reference_outputs` and `blockwise_reference` load a case's
+    `loras`). `model` may be on the meta device: only its shapes are read. Returns (the cases, what the report says)."""
     from stages.families.qwen_image import lora
     from stages.graphs.lora import graph_branches
 
@@ -347,17 +346,22 @@ def lora_cases(model: QwenImageTransformer2DModel, cases: list[dict[str, Any]], 
                                     seed + 1000 + number, fmt, alpha=lora_rank / 2)
         weights = lora.read_lora(path)
         binding = lora.bind([(weights, scale)], branches, rank, pruned)
-        with torch.no_grad():
-            reference = reference_outputs(lora.apply_with_peft(copy.deepcopy(model), [(path, scale)]), cases[0])
         found.append({**cases[0], "description": f"{cases[0]['description']} + LoRA rank {lora_rank} ({fmt} keys) "
-                      f"at scale {scale:g}", "feed": {**cases[0]["feed"], **binding}, "reference": reference})
+                      f"at scale {scale:g}", "feed": {**cases[0]["feed"], **binding}, "loras": [(path, scale)]})
         files.append({"rank": lora_rank, "format": fmt, "alpha": lora_rank / 2, "sha256": weights.sha256})
     return found, {"max_rank": rank, "scale": scale, "files": files, "cases": [c["description"] for c in found],
                    "reference": "diffusers load_lora_into_transformer (PEFT) on the fp32 model"}
 
 
 def reference_outputs(model: QwenImageTransformer2DModel, case: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Stock diffusers forward in fp32: complex RoPE and `img_shapes`, exactly as the pipeline calls it."""
+    """Stock diffusers forward in fp32: complex RoPE and `img_shapes`, exactly as the pipeline calls it; a case's
+    `loras` ([(file, scale)]) are loaded by diffusers + PEFT into a copy of the model."""
+    if case.get("loras"):
+        import copy
+
+        from stages.families.qwen_image import lora
+
+        model = lora.apply_with_peft(copy.deepcopy(model), case["loras"])
     with torch.no_grad():
         sample = model(**case["call"], return_dict=False)[0]
     return {"sample": sample.numpy()}
@@ -371,17 +375,25 @@ def blockwise_reference(checkpoint_dir: str | Path, case: dict[str, Any]) -> tup
 
     The model is built on the meta device; the small modules around the blocks are loaded up front, and each
     block is loaded from the safetensors shards just before it runs and dropped right after. Returns every
-    block's (text, image) hidden states and the final output, exactly as `reference_outputs` computes them.
+    block's (text, image) hidden states and the final output, exactly as `reference_outputs` computes them. A case's
+    `loras` are injected by diffusers + PEFT into the meta model (adapters, scalings, scales) and each block's LoRA
+    weights are read with its base weights.
     """
     folder = Path(checkpoint_dir) / "transformer"
     model = load_meta(checkpoint_dir)
     model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(model.config.axes_dims_rope), scale_rope=True)
+    block_loras = None
+    if case.get("loras"):
+        from stages.families.qwen_image import lora
+
+        lora.apply_with_peft(model, case["loras"], on_meta=True)
+        block_loras = lora.peft_block_weights(case["loras"])
     reader = _ShardReader(folder)
     for name, child in model.named_children():
         if name not in ("transformer_blocks", "pos_embed"):
             reader.load(child, f"{name}.")
-    with one_block_at_a_time(reader, model.transformer_blocks, "transformer_blocks.", _image_and_text) as captured, \
-            torch.no_grad():
+    with one_block_at_a_time(reader, model.transformer_blocks, "transformer_blocks.", _image_and_text,
+                             block_loras) as captured, torch.no_grad():
         sample = model(**case["call"], return_dict=False)[0]
     captured[-1].pop("text")  # the last block's text stream reaches no output: not in the graph, nothing to match
     return captured, {"sample": sample.numpy()}

@@ -72,9 +72,9 @@ def test_lazy_reference_reads_one_layer_at_a_time_and_no_vision_tower(
     read, layers = [], []
     original = te.ShardReader.load
 
-    def load(reader: te.ShardReader, module: torch.nn.Module, prefix: str) -> None:
+    def load(reader: te.ShardReader, module: torch.nn.Module, prefix: str, extra: Any = None) -> None:
         assert all(p.is_meta for layer in layers for p in layer.parameters()), "the previous layer was dropped"
-        original(reader, module, prefix)
+        original(reader, module, prefix, extra)
         read.append(prefix)
         if ".layers." in prefix:
             layers.append(module)
