@@ -16,8 +16,8 @@ from tests.conftest import built_tasks, executed_tasks, reused_tasks, run_doit, 
 
 LIGHT = [
     "components.transformer.validate.timesteps=[1.0, 0.3]",
-    "components.transformer.validate.sizes=[[512, 512], [512, 768]]",
-    "components.vae_decoder.validate.sizes=[[512, 512], [512, 768]]",
+    "components.transformer.validate.sizes=[[512, 512]]",
+    "components.vae_decoder.validate.sizes=[[512, 768]]",
     "components.text_encoder.validate.batch=1",
     "pipeline_check.num_inference_steps=2",
     "pipeline_check.height=256",
@@ -130,9 +130,8 @@ def test_build_settings_do_not_recalibrate_but_samples_do(workspace: dict) -> No
     assert built_tasks(log) == [f"engine:{name_of('l40s-fp8', level)}/transformer"]
     assert f"reused calibration:{name_of('l40s-fp8', level)}/transformer" in log
     samples = "components.transformer.precision.calibration.samples=6"
-    log = run_up_to(workspace, "l40s-fp8", "precision", samples)
-    name = name_of("l40s-fp8", samples)
-    assert built_tasks(log) == [f"calibration:{name}/transformer", f"precision:{name}/transformer"]
+    log = run_up_to(workspace, "l40s-fp8", "calibration", samples)
+    assert built_tasks(log) == [f"calibration:{name_of('l40s-fp8', samples)}/transformer"]
 
 
 def test_a10_int8_is_weight_only(workspace: dict) -> None:
