@@ -16,8 +16,8 @@ from tests.conftest import built_tasks, executed_tasks, reused_tasks, run_doit, 
 
 LIGHT = [
     "components.transformer.validate.timesteps=[1.0, 0.3]",
-    "components.transformer.validate.sizes=[[512, 512]]",
-    "components.vae_decoder.validate.sizes=[[512, 768]]",
+    "components.transformer.validate.sizes=[[512, 512], [512, 768]]",
+    "components.vae_decoder.validate.sizes=[[512, 512], [512, 768]]",
     "components.text_encoder.validate.batch=1",
     "pipeline_check.num_inference_steps=2",
     "pipeline_check.height=256",
