@@ -166,6 +166,7 @@ class ValidateAgainstPytorch:
         lora_report = None
         if self.lora is not None:
             extra, lora_report = self._lora_cases(spec, model, cases, work)
+            lora_report["reference"] += ", block by block (the LoRAs injected into the meta model)"
             cases = [*cases, *extra]
         pattern = FAMILIES[self.family].components[self.component].block_pattern
         with scratch_beside(out_dir, "segments") as scratch:
