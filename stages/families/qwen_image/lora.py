@@ -142,31 +142,21 @@ def bind(loras: Sequence[tuple[LoraFile, float]], branches: Sequence[Branch], ma
     return feed
 
 
-def apply_with_peft(model: Any, loras: Sequence[tuple[str | Path, float]], on_meta: bool = False) -> Any:
-    """The reference: diffusers loads each file into the PyTorch transformer through PEFT, at its scale. `on_meta`:
-    the model is on the meta device (block-wise references): PEFT's layers and scalings are made, their weights
-    stay meta until `peft_block_weights` gives them block by block."""
-    from diffusers import QwenImagePipeline
-
-    names = []
-    for index, (path, _) in enumerate(loras):
-        state, metadata = QwenImagePipeline.lora_state_dict(str(path), return_lora_metadata=True)
-        QwenImagePipeline.load_lora_into_transformer(state, transformer=model, adapter_name=_adapter(index),
-                                                     metadata=metadata, low_cpu_mem_usage=on_meta)
-        names.append(_adapter(index))
-    model.set_adapters(names, [float(scale) for _, scale in loras])
+def apply_with_peft(model: Any, loras: Sequence[tuple[str | Path, float]]) -> Any:
+    """The reference: diffusers loads each file into the PyTorch transformer through PEFT, at its scale."""
+    _load_adapters(model, _read_for_peft(loras), low_cpu_mem_usage=False)
     return model
 
 
-def peft_block_weights(loras: Sequence[tuple[str | Path, float]]) -> Callable[[str], dict[str, torch.Tensor]]:
-    """`weights(prefix)`: the PEFT parameters of one module (`<linear>.lora_A.<adapter>.weight`, ...) relative to
-    `prefix`, in fp32, from diffusers' conversion of each file, for a model `apply_with_peft(..., on_meta=True)` made."""
-    from diffusers import QwenImagePipeline
-
-    states = []
-    for index, (path, _) in enumerate(loras):
-        state = QwenImagePipeline.lora_state_dict(str(path))
-        states.append((_adapter(index), {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}))
+def inject_on_meta(model: Any, loras: Sequence[tuple[str | Path, float]]) -> Callable[[str], dict[str, torch.Tensor]]:
+    """`apply_with_peft` on a meta-device model (block-wise references): PEFT's layers, scalings and scales are made,
+    their weights stay meta. Returns `weights(prefix)`: one module's PEFT parameters
+    (`<linear>.lora_A.<adapter>.weight`, ...) relative to `prefix`, in fp32, from the same reading of each file, to
+    be assigned block by block."""
+    read = _read_for_peft(loras)
+    _load_adapters(model, read, low_cpu_mem_usage=True)
+    states = [(adapter, {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)})
+              for adapter, state, _, _ in read]
 
     def weights(prefix: str) -> dict[str, torch.Tensor]:
         return {re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{adapter}.weight", key[len(prefix):]): value.float()
@@ -175,8 +165,25 @@ def peft_block_weights(loras: Sequence[tuple[str | Path, float]]) -> Callable[[s
     return weights
 
 
-def _adapter(index: int) -> str:
-    return f"lora{index}"
+def _read_for_peft(loras: Sequence[tuple[str | Path, float]]) -> list[tuple[str, dict[str, Any], Any, float]]:
+    """(adapter name, diffusers' converted state dict, its metadata, scale) per file, read once."""
+    from diffusers import QwenImagePipeline
+
+    read = []
+    for index, (path, scale) in enumerate(loras):
+        state, metadata = QwenImagePipeline.lora_state_dict(str(path), return_lora_metadata=True)
+        read.append((f"lora{index}", state, metadata, float(scale)))
+    return read
+
+
+def _load_adapters(model: Any, read: Sequence[tuple[str, dict[str, Any], Any, float]],
+                   low_cpu_mem_usage: bool) -> None:
+    from diffusers import QwenImagePipeline
+
+    for adapter, state, metadata, _ in read:
+        QwenImagePipeline.load_lora_into_transformer(dict(state), transformer=model, adapter_name=adapter,
+                                                     metadata=metadata, low_cpu_mem_usage=low_cpu_mem_usage)
+    model.set_adapters([adapter for adapter, *_ in read], [scale for *_, scale in read])
 
 
 # -- synthetic LoRAs of the published shapes (tests, CI, scripts/synthetic_lora.py) -------------------------------------

@@ -46,4 +46,5 @@ def lora_modules(weight_names: Iterable[str], targets: Sequence[str]) -> tuple[l
                 found[(int(match.group(2)), order[match.group(3)])] = match.group(1)
     present = [found[key] for key in sorted(found)]
     every = [f"{BLOCKS}.{block}.{target}" for block in sorted(blocks) for target in targets]
-    return present, [module for module in every if module not in found.values()]
+    kept = set(present)
+    return present, [module for module in every if module not in kept]

@@ -32,13 +32,17 @@ class ShardReader:
             with safe_open(str(shard), framework="pt") as handle:
                 state.update({key[len(prefix):]: handle.get_tensor(key).float()
                               for key in wanted if self.where[key] == shard})
-        if extra:
-            names = set(module.state_dict())
-            wrapped = {key: "{}.base_layer.{}".format(*key.rsplit(".", 1)) for key in state if "." in key}
-            state = {(wrapped[key] if key not in names and wrapped.get(key) in names else key): value
-                     for key, value in state.items()}
-            state.update(extra)
-        module.load_state_dict(state, strict=True, assign=True)
+        names = set(module.state_dict())
+        state = {_peft_base(key, names): value for key, value in state.items()}
+        module.load_state_dict({**state, **(extra or {})}, strict=True, assign=True)
+
+
+def _peft_base(key: str, names: set[str]) -> str:
+    """A checkpoint key as the module names it: `<linear>.base_layer.<param>` where PEFT wrapped that linear."""
+    if key in names or "." not in key:
+        return key
+    wrapped = "{}.base_layer.{}".format(*key.rsplit(".", 1))
+    return wrapped if wrapped in names else key
 
 
 @contextlib.contextmanager

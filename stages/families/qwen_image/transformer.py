@@ -386,8 +386,7 @@ def blockwise_reference(checkpoint_dir: str | Path, case: dict[str, Any]) -> tup
     if case.get("loras"):
         from stages.families.qwen_image import lora
 
-        lora.apply_with_peft(model, case["loras"], on_meta=True)
-        block_loras = lora.peft_block_weights(case["loras"])
+        block_loras = lora.inject_on_meta(model, case["loras"])
     reader = _ShardReader(folder)
     for name, child in model.named_children():
         if name not in ("transformer_blocks", "pos_embed"):
