@@ -19,9 +19,10 @@ Why the extra graph work around the quantizer:
   ``calibration_data`` dict is split along axis 0 of every input, which would cut those tables apart. Feeds therefore
   go in through a ``CalibrationDataReader`` (:func:`feed_reader`), one complete engine feed per calibration step.
 
-At release size (``precision.blockwise``) the graph is quantized one block at a time (:func:`run_modelopt_by_block`):
-memory holds one block's weights, and each block is calibrated on its inputs as the chained unquantized graph
-computes them.
+At release size (``precision.blockwise``) the graph is quantized a piece of a block at a time
+(:func:`run_modelopt_by_block`): memory holds at most :data:`SEGMENT_BYTES` of weights, each piece is calibrated on
+its inputs as the chained unquantized graph computes them, and calibrated modes place their activation Q/DQ where
+ModelOpt places them in the whole graph (:mod:`stages.graphs.placement`).
 
 Capability rules for these modes live in :mod:`stages.targets.capabilities` (checked before any work).
 """
@@ -44,6 +45,7 @@ from stages.calibration import load_feeds
 from stages.errors import fail
 from stages.graphs.blockwise import partition, write_segments
 from stages.graphs.onnx_io import save_model
+from stages.graphs.placement import Placement, bypass, whole_graph_placement
 from stages.graphs.qdq import (GEMM_OPS, QDQ_OPS, ONNX_FLOAT8E4M3FN, ONNX_INT8, calibration_ranges, dequantized_types,
                                detach_excluded, mask_sentinel_consumers, qdq_violations, quantized_nodes,
                                quantizer_skipped, unquantized_outputs, write_calibration_cache)
@@ -65,9 +67,8 @@ MODEL_FILE = "model.onnx"
 RANGES_FILE = "calibration.json"
 CACHE_FILE = "calibration.cache"
 QUANTIZED_WEIGHTS = "quantized_weights.bin"  # tensors written by block-wise quantization, once
-# Block-wise weight-only INT8: ModelOpt is handed at most this many checkpoint bytes at once; it holds an fp32,
-# transposed copy of what it quantizes and two or three more (~16x the bf16 bytes: 10.8 GB for one 0.68 GB release
-# block). Calibrated modes keep whole blocks: cut inside a block, ModelOpt places other activation Q/DQ.
+# Block-wise: ModelOpt is handed at most this many checkpoint bytes at once; it holds an fp32, transposed copy of
+# what it quantizes and two or three more (~16x the bf16 bytes: 10.8 GB for one 0.68 GB release block).
 SEGMENT_BYTES = 160 * 1024**2
 EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay inside the graph, as do Q/DQ scales and zero points
 MODES = QUANTIZATION_MODES
@@ -140,7 +141,7 @@ class QuantizePrecision:
     calibration_feeds: Callable[[], Sequence[Feed]] | Sequence[Feed] = field(default=(), compare=False, repr=False)
     calibration_cache: Path | None = None
     block_pattern: str | None = None  # set: calibrate and quantize one block at a time (stages.graphs.segmented)
-    segment_bytes: int = SEGMENT_BYTES  # block-wise weight-only: blocks heavier than this are quantized in pieces
+    segment_bytes: int = SEGMENT_BYTES  # block-wise: blocks heavier than this are quantized in pieces
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         import onnx
@@ -255,12 +256,14 @@ class QuantizePrecision:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def run_modelopt(stage: QuantizePrecision, source: Path, excluded: list[str], feeds: Sequence[Feed], out_dir: Path) -> Any:
+def run_modelopt(stage: QuantizePrecision, source: Path, excluded: list[str], feeds: Sequence[Feed], out_dir: Path,
+                 placement: Placement | None = None) -> Any:
     """Quantize `source` in a scratch directory (ModelOpt writes intermediate files beside its input and output).
 
     ModelOpt reads its input with `onnx.load`, which refuses weights in hard-linked shards, so it gets a
     scratch copy with the weights read in. Weights it returns unchanged (excluded, frozen) are referenced in
-    place again afterwards; only quantized or converted tensors are written by this stage."""
+    place again afterwards; only quantized or converted tensors are written by this stage. With a `placement`
+    (a piece of a larger graph), ModelOpt quantizes the piece's share of that graph's plan."""
     import onnx
 
     with scratch_beside(out_dir, "quantize") as scratch:
@@ -268,11 +271,19 @@ def run_modelopt(stage: QuantizePrecision, source: Path, excluded: list[str], fe
         readable = _readable_source(source, work, set(excluded))
         output = work / "quantized.onnx"
         patterns = [f"^{re.escape(name)}$" for name in excluded]
+        across: list[tuple[str, str]] = []
         if stage.mode == "int8_weight_only":
             _quantize_weight_only(readable, output, patterns, excluded)
         else:
-            _quantize_qdq(stage, readable, output, patterns, feeds)
+            forced: dict[str, Any] = {}
+            if placement is not None:
+                names = {n.name for n in onnx.load(str(source), load_external_data=False).graph.node}
+                nodes, within, across = placement.share(names)
+                forced = {"nodes_to_quantize": [f"^{re.escape(name)}$" for name in nodes], "no_quantize_inputs": within}
+            _quantize_qdq(stage, readable, output, patterns, feeds, forced)
         model = onnx.load(str(output))
+    if across:
+        LOG.debug(f"{bypass(model, across)} inputs left unquantized whose producers are in earlier pieces")
     original = onnx.load(str(source), load_external_data=False)
     referenced = reference_unchanged(model, original, source.parent)
     recast = reference_casts(model, original, source.parent)
@@ -288,14 +299,17 @@ def run_modelopt_by_block(stage: QuantizePrecision, excluded: list[str], feeds: 
 
     Each segment is quantized with ModelOpt on its own, calibrated on its inputs as the unquantized graph
     computes them (the segments before it run on every calibration feed, chained), so activation ranges are
-    those a whole-graph calibration would see. The tensors a segment's quantization writes go straight to
+    those a whole-graph calibration would see; calibrated modes quantize their share of the whole graph's
+    Q/DQ placement, not what ModelOpt would choose for the piece alone. The tensors a segment's quantization writes go straight to
     :data:`QUANTIZED_WEIGHTS` beside the graph; everything else stays referenced in place."""
     import onnx
 
     assert stage.block_pattern is not None
     graph = onnx.load(str(stage.source), load_external_data=False)
-    part = partition(graph, stage.block_pattern, stage.segment_bytes if stage.mode == "int8_weight_only" else None)
+    part = partition(graph, stage.block_pattern, stage.segment_bytes)
     skip = set(excluded)
+    placement = None if stage.mode == "int8_weight_only" or not feeds else \
+        whole_graph_placement(graph, stage.mode, excluded, skip, {n: v.shape for n, v in feeds[0].items()})
     sink = _WeightFile(out_dir / QUANTIZED_WEIGHTS)
     steps = log.Steps(LOG, f"quantize {stage.component}, segments", len(part.segments))
     with scratch_beside(out_dir, "segments") as scratch:
@@ -304,9 +318,13 @@ def run_modelopt_by_block(stage: QuantizePrecision, excluded: list[str], feeds: 
 
         def quantize_segment(index: int, segment: Any, piece: Any) -> Any:
             names = {node.name for node in piece.graph.node}
-            if any(n.op_type in GEMM_OPS and n.name not in skip for n in piece.graph.node):
+            if placement is not None:
+                quantizable = bool(placement.nodes & names)
+            else:
+                quantizable = any(n.op_type in GEMM_OPS and n.name not in skip for n in piece.graph.node)
+            if quantizable:
                 piece = run_modelopt(stage, paths[index], [n for n in excluded if n in names], chain.inputs(index),
-                                     out_dir)
+                                     out_dir, placement)
                 unquantized_outputs(piece)
             else:
                 piece = _to_high_precision(stage, piece)
@@ -420,7 +438,8 @@ def _readable_source(source: Path, work: Path, protected: set[str]) -> Path:
     return work / source.name
 
 
-def _quantize_qdq(stage: QuantizePrecision, source: Path, output: Path, patterns: list[str], feeds: Sequence[Feed]) -> None:
+def _quantize_qdq(stage: QuantizePrecision, source: Path, output: Path, patterns: list[str], feeds: Sequence[Feed],
+                  forced: Mapping[str, Any]) -> None:
     from modelopt.onnx.quantization import quantize
 
     quantize(
@@ -434,6 +453,7 @@ def _quantize_qdq(stage: QuantizePrecision, source: Path, output: Path, patterns
         high_precision_dtype=stage.high_precision,
         output_path=str(output),
         log_level=logging.getLevelName(log.tool_level()),
+        **forced,
     )
 
 

@@ -311,8 +311,9 @@ def woq_by_block(surgery: SimpleNamespace, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="session")
 def fp8_by_block(surgery: SimpleNamespace, calibration: list[dict],
                  tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """Calibrated FP8 in pieces of blocks, as SEGMENT_BYTES cuts a release block."""
     return quantize(surgery, tmp_path_factory.mktemp("q") / "fp8-blocks", "fp8", "max", "fp32", calibration,
-                    by_block=True)
+                    by_block=True, segment_bytes=TINY_SEGMENT_BYTES)
 
 
 def int8_weights(model: Any) -> dict[str, bytes]:
@@ -345,26 +346,49 @@ def test_weight_only_by_block_runs_like_the_whole_graph(woq: SimpleNamespace, wo
         assert cosine(a, b) > 0.99999 and float(np.abs(a - b).max()) < 1e-2
 
 
-def test_fp8_by_block_calibrates_like_the_whole_graph(fp8: SimpleNamespace, fp8_by_block: SimpleNamespace,
-                                                      surgery: SimpleNamespace, evaluation: list[dict]) -> None:
-    """Each block calibrated on its inputs as the chained unquantized graph computes them: the ranges a
-    whole-graph calibration finds, on the same GEMMs. ModelOpt's optional Q/DQ on residual Add inputs looks at
-    neighbours across the cut, so only Add inputs may differ."""
+def dq_reads(model: Any) -> set[tuple[str, int]]:
+    """(node, input index) of every input that reads a DequantizeLinear output, Q/DQ nodes aside."""
+    dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {(n.name, k) for n in model.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            for k, name in enumerate(n.input) if name in dq}
+
+
+def test_fp8_in_pieces_places_qdq_like_the_whole_graph(fp8: SimpleNamespace, fp8_by_block: SimpleNamespace,
+                                                       surgery: SimpleNamespace, evaluation: list[dict]) -> None:
+    """Each piece calibrated on its inputs as the chained unquantized graph computes them, and quantized with its
+    share of the whole graph's placement: the whole graph's ranges and Q/DQ, less only the reads of a Q/DQ pair
+    that ONNX Runtime shares between a quantized node and a reader of the same tensor in another piece."""
+    from stages.graphs.blockwise import partition
+
+    segments = partition(onnx.load(str(surgery.onnx), load_external_data=False), BLOCK_PATTERN, TINY_SEGMENT_BYTES)
+    assert len(segments.segments) > 8, "the tiny blocks must really be cut into pieces"
     assert fp8_by_block.report["quantized_gemms"] == fp8.report["quantized_gemms"]
-    whole, blocks = fp8.ranges["activations"], fp8_by_block.ranges["activations"]
-    shared = set(whole) & set(blocks)
-    assert whole and len(shared) >= 0.85 * len(whole)
-    for tensor in shared:
-        assert blocks[tensor]["amax"] == pytest.approx(whole[tensor]["amax"], rel=1e-5), tensor
+    whole, pieces = fp8.ranges["activations"], fp8_by_block.ranges["activations"]
+    assert pieces and set(pieces) <= set(whole)
+    for tensor in pieces:
+        assert pieces[tensor]["amax"] == pytest.approx(whole[tensor]["amax"], rel=1e-5), tensor
+    a, b = dq_reads(fp8.model), dq_reads(fp8_by_block.model)
+    assert b <= a and len(b) >= 0.95 * len(a)
+    ops = {n.name: n.op_type for n in fp8.model.graph.node}
+    assert {ops[node] for node, _ in a - b} <= {"LayerNormalization"}, sorted(a - b)
+    x = onnxruntime_session(fp8.path).run(None, evaluation[0])[0]
+    y = onnxruntime_session(fp8_by_block.path).run(None, evaluation[0])[0]
+    assert cosine(x, y) > 0.9999
+
+
+def test_placement_from_the_structure_is_the_whole_graph_quantizers(fp8: SimpleNamespace,
+                                                                    surgery: SimpleNamespace) -> None:
+    """ModelOpt's placement asked of the weightless surgery graph (weight chains folded as shapes, no byte read)
+    names exactly the nodes ModelOpt quantized when it was handed the whole graph with its weights."""
+    from stages.graphs.placement import FP8_OP_TYPES, whole_graph_placement
+
     graph = onnx.load(str(surgery.onnx), load_external_data=False)
-    readers: dict[str, set[str]] = {}
-    for node in graph.graph.node:
-        for name in node.input:
-            readers.setdefault(name, set()).add(node.op_type)
-    assert all("Add" in readers[t] for t in set(whole) ^ set(blocks))
-    a = onnxruntime_session(fp8.path).run(None, evaluation[0])[0]
-    b = onnxruntime_session(fp8_by_block.path).run(None, evaluation[0])[0]
-    assert cosine(a, b) > 0.999
+    excluded = sorted(fp8.stage.exclusions(graph))
+    feed = fp8.stage.calibration_feeds[0]
+    placement = whole_graph_placement(graph, "fp8", excluded, set(excluded), {n: v.shape for n, v in feed.items()})
+    ops = {n.name: n.op_type for n in graph.graph.node}
+    quantized = {node for node, _ in dq_reads(fp8.model) if ops.get(node) in FP8_OP_TYPES}
+    assert quantized and {node for node in placement.nodes if ops[node] in FP8_OP_TYPES} == quantized
 
 
 def test_quantized_graph_is_cut_with_each_blocks_weights_in_its_block(woq_by_block: SimpleNamespace) -> None:
