@@ -8,7 +8,7 @@ and rtx5090-fp8) share that one entry instead of running the pipeline again.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ import yaml
 from stages import log
 from stages.errors import fail
 from stages.families import DEFAULT_FAMILY, FAMILIES
+from stages.graphs import blockwise
 from stages.inputs import StageInputs
 from stages.store.digests import sha256_file
 
@@ -43,6 +44,7 @@ class CaptureCalibration:
     settings: CalibrationSettings
     text_length: int
     family: str = DEFAULT_FAMILY
+    blockwise: dict[str, bool] = field(default_factory=dict)  # component -> run it one block at a time
 
     def __call__(self, out_dir: Path) -> dict[str, Any]:
         import json
@@ -55,7 +57,7 @@ class CaptureCalibration:
         started = time.perf_counter()
         LOG.info(f"capturing {self.component} inputs: {len(prompts)} prompts, sizes {self.settings.sizes}, "
               f"{self.settings.num_inference_steps} steps ({self.settings.steps})")
-        feeds = capture[self.component](self.checkpoint_dir, prompts, self.settings, self.text_length)
+        feeds = capture[self.component](self.checkpoint_dir, prompts, self.settings, self.text_length, self.blockwise)
         files = {}
         for number, feed in enumerate(feeds):
             name = f"feed_{number:04d}.npz"
@@ -87,6 +89,10 @@ def load_feeds(folder: Path) -> list[dict[str, Any]]:
 
 def from_recipe(loaded: LoadedRecipe, component: str | None, inputs: StageInputs) -> CaptureCalibration:
     assert component is not None
-    settings = loaded.recipe.components[component].precision.calibration
-    assert settings is not None
-    return CaptureCalibration(component, inputs.weights, settings, loaded.recipe.text_length, loaded.recipe.family)
+    plan = loaded.recipe.components[component].precision
+    assert plan.calibration is not None
+    # the pipeline runs the family's components in fp32; each one heavy enough runs block by block (same feeds)
+    layered = {name: blockwise.wanted(plan.blockwise, loaded.family, name, inputs.weights)
+               for name, spec in loaded.family.components.items() if spec.block_pattern}
+    return CaptureCalibration(component, inputs.weights, plan.calibration, loaded.recipe.text_length,
+                              loaded.recipe.family, layered)

@@ -188,8 +188,9 @@ class PrecisionSettings(Strict):
     # and compute in bf16, the rest of the branch stays at high_precision; stages.graphs.bf16, docs/scale.md)
     frozen_storage: Literal["high_precision", "bf16"] = "high_precision"
     calibration: CalibrationSettings | None = None
-    # true: AutoCast / quantize one block at a time (time linear in layers, one block's weights in memory);
-    # auto: when the component's checkpoint weights exceed stages.graphs.blockwise.AUTO_BYTES.
+    # true: AutoCast / quantize one block at a time (time linear in layers, one block's weights in memory), and
+    # run the calibration capture's models block by block (the same feeds); auto: per component, when its
+    # checkpoint weights exceed stages.graphs.blockwise.AUTO_BYTES.
     blockwise: Literal["auto"] | bool = "auto"
 
     _regexes = field_validator("exclude")(_check_regexes)

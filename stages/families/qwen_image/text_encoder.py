@@ -349,12 +349,21 @@ def export_extras(checkpoint_dir: str | Path, out_dir: Path, text_length: int) -
 
 def blockwise_reference(checkpoint_dir: str | Path, case: dict[str, Any]) -> tuple[list[dict[str, np.ndarray]],
                                                                                   dict[str, np.ndarray]]:
-    """:func:`reference_outputs` in fp32 with one decoder layer's weights in memory at a time.
+    """:func:`reference_outputs` in fp32 with one decoder layer's weights in memory at a time (:func:`layer_by_layer`).
+    Returns every layer's output hidden states and the final output."""
+    with layer_by_layer(checkpoint_dir) as hidden_states:
+        hidden, layers = hidden_states(**case["call"])
+    return layers, {"hidden_states": hidden.float().numpy()}
+
+
+@contextlib.contextmanager
+def layer_by_layer(checkpoint_dir: str | Path) -> Iterator[Any]:
+    """:func:`pipeline_hidden_states` in fp32, one decoder layer's weights in memory at a time, for any number of
+    calls: yields `hidden_states(input_ids=, attention_mask=) -> (hidden_states[-1], every layer's output)`.
 
     Only the language model is materialised (the vision tower and the LM head do nothing for ``hidden_states[-1]``
     and are never read): the embedding and final norm up front, each decoder layer from the shards just before it
     runs, dropped right after. ``Qwen2_5_VLModel`` is called exactly as the full model calls it, minus the LM head.
-    Returns every layer's output hidden states and the final output.
     """
     model = load_meta(checkpoint_dir)
     language_model = model.model.language_model
@@ -365,8 +374,13 @@ def blockwise_reference(checkpoint_dir: str | Path, case: dict[str, Any]) -> tup
     reader.load(language_model.norm, f"{prefix}norm.")
     with one_block_at_a_time(reader, language_model.layers, f"{prefix}layers.", _hidden_states) as captured, \
             torch.no_grad():
-        output = model.model(**case["call"], output_hidden_states=True)
-    return captured, {"hidden_states": output.hidden_states[-1].float().numpy()}
+
+        def hidden_states(**call: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, np.ndarray]]]:
+            captured.clear()
+            output = model.model(**call, output_hidden_states=True)
+            return output.hidden_states[-1], list(captured)
+
+        yield hidden_states
 
 
 def _language_model_prefix(model: Qwen2_5_VLForConditionalGeneration, reader: ShardReader) -> str:

@@ -9,7 +9,7 @@ This also makes one graph serve every image size: the positional tables are data
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -371,31 +371,40 @@ def reference_outputs(model: QwenImageTransformer2DModel, case: dict[str, Any]) 
 
 def blockwise_reference(checkpoint_dir: str | Path, case: dict[str, Any]) -> tuple[list[dict[str, np.ndarray]],
                                                                                   dict[str, np.ndarray]]:
-    """The stock diffusers forward in fp32 with one block's weights in memory at a time.
+    """The stock diffusers forward in fp32 with one block's weights in memory at a time (:func:`block_by_block`).
 
-    The model is built on the meta device; the small modules around the blocks are loaded up front, and each
-    block is loaded from the safetensors shards just before it runs and dropped right after. Returns every
-    block's (text, image) hidden states and the final output, exactly as `reference_outputs` computes them. A case's
-    `loras` are injected by diffusers + PEFT into the meta model (adapters, scalings, scales) and each block's LoRA
-    weights are read with its base weights.
+    Returns every block's (text, image) hidden states and the final output, exactly as `reference_outputs` computes
+    them. A case's `loras` are injected by diffusers + PEFT into the meta model (adapters, scalings, scales) and
+    each block's LoRA weights are read with its base weights.
     """
+    with block_by_block(checkpoint_dir, case.get("loras")) as (model, captured):
+        sample = model(**case["call"], return_dict=False)[0]
+    captured[-1].pop("text")  # the last block's text stream reaches no output: not in the graph, nothing to match
+    return captured, {"sample": sample.numpy()}
+
+
+@contextlib.contextmanager
+def block_by_block(checkpoint_dir: str | Path, loras: Sequence[tuple[str | Path, float]] | None = None,
+                   streams: Callable[[Any], dict[str, Any]] | None = None) -> Iterator[tuple[QwenImageTransformer2DModel, list[dict[str, np.ndarray]]]]:
+    """The model in fp32 on the meta device, each block loaded from the safetensors shards just before it runs and
+    dropped right after, for as many calls as the block runs; the small modules around the blocks are loaded up
+    front. Yields the model and the list collecting `streams(block output)` (default: image and text hidden
+    states) of every block run, in order."""
     folder = Path(checkpoint_dir) / "transformer"
     model = load_meta(checkpoint_dir)
     model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(model.config.axes_dims_rope), scale_rope=True)
     block_loras = None
-    if case.get("loras"):
+    if loras:
         from stages.families.qwen_image import lora
 
-        block_loras = lora.inject_on_meta(model, case["loras"])
+        block_loras = lora.inject_on_meta(model, loras)
     reader = _ShardReader(folder)
     for name, child in model.named_children():
         if name not in ("transformer_blocks", "pos_embed"):
             reader.load(child, f"{name}.")
-    with one_block_at_a_time(reader, model.transformer_blocks, "transformer_blocks.", _image_and_text,
+    with one_block_at_a_time(reader, model.transformer_blocks, "transformer_blocks.", streams or _image_and_text,
                              block_loras) as captured, torch.no_grad():
-        sample = model(**case["call"], return_dict=False)[0]
-    captured[-1].pop("text")  # the last block's text stream reaches no output: not in the graph, nothing to match
-    return captured, {"sample": sample.numpy()}
+        yield model, captured
 
 
 def _image_and_text(output: Any) -> dict[str, np.ndarray]:
