@@ -89,6 +89,37 @@ def test_l40s_fp8_quantizes_transformer_and_keeps_text_branch(workspace: dict) -
     assert manifest["target"]["compute_capability"] == "8.9" and manifest["pipeline_check"]["passed"]
 
 
+def test_fit_prices_at_high_precision_exactly_the_gemms_fp8_left_unquantized(workspace: dict) -> None:
+    """The GPU fit check's plan for l40s-fp8 names the weight GEMMs ModelOpt's FP8, calibrated on the captured
+    (batch-1) feeds, left without Q/DQ, the frozen text branch aside: the conditioning linears its GEMV rule skips."""
+    import re
+
+    import onnx
+
+    from stages.families.qwen_image.fit import precision_plan
+    from stages.recipe.load import load_recipe
+    from stages.safetensors import tensors
+
+    view = workspace["artifacts"] / name_of("l40s-fp8")
+    plan = precision_plan("transformer", load_recipe("l40s-fp8").recipe.components["transformer"])
+    keys = {k for shard in (view / "checkpoint" / "transformer").glob("*.safetensors") for k in tensors(shard)}
+    frozen = set(json.loads((view / "transformer" / "surgery" / "record.json").read_text())["report"]["frozen_nodes"])
+    graph = onnx.load(str(view / "transformer" / "precision" / "model.onnx"), load_external_data=False).graph
+    dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    unquantized, priced = set(), set()
+    for node in graph.node:
+        module = ".".join(node.name.strip("/").split("/")[:-1])
+        if node.op_type not in ("MatMul", "Gemm") or node.name in frozen or f"{module}.weight" not in keys:
+            continue
+        if not any(name in dq for name in node.input):
+            unquantized.add(module)
+        if any(re.search(p, f"{module}.weight") for p in plan.quantize_exclude):
+            priced.add(module)
+    assert unquantized and unquantized == priced
+    woq = precision_plan("transformer", load_recipe("a10-int8").recipe.components["transformer"])
+    assert not woq.quantize_exclude, "weight-only INT8 quantizes every GEMM"
+
+
 def test_rtx5090_fp8_reuses_identical_calibration(workspace: dict) -> None:
     manifest, _, log = workspace["builds"]["rtx5090-fp8"]
     first, _, _ = workspace["builds"]["l40s-fp8"]

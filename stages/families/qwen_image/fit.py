@@ -31,6 +31,12 @@ BLOCK_KEYS = {"transformer": r"^transformer_blocks\.(\d+)\.", "text_encoder": r"
 EPILOGUE_KEYS = {"transformer": (r"^norm_out\.", r"^proj_out\."), "text_encoder": (r"(?:^|\.)norm\.weight$",)}
 
 
+# GEMMs ModelOpt's calibrated modes (int8 W8A8, fp8) leave unquantized: they read the [batch, dim] conditioning (no
+# token axis) and the captured calibration feeds are batch 1 (diffusers runs CFG's branches as separate calls), so
+# its GEMV rule (m = 1) keeps them at high precision: ~3.5 G parameters at release width (every block's modulation).
+# Weight-only INT8 quantizes every GEMM. tests/test_quantize.py checks the list against ModelOpt's own choice.
+CONDITIONING_GEMMS = (r"^time_text_embed\.", r"(^|\.)img_mod\.", r"(^|\.)txt_mod\.", r"^norm_out\.linear\.")
+
 TINY_BLOCKS = {"transformer": 2, "text_encoder": 2}  # the tiny configurations' layer counts (tests check them)
 
 
@@ -62,12 +68,15 @@ def engine_weight_bytes(checkpoint: str | Path, component: str, plan: memory_fit
 def precision_plan(component: str, section: Any) -> memory_fit.PrecisionPlan:
     """How the component's engine stores its weights under the recipe: the plan's dtype, and at `high_precision`
     the frozen text branch (about half of each transformer block: the fp16 release engine with an fp32 branch is
-    61.0 GB, not 40.9; an INT8 plan keeps it at fp16, unquantized) and the recipe's excluded nodes."""
+    61.0 GB, not 40.9; an INT8 plan keeps it at fp16, unquantized), the recipe's excluded nodes and, in calibrated
+    plans, the conditioning GEMMs the quantizer skips."""
     plan = section.precision
     frozen = component == "transformer" and "freeze_text_branch" in section.surgery.passes
     kept = (*(TEXT_BRANCH_PATTERNS if frozen else ()), *plan.exclude)
     bf16 = TEXT_BRANCH_PATTERNS if frozen and plan.frozen_storage == "bf16" else ()
+    calibrated = component == "transformer" and plan.dtype in ("int8", "fp8") and not plan.weight_only
     return memory_fit.PrecisionPlan(dtype=plan.dtype, weight_only=plan.weight_only, high_precision=plan.high_precision,
+                                    quantize_exclude=CONDITIONING_GEMMS if calibrated else (),
                                     high_precision_patterns=tuple(kept), bf16_gemm_patterns=bf16)
 
 
