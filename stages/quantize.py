@@ -45,9 +45,9 @@ from stages.calibration import load_feeds
 from stages.errors import fail
 from stages.graphs.blockwise import partition, write_segments
 from stages.graphs.onnx_io import save_model
-from stages.graphs.placement import Placement, bypass, whole_graph_placement
+from stages.graphs.placement import Share, whole_graph_placement
 from stages.graphs.qdq import (GEMM_OPS, QDQ_OPS, ONNX_FLOAT8E4M3FN, ONNX_INT8, calibration_ranges, dequantized_types,
-                               detach_excluded, mask_sentinel_consumers, qdq_violations, quantized_nodes,
+                               bypass_inputs, detach_excluded, mask_sentinel_consumers, qdq_violations, quantized_nodes,
                                quantizer_skipped, unquantized_outputs, write_calibration_cache)
 from stages.graphs.runners import ComparisonGraph, OnnxRuntimeRunner, onnxruntime_cpu_note
 from stages.graphs.segmented import transform_segments
@@ -257,13 +257,13 @@ class QuantizePrecision:
 
 
 def run_modelopt(stage: QuantizePrecision, source: Path, excluded: list[str], feeds: Sequence[Feed], out_dir: Path,
-                 placement: Placement | None = None) -> Any:
+                 share: Share | None = None) -> Any:
     """Quantize `source` in a scratch directory (ModelOpt writes intermediate files beside its input and output).
 
     ModelOpt reads its input with `onnx.load`, which refuses weights in hard-linked shards, so it gets a
     scratch copy with the weights read in. Weights it returns unchanged (excluded, frozen) are referenced in
-    place again afterwards; only quantized or converted tensors are written by this stage. With a `placement`
-    (a piece of a larger graph), ModelOpt quantizes the piece's share of that graph's plan."""
+    place again afterwards; only quantized or converted tensors are written by this stage. With a `share` (a
+    piece's part of the whole graph's placement), ModelOpt quantizes just that."""
     import onnx
 
     with scratch_beside(out_dir, "quantize") as scratch:
@@ -271,19 +271,15 @@ def run_modelopt(stage: QuantizePrecision, source: Path, excluded: list[str], fe
         readable = _readable_source(source, work, set(excluded))
         output = work / "quantized.onnx"
         patterns = [f"^{re.escape(name)}$" for name in excluded]
-        across: list[tuple[str, str]] = []
         if stage.mode == "int8_weight_only":
             _quantize_weight_only(readable, output, patterns, excluded)
         else:
-            forced: dict[str, Any] = {}
-            if placement is not None:
-                names = {n.name for n in onnx.load(str(source), load_external_data=False).graph.node}
-                nodes, within, across = placement.share(names)
-                forced = {"nodes_to_quantize": [f"^{re.escape(name)}$" for name in nodes], "no_quantize_inputs": within}
+            forced = {} if share is None else {"nodes_to_quantize": [f"^{re.escape(n)}$" for n in share.nodes],
+                                               "no_quantize_inputs": share.within}
             _quantize_qdq(stage, readable, output, patterns, feeds, forced)
         model = onnx.load(str(output))
-    if across:
-        LOG.debug(f"{bypass(model, across)} inputs left unquantized whose producers are in earlier pieces")
+    if share is not None and share.across:
+        LOG.debug(f"{bypass_inputs(model, share.across)} inputs left unquantized whose producers are in earlier pieces")
     original = onnx.load(str(source), load_external_data=False)
     referenced = reference_unchanged(model, original, source.parent)
     recast = reference_casts(model, original, source.parent)
@@ -300,8 +296,8 @@ def run_modelopt_by_block(stage: QuantizePrecision, excluded: list[str], feeds: 
     Each segment is quantized with ModelOpt on its own, calibrated on its inputs as the unquantized graph
     computes them (the segments before it run on every calibration feed, chained), so activation ranges are
     those a whole-graph calibration would see; calibrated modes quantize their share of the whole graph's
-    Q/DQ placement, not what ModelOpt would choose for the piece alone. The tensors a segment's quantization writes go straight to
-    :data:`QUANTIZED_WEIGHTS` beside the graph; everything else stays referenced in place."""
+    Q/DQ placement, not what ModelOpt would choose for the piece alone. The tensors a segment's quantization
+    writes go straight to :data:`QUANTIZED_WEIGHTS` beside the graph; everything else stays referenced in place."""
     import onnx
 
     assert stage.block_pattern is not None
@@ -318,13 +314,12 @@ def run_modelopt_by_block(stage: QuantizePrecision, excluded: list[str], feeds: 
 
         def quantize_segment(index: int, segment: Any, piece: Any) -> Any:
             names = {node.name for node in piece.graph.node}
-            if placement is not None:
-                quantizable = bool(placement.nodes & names)
-            else:
-                quantizable = any(n.op_type in GEMM_OPS and n.name not in skip for n in piece.graph.node)
+            share = placement.share(names) if placement is not None else None
+            quantizable = bool(share.nodes) if share is not None else \
+                any(n.op_type in GEMM_OPS and n.name not in skip for n in piece.graph.node)
             if quantizable:
                 piece = run_modelopt(stage, paths[index], [n for n in excluded if n in names], chain.inputs(index),
-                                     out_dir, placement)
+                                     out_dir, share)
                 unquantized_outputs(piece)
             else:
                 piece = _to_high_precision(stage, piece)

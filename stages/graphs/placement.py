@@ -3,11 +3,11 @@
 ModelOpt (0.47) places a calibrated mode's activation Q/DQ by looking at each node's neighbourhood: residual Adds,
 fusible partitions, the inputs a partition leaves unquantized. Handed a piece of a block, it sees a graph that ends
 at the cut and places other Q/DQ (on the tiny transformer, whole blocks differed from the whole graph on 8 of 72
-quantized inputs, 96 KiB pieces on 16). So block-wise calibrated quantization asks ModelOpt's own placement functions about
-the whole graph first, on its structure alone: no weight is read, the checkpoint-layout Transpose/Cast chains are
-folded as shapes. Each piece is then quantized with its share (:meth:`Placement.share`): the nodes to quantize and
+quantized inputs, 96 KiB pieces on 16). So block-wise calibrated quantization asks ModelOpt's own placement
+functions about the whole graph first, on its structure alone: no weight is read, the checkpoint-layout Transpose/Cast chains are
+folded as shapes. Each piece is then quantized with its :class:`Share`: the nodes to quantize and
 the inputs to leave unquantized; an input whose producer lies in an earlier piece is bypassed after the piece is
-quantized (:func:`bypass`), since ModelOpt only removes Q/DQ it can see both ends of.
+quantized (:func:`stages.graphs.qdq.bypass_inputs`), since ModelOpt only removes Q/DQ it can see both ends of.
 
 What stays different from the whole graph: a tensor read across a cut gets one Q/DQ pair per piece that quantizes
 it, and a reader in another piece does not share it (ONNX Runtime's quantizer shares one pair between all readers,
@@ -33,20 +33,30 @@ class NodeRef:
 
 
 @dataclass(frozen=True)
+class Share:
+    """A piece's part of a :class:`Placement`: its nodes to quantize, its no-quantize inputs with both ends inside
+    (for ModelOpt), and the (consumer, tensor) inputs whose producer lies in an earlier piece, to bypass once
+    ModelOpt has quantized the piece."""
+
+    nodes: list[str]
+    within: list[tuple[NodeRef, NodeRef, str]]
+    across: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
 class Placement:
     """The whole graph's activation Q/DQ plan: nodes to quantize, and (producer, consumer, tensor) inputs not to."""
 
     nodes: frozenset[str]
     no_quantize: tuple[tuple[NodeRef, NodeRef, str], ...]
 
-    def share(self, names: Iterable[str]) -> tuple[list[str], list[tuple[NodeRef, NodeRef, str]], list[tuple[str, str]]]:
-        """A piece's nodes to quantize, its no-quantize inputs with both ends inside, and (consumer, tensor) pairs
-        whose producer is outside: those are for :func:`bypass` once ModelOpt has quantized the piece."""
+    def share(self, names: Iterable[str]) -> Share:
+        """The share of the piece holding the nodes `names`."""
         inside = set(names)
-        nodes = sorted(self.nodes & inside)
-        within = [entry for entry in self.no_quantize if entry[0].name in inside and entry[1].name in inside]
-        across = [(dst.name, tensor) for src, dst, tensor in self.no_quantize if dst.name in inside and src.name not in inside]
-        return nodes, within, across
+        return Share(sorted(self.nodes & inside),
+                     [entry for entry in self.no_quantize if entry[0].name in inside and entry[1].name in inside],
+                     [(dst.name, tensor) for src, dst, tensor in self.no_quantize
+                      if dst.name in inside and src.name not in inside])
 
 
 def whole_graph_placement(model: Any, mode: str, excluded: Sequence[str], protected: set[str],
@@ -147,48 +157,3 @@ def shape_only(name: str, dims: Sequence[int], dtype: int) -> Any:
     entry = tensor.external_data.add()
     entry.key, entry.value = "location", STRUCTURE_ONLY
     return tensor
-
-
-def bypass(model: Any, inputs: Sequence[tuple[str, str]]) -> int:
-    """Point each (consumer, tensor) input that reads `tensor` through Q/DQ back at `tensor`; Q/DQ no one reads
-    any more are removed. Returns how many inputs were rewired."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    consumers = {node.name: node for node in model.graph.node}
-    rewired = 0
-    for consumer, tensor in inputs:
-        node = consumers.get(consumer)
-        if node is None:
-            continue
-        for index, name in enumerate(node.input):
-            dq = producers.get(name)
-            if dq is None or dq.op_type != "DequantizeLinear":
-                continue
-            q = producers.get(dq.input[0])
-            if q is not None and q.op_type == "QuantizeLinear" and _unquantized(q.input[0], producers) == tensor:
-                node.input[index] = q.input[0]
-                rewired += 1
-    _drop_unread_qdq(model)
-    return rewired
-
-
-def _unquantized(name: str, producers: Mapping[str, Any]) -> str:
-    """The tensor a Q/DQ input stands for: through the Casts the high-precision conversion puts at a piece's inputs."""
-    while (node := producers.get(name)) is not None and node.op_type == "Cast":
-        name = node.input[0]
-    return name
-
-
-def _drop_unread_qdq(model: Any) -> None:
-    while True:
-        read = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
-        dead = [node for node in model.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")
-                and not any(out in read for out in node.output)]
-        if not dead:
-            return
-        params = {name for node in dead for name in node.input[1:]}
-        for node in dead:
-            model.graph.node.remove(node)
-        used = {name for node in model.graph.node for name in node.input}
-        keep = [t for t in model.graph.initializer if t.name in used or t.name not in params]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)

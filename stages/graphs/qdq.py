@@ -93,6 +93,31 @@ def detach_excluded(model: Any, excluded: set[str]) -> list[dict[str, str]]:
     return detached
 
 
+def bypass_inputs(model: Any, inputs: Iterable[tuple[str, str]]) -> int:
+    """Point each (consumer, tensor) input that reads `tensor` through an activation Q/DQ pair (and the Casts a
+    piece's high-precision conversion puts at its inputs) at the pair's own input; drop dead Q/DQ nodes. Returns
+    how many inputs were rewired."""
+    wanted: dict[str, set[str]] = {}
+    for consumer, tensor in inputs:
+        wanted.setdefault(consumer, set()).add(tensor)
+    producers = node_producers(model)
+    rewired = 0
+    for node in model.graph.node:
+        for index, tensor in enumerate(node.input):
+            source = _qdq_source(producers, tensor) if node.name in wanted else None
+            if source is not None and _through_casts(producers, source) in wanted[node.name]:
+                node.input[index] = source
+                rewired += 1
+    _drop_dead_qdq(model)
+    return rewired
+
+
+def _through_casts(producers: Mapping[str, Any], tensor: str) -> str:
+    while (node := producers.get(tensor)) is not None and node.op_type == "Cast":
+        tensor = node.input[0]
+    return tensor
+
+
 def unquantized_outputs(model: Any) -> int:
     """Make every graph output carry its unquantized value again; returns how many were changed.
 

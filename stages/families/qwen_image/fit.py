@@ -34,7 +34,7 @@ EPILOGUE_KEYS = {"transformer": (r"^norm_out\.", r"^proj_out\."), "text_encoder"
 # GEMMs ModelOpt's calibrated modes (int8 W8A8, fp8) leave unquantized: they read the [batch, dim] conditioning (no
 # token axis) and the captured calibration feeds are batch 1 (diffusers runs CFG's branches as separate calls), so
 # its GEMV rule (m = 1) keeps them at high precision: ~3.5 G parameters at release width (every block's modulation).
-# Weight-only INT8 quantizes every GEMM. tests/test_quantize.py checks the list against ModelOpt's own choice.
+# Weight-only INT8 quantizes every GEMM. tests/test_recipes.py checks the list against ModelOpt's own choice.
 CONDITIONING_GEMMS = (r"^time_text_embed\.", r"(^|\.)img_mod\.", r"(^|\.)txt_mod\.", r"^norm_out\.linear\.")
 
 TINY_BLOCKS = {"transformer": 2, "text_encoder": 2}  # the tiny configurations' layer counts (tests check them)

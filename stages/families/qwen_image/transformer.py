@@ -385,7 +385,8 @@ def blockwise_reference(checkpoint_dir: str | Path, case: dict[str, Any]) -> tup
 
 @contextlib.contextmanager
 def block_by_block(checkpoint_dir: str | Path, loras: Sequence[tuple[str | Path, float]] | None = None,
-                   streams: Callable[[Any], dict[str, Any]] | None = None) -> Iterator[tuple[QwenImageTransformer2DModel, list[dict[str, np.ndarray]]]]:
+                   streams: Callable[[Any], dict[str, Any]] | None = None
+                   ) -> Iterator[tuple[QwenImageTransformer2DModel, list[dict[str, Any]]]]:
     """The model in fp32 on the meta device, each block loaded from the safetensors shards just before it runs and
     dropped right after, for as many calls as the block runs; the small modules around the blocks are loaded up
     front. Yields the model and the list collecting `streams(block output)` (default: image and text hidden
