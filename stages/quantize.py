@@ -275,7 +275,8 @@ def run_modelopt(stage: QuantizePrecision, source: Path, excluded: list[str], fe
             _quantize_weight_only(readable, output, patterns, excluded)
         else:
             forced = {} if share is None else {"nodes_to_quantize": [f"^{re.escape(n)}$" for n in share.nodes],
-                                               "no_quantize_inputs": share.within}
+                                               "no_quantize_inputs": share.within,
+                                               "enable_gemv_detection_for_trt": not share.gemv_checked}
             _quantize_qdq(stage, readable, output, patterns, feeds, forced)
         model = onnx.load(str(output))
     if share is not None and share.across:

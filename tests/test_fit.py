@@ -39,7 +39,7 @@ def test_release_transformer_does_not_fit_an_a10_without_streaming(release_trans
     assert sum(p.stat().st_size for p in shards) > 40e9 > sum(p.stat().st_blocks * 512 for p in shards) * 1000
     message = load(release_transformer, **{"components.transformer.build.weight_streaming": "null"})
     # fp16 weights, the frozen text branch's GEMMs bf16 and the rest of it fp32; activations at 1328x1328, batch 2
-    assert "components.transformer.build.weight_streaming: transformer needs ~38.1 GiB of weights" in message
+    assert "components.transformer.build.weight_streaming: transformer needs ~37.9 GiB of weights" in message
     assert "~5.4 GiB activations" in message
     assert "a10 has 24 GiB" in message and "budget of at most ~17.1 GiB" in message and "l40s" in message
     assert "\n" not in message
@@ -59,13 +59,19 @@ def test_a_larger_gpu_fits_without_streaming(release_transformer: Path) -> None:
     no_streaming = {"components.transformer.build.weight_streaming": "null"}
     assert load(release_transformer, **{"target.gpu": "a100", **no_streaming}).startswith("transformer-only-")
     assert load(release_transformer, **{"target.gpu": "l40s", **no_streaming}).startswith("transformer-only-"), \
-        "with its text-branch GEMMs in bf16 the fp16 engine holds ~38.1 GiB: the L40S fits it"
+        "with its text-branch GEMMs in bf16 the fp16 engine holds ~37.9 GiB: the L40S fits it"
     fp32 = {"components.transformer.precision.frozen_storage": "high_precision"}
     message = load(release_transformer, **{"target.gpu": "l40s", **no_streaming, **fp32})
-    assert "~57.1 GiB of weights" in message and "l40s has 48 GiB" in message
+    assert "~56.7 GiB of weights" in message and "l40s has 48 GiB" in message
     unfrozen = {"components.transformer.surgery.passes": "[fold_constants, infer_shapes, fix_text_padding, cleanup]"}
     assert load(release_transformer, **{"target.gpu": "l40s", **no_streaming, **unfrozen, **fp32}).startswith(
-        "transformer-only-"), "without the fp32 text branch the fp16 engine holds ~38.1 GiB: the L40S fits it"
+        "transformer-only-"), "without the fp32 text branch the fp16 engine holds ~37.9 GiB: the L40S fits it"
+
+
+def dead_in_the_last_block(name: str, last: int = 59) -> bool:
+    """The release's last block's text-stream linears after the attention: the export leaves them out (their output
+    reaches nothing), so no engine holds them (tests/test_manifest.py checks the rule on the tiny export)."""
+    return name.startswith((f"transformer_blocks.{last}.attn.to_add_out.", f"transformer_blocks.{last}.txt_mlp."))
 
 
 def header_bytes_of_int8_plan(folder: Path, kept: list[str]) -> int:
@@ -80,7 +86,7 @@ def header_bytes_of_int8_plan(folder: Path, kept: list[str]) -> int:
         with open(shard, "rb") as handle:
             header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
         for name, entry in header.items():
-            if name == "__metadata__":
+            if name == "__metadata__" or dead_in_the_last_block(name):
                 continue
             count = 1
             for size in entry["shape"]:
@@ -94,7 +100,7 @@ def header_bytes_of_int8_plan(folder: Path, kept: list[str]) -> int:
 
 
 def test_a_quantized_plan_prices_its_frozen_text_branch_unquantized(release_transformer: Path) -> None:
-    """a10-int8 keeps the frozen text branch fp16 (no Q/DQ there): ~28.5 GiB, not the ~19 GiB of an all-INT8
+    """a10-int8 keeps the frozen text branch fp16 (no Q/DQ there): ~28.4 GiB, not the ~19 GiB of an all-INT8
     engine, so the A10 must stream it."""
     from stages.families.qwen_image.text_branch import TEXT_BRANCH_PATTERNS
     from stages.recipe.fit import estimated_engine_bytes
@@ -104,7 +110,7 @@ def test_a_quantized_plan_prices_its_frozen_text_branch_unquantized(release_tran
     assert estimate == header_bytes_of_int8_plan(release_transformer / "transformer", TEXT_BRANCH_PATTERNS)
     assert 28 * 2**30 < estimate < 29 * 2**30
     message = load_shipped("a10-int8", release_transformer, **{"components.transformer.build.weight_streaming": "null"})
-    assert "transformer needs ~28.5 GiB of weights" in message and "a10 has 24 GiB" in message
+    assert "transformer needs ~28.4 GiB of weights" in message and "a10 has 24 GiB" in message
 
 
 def test_bf16_frozen_storage_prices_the_text_branch_gemms_at_two_bytes(release_transformer: Path) -> None:
@@ -124,7 +130,8 @@ def test_bf16_frozen_storage_prices_the_text_branch_gemms_at_two_bytes(release_t
     index = json.loads((release_transformer / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
     for shard in sorted(set(index["weight_map"].values())):
         for name, entry in tensors(release_transformer / "transformer" / shard).items():
-            if len(entry["shape"]) == 2 and name.endswith(".weight") and any(re.search(p, name) for p in TEXT_BRANCH_PATTERNS):
+            if len(entry["shape"]) == 2 and name.endswith(".weight") and any(re.search(p, name) for p in TEXT_BRANCH_PATTERNS) \
+                    and not dead_in_the_last_block(name):
                 gemm += entry["shape"][0] * entry["shape"][1]
     assert estimate["high_precision"] - estimate["bf16"] == 2 * gemm
     assert 37 * 2**30 < estimate["bf16"] < 39 * 2**30 < 56 * 2**30 < estimate["high_precision"]

@@ -41,6 +41,7 @@ class Share:
     nodes: list[str]
     within: list[tuple[NodeRef, NodeRef, str]]
     across: list[tuple[str, str]]
+    gemv_checked: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class Placement:
 
     nodes: frozenset[str]
     no_quantize: tuple[tuple[NodeRef, NodeRef, str], ...]
+    # ModelOpt's GEMV / small-GEMM exclusions are already subtracted (made by shape inference on the whole graph):
+    # a piece's quantizer need not make them again by running the piece with every MatMul output held as a graph
+    # output, which at 768x1024 holds several 1 GB attention-score tensors at once (9.8 GB at release width)
+    gemv_checked: bool = False
 
     def share(self, names: Iterable[str]) -> Share:
         """The share of the piece holding the nodes `names`."""
@@ -56,7 +61,8 @@ class Placement:
         return Share(sorted(self.nodes & inside),
                      [entry for entry in self.no_quantize if entry[0].name in inside and entry[1].name in inside],
                      [(dst.name, tensor) for src, dst, tensor in self.no_quantize
-                      if dst.name in inside and src.name not in inside])
+                      if dst.name in inside and src.name not in inside],
+                     self.gemv_checked)
 
 
 def whole_graph_placement(model: Any, mode: str, excluded: Sequence[str], protected: set[str],
@@ -84,9 +90,10 @@ def whole_graph_placement(model: Any, mode: str, excluded: Sequence[str], protec
     _shape_only_values(graph)
     gemms = [node for node in graph.nodes if node.op in ("MatMul", "Gemm")]
     try:
-        small = graph_utils._exclude_matmuls_by_shape_inference(copy.deepcopy(structure), gemms, dict(shapes))
+        small, gemv_checked = graph_utils._exclude_matmuls_by_shape_inference(copy.deepcopy(structure), gemms,
+                                                                              dict(shapes)), True
     except RuntimeError:
-        small = []  # shapes not inferable: each piece's quantizer still excludes its own GEMVs
+        small, gemv_checked = [], False  # shapes not inferable: each piece's quantizer excludes its own GEMVs
     exclude = graph_utils.find_nodes_to_exclude(graph, [*excluded, *small], None)
     exclude.extend(graph_utils.find_nodes_from_convs_to_exclude(graph, quantize_mode=mode))
     # int8's default is no op-type list: configure_ort then offers every type ONNX Runtime's QDQ quantizer knows
@@ -95,7 +102,8 @@ def whole_graph_placement(model: Any, mode: str, excluded: Sequence[str], protec
     nodes, no_quantize = _find_nodes_to_quantize(graph, quantizable, exclude)
     skip = set(exclude)
     return Placement(frozenset(node.name for node in nodes if node.name not in skip),
-                     tuple((NodeRef(s.name, s.op), NodeRef(d.name, d.op), tensor) for s, d, tensor in no_quantize))
+                     tuple((NodeRef(s.name, s.op), NodeRef(d.name, d.op), tensor) for s, d, tensor in no_quantize),
+                     gemv_checked)
 
 
 def _shape_only_values(graph: Any) -> None:

@@ -190,12 +190,6 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(re.search(pattern, name) or re.search(pattern, node_path) for pattern in patterns)
 
 
-def folder_weight_bytes(folder: str | Path, include: Sequence[str], exclude: Sequence[str],
-                        plan: PrecisionPlan) -> WeightEstimate:
-    """:func:`weight_bytes` over the tensors of one checkpoint folder an engine holds (a family says which)."""
-    return weight_bytes(checkpoint_tensors(Path(folder), include, exclude), plan)
-
-
 # --- activations -------------------------------------------------------------------------------------------------------
 
 def image_tokens(height: int, width: int, vae_scale: int = 8, patch: int = 2) -> int:

@@ -4,6 +4,7 @@ check (stages/recipe/fit.py). Stdlib only: it runs while the recipe is loaded, b
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,11 @@ BLOCK_KEYS = {"transformer": r"^transformer_blocks\.(\d+)\.", "text_encoder": r"
 EPILOGUE_KEYS = {"transformer": (r"^norm_out\.", r"^proj_out\."), "text_encoder": (r"(?:^|\.)norm\.weight$",)}
 
 
+# What the last block computes for nothing: its text stream's output reaches no engine output, so the export drops
+# the linears after the joint attention (its add_q_proj stays: queries of both streams are one attention op). An
+# engine holds none of these bytes (tests/test_manifest.py prices the tiny build from its export's initializers).
+DEAD_IN_LAST_BLOCK = {"transformer": (r"\.attn\.to_add_out\.", r"\.txt_mlp\.")}
+
 # GEMMs ModelOpt's calibrated modes (int8 W8A8, fp8) leave unquantized: they read the [batch, dim] conditioning (no
 # token axis) and the captured calibration feeds are batch 1 (diffusers runs CFG's branches as separate calls), so
 # its GEMV rule (m = 1) keeps them at high precision: ~3.5 G parameters at release width (every block's modulation).
@@ -50,9 +56,16 @@ def block_count(checkpoint: str | Path | None, component: str) -> int:
 
 
 def engine_tensors(checkpoint: str | Path, component: str) -> list[memory_fit.TensorInfo]:
-    """The checkpoint tensors the component's engine holds, from the safetensors headers."""
+    """The checkpoint tensors the component's engine holds, from the safetensors headers: those the export keeps."""
     folder, include, exclude = ENGINE_WEIGHTS[component]
-    return memory_fit.checkpoint_tensors(Path(checkpoint) / folder, include, exclude)
+    tensors = memory_fit.checkpoint_tensors(Path(checkpoint) / folder, include, exclude)
+    dead = DEAD_IN_LAST_BLOCK.get(component)
+    if not dead:
+        return tensors
+    block = re.compile(BLOCK_KEYS[component])
+    last = max((int(m.group(1)) for t in tensors if (m := block.search(t.name))), default=None)
+    return [t for t in tensors if not ((m := block.search(t.name)) and int(m.group(1)) == last
+                                       and any(re.search(p, t.name) for p in dead))]
 
 
 def part_weight_bytes(tensors: list[memory_fit.TensorInfo], component: str, plan: memory_fit.PrecisionPlan,
@@ -61,8 +74,7 @@ def part_weight_bytes(tensors: list[memory_fit.TensorInfo], component: str, plan
 
 
 def engine_weight_bytes(checkpoint: str | Path, component: str, plan: memory_fit.PrecisionPlan) -> memory_fit.WeightEstimate:
-    folder, include, exclude = ENGINE_WEIGHTS[component]
-    return memory_fit.folder_weight_bytes(Path(checkpoint) / folder, include, exclude, plan)
+    return memory_fit.weight_bytes(engine_tensors(checkpoint, component), plan)
 
 
 def precision_plan(component: str, section: Any) -> memory_fit.PrecisionPlan:
