@@ -395,10 +395,11 @@ class _FeedOnDisk(Mapping[str, np.ndarray]):
     """One calibration feed's tensors, one `.npy` file each, read when asked for (a view of some of them with
     :meth:`subset`): what ModelOpt's calibration reader materialises is one feed at a time."""
 
-    def __init__(self, folder: Path, files: dict[str, Path] | None = None) -> None:
+    def __init__(self, folder: Path, files: dict[str, Path] | None = None,
+                 numbers: Iterator[int] | None = None) -> None:
         self.folder = folder
         self.files = {} if files is None else files
-        self._numbers = itertools.count()
+        self._numbers = itertools.count() if numbers is None else numbers  # file names, shared with subsets
 
     def write(self, values: Mapping[str, np.ndarray]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -414,7 +415,8 @@ class _FeedOnDisk(Mapping[str, np.ndarray]):
                 path.unlink()
 
     def subset(self, names: Sequence[str]) -> _FeedOnDisk:
-        return _FeedOnDisk(self.folder, {name: self.files[name] for name in names if name in self.files})
+        files = {name: self.files[name] for name in names if name in self.files}
+        return _FeedOnDisk(self.folder, files, self._numbers)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return np.load(self.files[name])

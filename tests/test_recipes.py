@@ -144,7 +144,8 @@ def test_identical_work_is_done_once_across_recipes(workspace: dict) -> None:
     assert {f"surgery:{int8}/transformer", f"precision:{int8}/transformer",
             f"engine:{int8}/transformer"} <= set(built_tasks(log))
     _, _, log = workspace["builds"]["rtx5090-fp8"]
-    assert f"precision:{name_of('rtx5090-fp8')}/transformer" in reused_tasks(log)
+    # reused from l40s-fp8's entry, or already up to date where another test built rtx5090-fp8 in this store first
+    assert f"precision:{name_of('rtx5090-fp8')}/transformer" not in built_tasks(log)
     assert not [task for task in built_tasks(log) if task.startswith(("checkpoint:", "export:", "surgery:", "calibration:"))]
 
 
