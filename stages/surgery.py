@@ -164,12 +164,57 @@ def freeze_text_branch(stage: GraphSurgery, model: Any) -> tuple[Any, dict[str, 
     return model, {"frozen_nodes": frozen, "frozen_count": len(frozen), "frozen_modules": by_module}
 
 
+def drop_softmax_nan_guard(stage: GraphSurgery, model: Any) -> tuple[Any, dict[str, Any]]:
+    """Remove `Where(IsNaN(p), 0, p)` after a Softmax: torch's SDPA export zeroes rows whose scores are all -inf.
+
+    The forge's attention masks are finite (float32-min sentinels) and every query sees the unmasked image tokens,
+    so no row is all -inf and the guard is the identity in fp32. It is not free: on ONNX Runtime CPU its `Where`
+    allocates two temporaries the size of the attention probabilities (~2.1 GB at 768x1024), which kept calibrated
+    quantization of a release block above 8 GB (docs/scale.md). The one difference: in a low-precision engine a
+    row whose scores overflowed becomes NaN instead of zeros. Opt-in (`surgery.passes`)."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    producer = {output: node for node in graph.node for output in node.output}
+    constants = {t.name: t for t in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    outputs = {value.name for value in graph.output}
+
+    def is_zero(name: str) -> bool:
+        tensor = constants.get(name)
+        node = producer.get(name)
+        if tensor is None and node is not None and node.op_type == "Constant":
+            tensor = next((a.t for a in node.attribute if a.name == "value"), None)
+        return tensor is not None and not numpy_helper.to_array(tensor).any()
+
+    guards = {}
+    for node in graph.node:
+        if node.op_type != "Where" or len(node.input) != 3 or node.output[0] in outputs:
+            continue
+        condition, zero, value = node.input
+        isnan, softmax = producer.get(condition), producer.get(value)
+        if (isnan is not None and isnan.op_type == "IsNaN" and isnan.input[0] == value and readers[condition] == 1
+                and softmax is not None and softmax.op_type == "Softmax" and is_zero(zero)):
+            guards[node.output[0]] = (node, isnan, value)
+    for node in graph.node:
+        node.input[:] = [guards[name][2] if name in guards else name for name in node.input]
+    dropped = {id(n) for where, isnan, _ in guards.values() for n in (where, isnan)}
+    kept = [node for node in graph.node if id(node) not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model, {"guards_dropped": len(guards)}
+
+
 PASSES: dict[str, Callable[[GraphSurgery, Any], tuple[Any, dict[str, Any]]]] = {
     "fold_constants": fold_constants,
     "infer_shapes": infer_shapes,
     "cleanup": cleanup,
     "fix_text_padding": fix_text_padding,
     "freeze_text_branch": freeze_text_branch,
+    "drop_softmax_nan_guard": drop_softmax_nan_guard,
 }
 
 

@@ -78,3 +78,29 @@ def test_freeze_refuses_a_graph_without_module_names(tmp_path: Path) -> None:
     stage = GraphSurgery("transformer", tmp_path / "m.onnx", ("freeze_text_branch",), 8)
     with pytest.raises(ForgeError, match="no text-branch nodes"):
         freeze_text_branch(stage, model)
+
+
+def test_dropping_the_softmax_nan_guard_changes_no_output(surgery_output: tuple[Path, dict], exported_onnx: Path,
+                                                          tmp_path: Path) -> None:
+    """Every attention's `Where(IsNaN(p), 0, p)` goes (one per block) and the outputs stay bit for bit: the masks are
+    finite, so no softmax row is NaN."""
+    import numpy as np
+
+    from stages.graphs.runners import onnxruntime_session
+
+    passes = ("fold_constants", "infer_shapes", "fix_text_padding", "drop_softmax_nan_guard", "freeze_text_branch",
+              "cleanup")
+    report = GraphSurgery("transformer", exported_onnx, passes, 256)(tmp_path)
+    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
+    guarded = onnx.load(str(surgery_output[0]), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert report["passes"][3]["guards_dropped"] == 2 == sum(n.op_type == "IsNaN" for n in guarded.node)
+    assert "IsNaN" not in ops and ops.count("Where") == sum(n.op_type == "Where" for n in guarded.node) - 2
+    assert report["frozen_nodes"] == surgery_output[1]["frozen_nodes"]
+    rng = np.random.default_rng(1)
+    feed = qwen_image.transformer_engine_inputs(
+        rng.standard_normal((1, 64, 16)), rng.standard_normal((1, 256, 16)), (np.arange(256) < 40)[None].astype(float),
+        [0.7], [(1, 8, 8)], axes_dims_rope=(8, 4, 4))
+    with_guard, without = (onnxruntime_session(p, optimize=False).run(None, feed)[0]
+                           for p in (surgery_output[0], tmp_path / "model.onnx"))
+    assert np.array_equal(with_guard, without) and np.isfinite(without).all()

@@ -23,7 +23,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-ALL_SURGERY = ("fold_constants", "infer_shapes", "cleanup", "fix_text_padding", "freeze_text_branch")
+ALL_SURGERY = ("fold_constants", "infer_shapes", "cleanup", "fix_text_padding", "freeze_text_branch",
+               "drop_softmax_nan_guard")
 DEFAULT_FAMILY = "qwen-image"
 
 ModuleThunk = Callable[[], ModuleType]

@@ -20,7 +20,8 @@ from stages.targets.backends import BACKENDS
 TINY_MODEL = "tiny"
 TINY_WARNING = "TINY RANDOM-WEIGHT MODEL: not Qwen-Image; accuracy numbers do not transfer"
 
-SurgeryPass = Literal["fold_constants", "infer_shapes", "cleanup", "fix_text_padding", "freeze_text_branch"]
+SurgeryPass = Literal["fold_constants", "infer_shapes", "cleanup", "fix_text_padding", "freeze_text_branch",
+                      "drop_softmax_nan_guard"]
 Dtype = Literal["fp32", "fp16", "bf16"]
 PlanDtype = Literal["fp32", "fp16", "bf16", "int8", "fp8", "fp4"]
 QUANTIZED = ("int8", "fp8", "fp4")
